@@ -1,0 +1,36 @@
+# cxr-node: `make demo` and `make test` are the whole setup on a fresh machine.
+# Both create .venv in the repository root as needed (pip, not uv/poetry: torch comes from local disk).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test test-all lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install cxr-node with its test tools
+
+test: install  ## run the default test suite (slow and GPU tests are skipped)
+	$(BIN)/python -m pytest
+
+test-all: install  ## run every test, slow ones included (GPU tests need a CUDA device)
+	$(BIN)/python -m pytest -m 'not gpu'
+
+lint: install  ## ruff and the layer contracts of DESIGN.md §3
+	$(BIN)/ruff check cxr_node tests bench
+	$(BIN)/lint-imports
+
+demo: install  ## start the node on loopback, send it chest images as a PACS would, print what happened
+	$(BIN)/python -m cxr_node demo
+
+bench: install  ## receive throughput against DCMTK storescp (writes docs/benchmarks.md figures to stdout)
+	$(BIN)/python bench/receive.py
+
+clean:
+	rm -rf $(VENV) demo-output bench/out .pytest_cache

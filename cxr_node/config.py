@@ -1,0 +1,237 @@
+"""The one typed, frozen Settings object, loaded from YAML with environment overrides.
+
+Precedence, lowest first: built-in defaults < the YAML file < ``CXR_NODE_<SECTION>__<KEY>`` environment
+variables < command-line flags (applied by the CLI through :meth:`Settings.with_overrides`).
+This module is the only reader of ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cxr_node.errors import ConfigError
+
+ENV_PREFIX = "CXR_NODE_"
+ENV_CONFIG = "CXR_NODE_CONFIG"
+DEFAULT_CONFIG_PATH = Path("config/node.yaml")
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """DICOM TLS for the SCP (PS3.15 B.1, the BCP 195 profile)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file to verify clients against")
+        return self
+
+
+class NodeSettings(_Section):
+    """The node's Application Entity and the limits at its door."""
+
+    ae_title: AETitle = "CXR_NODE"
+    host: str = "0.0.0.0"  # noqa: S104  - a DICOM node listens for the PACS; narrow it in config
+    port: Port = 11112
+    allowed_calling_aets: list[AETitle] = []
+    allowed_ips: list[str] = []
+    require_called_aet: bool = True
+    max_associations: int = Field(default=64, ge=1, le=4096)
+    max_pdu: int = Field(default=262144, ge=0)
+    max_instance_mb: float = Field(default=512.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    receiver_processes: int = Field(default=1, ge=1, le=64)
+    tls: TLSSettings = TLSSettings()
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
+        return value
+
+    @property
+    def max_instance_bytes(self) -> int:
+        """The largest C-STORE data set accepted, in bytes."""
+        return int(self.max_instance_mb * 1024 * 1024)
+
+
+class StorageSettings(_Section):
+    """Where the durable state lives and how it is written."""
+
+    root: Path = Path("/var/lib/cxr-node")
+    fsync: bool = True
+    keep_skipped: bool = False
+
+
+class TriageSettings(_Section):
+    """Which received instances are analysed; everything else is recorded as skipped with a reason."""
+
+    modalities: list[str] = ["CR", "DX"]
+    view_positions: list[str] = ["PA", "AP"]
+    accept_missing_view_position: bool = True
+    body_parts: list[str] = ["CHEST"]
+    accept_missing_body_part: bool = True
+    max_dimension: int = Field(default=8192, ge=64)
+
+
+class Destination(_Section):
+    """A DICOM peer that receives the node's results."""
+
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class ModelSettings(_Section):
+    """Which model manifest the worker loads."""
+
+    manifest: Path = Path("models/demo/manifest.yaml")
+
+
+class ComputeSettings(_Section):
+    """Where inference runs."""
+
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class LoggingSettings(_Section):
+    """Log level and rendering (JSON for journald, console for a terminal)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(_Section):
+    """Everything the node is configured with; built once by :func:`load_settings`."""
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    triage: TriageSettings = TriageSettings()
+    destinations: list[Destination] = []
+    models: ModelSettings = ModelSettings()
+    compute: ComputeSettings = ComputeSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str = Field(default="<defaults>", exclude=True)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """Return a copy with dotted-key ``overrides`` (e.g. ``{"node.port": 0}``) applied and validated."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted.split("."), value)
+        return _validate(data, self.source)
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """Return the config file to read: ``explicit``, else ``$CXR_NODE_CONFIG``, else config/node.yaml."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(ENV_CONFIG, DEFAULT_CONFIG_PATH))
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, merge and validate the configuration.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The YAML file; see :func:`config_path` for the default.
+    environ : mapping, optional
+        The environment to read overrides from (``os.environ`` when omitted).
+
+    Raises
+    ------
+    ConfigError
+        In one line naming the file, the key and what is wrong.
+    """
+    file = config_path(path)
+    data = _read_yaml(file)
+    env = os.environ if environ is None else environ
+    from_env: dict[str, str] = {}
+    for name, raw in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG and "__" in name:
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            _set_dotted(data, keys, _parse_env_value(name, raw))
+            from_env[".".join(keys)] = name
+    return _validate(data, str(file), from_env)
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found (pass --config FILE or set {ENV_CONFIG})") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def _parse_env_value(name: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        raise ConfigError(f"environment variable {name}: value {raw!r} is not valid YAML") from None
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _validate(data: dict[str, Any], source: str, from_env: Mapping[str, str] | None = None) -> Settings:
+    try:
+        return Settings.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, from_env or {})) from None
+
+
+def _describe(exc: ValidationError, source: str, from_env: Mapping[str, str]) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    if key in from_env:
+        source = f"environment variable {from_env[key]} (over {source})"
+    if first["type"] == "extra_forbidden":
+        what = "unknown key"
+    else:
+        what = f"{first['msg']} (found {first['input']!r})" if "input" in first else first["msg"]
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: {key}: {what}{more}"

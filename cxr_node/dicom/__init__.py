@@ -1,0 +1,1 @@
+"""DICOM knowledge with no policy: status codes, SOP classes, UIDs, pixel decoding."""

@@ -1,0 +1,86 @@
+"""Durable files: write to a temporary name, fsync, rename into place, fsync the folder.
+
+File names come from :func:`instance_key`, a hash of the SOP Instance UID, never from a value that
+came over the wire, so a hostile UID cannot name a path outside the storage root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Final
+
+INBOX: Final = "inbox"
+QUARANTINE: Final = "quarantine"
+SKIPPED: Final = "skipped"
+OUTBOX: Final = "outbox"
+TMP_SUFFIX: Final = ".partial"
+DB_NAME: Final = "jobs.sqlite3"
+SPOOL_AREAS: Final = (INBOX, QUARANTINE, SKIPPED, OUTBOX)
+
+
+def instance_key(sop_instance_uid: str) -> str:
+    """Return the 64-hex-digit key naming an instance's files and its job."""
+    return hashlib.sha256(sop_instance_uid.strip("\x00 ").encode("ascii", "replace")).hexdigest()
+
+
+def relative_path(area: str, key: str) -> Path:
+    """Return where the instance ``key`` lives inside spool ``area``, relative to the storage root."""
+    if area not in SPOOL_AREAS:
+        raise ValueError(f"area must be one of {SPOOL_AREAS}, found {area!r}")
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise ValueError(f"key must be 64 lowercase hex digits, found {key!r}")
+    return Path(area) / key[:2] / f"{key}.dcm"
+
+
+def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``target`` so that, once this returns, the file survives a crash.
+
+    The bytes go to a temporary sibling, are flushed and fsynced, renamed over ``target`` (atomic on
+    POSIX) and the folder entry is fsynced. A reader never sees a partial file.
+
+    Raises
+    ------
+    OSError
+        When any step fails (disk full, permissions); the temporary file is removed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    try:
+        with tmp.open("xb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(target.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so that a rename or unlink inside it is durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partials(root: Path) -> int:
+    """Delete temporary files left by a crash under the spool areas of ``root``; return how many."""
+    count = 0
+    for area in SPOOL_AREAS:
+        for leftover in (root / area).glob(f"*/.*{TMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+def iter_spooled(root: Path, area: str) -> list[Path]:
+    """Return every instance file in spool ``area`` of ``root`` (temporary files excluded)."""
+    return sorted(p for p in (root / area).glob("*/*.dcm") if not p.name.startswith("."))

@@ -1,0 +1,47 @@
+"""The job state machine of DESIGN.md §6: which state may follow which."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+
+class JobState(StrEnum):
+    """Where a job stands; stored as its value in the jobs database."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    SKIPPED = "skipped"
+    QUARANTINED = "quarantined"
+    RUNNING = "running"
+    INFERRED = "inferred"
+    WRITTEN = "written"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+S = JobState
+TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
+    S.RECEIVED: frozenset({S.QUEUED, S.SKIPPED, S.QUARANTINED}),
+    S.QUEUED: frozenset({S.RUNNING, S.SKIPPED}),
+    S.RUNNING: frozenset({S.INFERRED, S.QUARANTINED, S.QUEUED, S.DEAD}),
+    S.INFERRED: frozenset({S.WRITTEN, S.DEAD, S.QUEUED}),
+    S.WRITTEN: frozenset({S.DELIVERED, S.DEAD}),
+    S.DELIVERED: frozenset(),
+    S.SKIPPED: frozenset(),
+    S.QUARANTINED: frozenset({S.QUEUED}),
+    S.DEAD: frozenset({S.QUEUED, S.WRITTEN}),
+}
+"""Allowed moves. Quarantined and dead jobs can be re-queued by an operator; nothing leaves delivered."""
+
+TERMINAL: Final = frozenset(state for state, nexts in TRANSITIONS.items() if not nexts)
+
+
+def can_move(source: JobState, target: JobState) -> bool:
+    """Return True when a job in ``source`` may move to ``target``."""
+    return target in TRANSITIONS[source]
+
+
+def sources_of(target: JobState) -> frozenset[JobState]:
+    """Return every state from which ``target`` can be reached."""
+    return frozenset(state for state, nexts in TRANSITIONS.items() if target in nexts)

@@ -1,0 +1,144 @@
+"""Pure eligibility rules: is a received instance a frontal chest radiograph the node should analyse?
+
+:func:`triage` reads header attributes only (no pixel decoding) and returns a :class:`Verdict`:
+``eligible``, ``skipped`` (a valid instance the node does not analyse) or ``malformed`` (an instance
+whose header or pixel data cannot be right).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from cxr_node.config import TriageSettings
+from cxr_node.dicom.sop import NODE_MANUFACTURER, RADIOGRAPH_CLASSES
+
+PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+GRAYSCALE: Final = ("MONOCHROME1", "MONOCHROME2")
+
+Kind = Literal["eligible", "skipped", "malformed"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The triage result: what to do with an instance, and why in one line."""
+
+    kind: Kind
+    reason: str = ""
+
+    @property
+    def eligible(self) -> bool:
+        """True when the instance is to be analysed."""
+        return self.kind == "eligible"
+
+
+ELIGIBLE: Final = Verdict("eligible")
+
+
+def triage(ds: Dataset, rules: TriageSettings) -> Verdict:
+    """Decide whether ``ds`` (a header; pixel data may be present but is not decoded) is analysed.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The received data set.
+    rules : TriageSettings
+        The site's lists of modalities, view positions and body parts.
+
+    Returns
+    -------
+    Verdict
+        Skips are checked first (a lateral with broken pixels is simply skipped), then integrity.
+    """
+    for check in (_own_output, _sop_class, _modality, _body_part, _view_position, _frames, _grayscale):
+        reason = check(ds, rules)
+        if reason:
+            return Verdict("skipped", reason)
+    reason = _integrity(ds, rules)
+    return Verdict("malformed", reason) if reason else ELIGIBLE
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return str(value).strip().upper() if value not in (None, "") else ""
+
+
+def _own_output(ds: Dataset, _rules: TriageSettings) -> str:
+    return "own output routed back" if _text(ds, "Manufacturer") == NODE_MANUFACTURER.upper() else ""
+
+
+def _sop_class(ds: Dataset, _rules: TriageSettings) -> str:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in RADIOGRAPH_CLASSES:
+        return ""
+    name = getattr(ds.get("SOPClassUID"), "name", sop_class)
+    return f"SOP class {name} is not CR or DX"
+
+
+def _modality(ds: Dataset, rules: TriageSettings) -> str:
+    modality = _text(ds, "Modality")
+    allowed = {m.upper() for m in rules.modalities}
+    return "" if modality in allowed else f"modality {modality or '(missing)'} not in triage.modalities"
+
+
+def _body_part(ds: Dataset, rules: TriageSettings) -> str:
+    part = _text(ds, "BodyPartExamined")
+    if not part:
+        return "" if rules.accept_missing_body_part else "body part missing"
+    return "" if part in {p.upper() for p in rules.body_parts} else f"body part {part} not in triage.body_parts"
+
+
+def _view_position(ds: Dataset, rules: TriageSettings) -> str:
+    view = _text(ds, "ViewPosition")
+    if not view:
+        return "" if rules.accept_missing_view_position else "view position missing"
+    allowed = {v.upper() for v in rules.view_positions}
+    return "" if view in allowed else f"view position {view} is not frontal (triage.view_positions)"
+
+
+def _frames(ds: Dataset, _rules: TriageSettings) -> str:
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return "NumberOfFrames is not a number"
+    return "" if frames == 1 else f"multi-frame ({frames} frames)"
+
+
+def _grayscale(ds: Dataset, _rules: TriageSettings) -> str:
+    photometric = _text(ds, "PhotometricInterpretation")
+    samples = ds.get("SamplesPerPixel", 1)
+    if photometric and (photometric not in GRAYSCALE or samples != 1):
+        return f"not grayscale ({photometric}, {samples} samples per pixel)"
+    return ""
+
+
+def _integrity(ds: Dataset, rules: TriageSettings) -> str:
+    """Return why the image header or pixel data cannot be right, or an empty string."""
+    if "PhotometricInterpretation" not in ds:
+        return "PhotometricInterpretation missing"
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        return f"image dimensions {rows}x{cols} are missing or zero"
+    if rows > rules.max_dimension or cols > rules.max_dimension:
+        return f"image dimensions {rows}x{cols} exceed triage.max_dimension {rules.max_dimension}"
+    allocated, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    if allocated not in (8, 16) or not stored or not 1 <= stored <= allocated:
+        return f"bits allocated/stored {allocated}/{stored} are not a valid grayscale layout"
+    return _pixel_length(ds, rows * cols * allocated // 8)
+
+
+def _pixel_length(ds: Dataset, expected: int) -> str:
+    if PIXEL_DATA not in ds:
+        return "no pixel data"
+    element = ds.get_item(PIXEL_DATA)
+    value = element.value
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if getattr(element, "length", None) == UNDEFINED_LENGTH or (syntax is not None and UID(syntax).is_encapsulated):
+        return "" if value else "encapsulated pixel data is empty"
+    found = len(value) if value is not None else 0
+    return "" if found >= expected else f"pixel data has {found} bytes, {expected} expected"

@@ -1,0 +1,89 @@
+"""pynetdicom event handlers: unpack the event, call :class:`~cxr_node.receive.intake.Intake`, answer.
+
+No exception crosses the association: anything unexpected is logged and answered with a failure status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from cxr_node.dicom import status
+from cxr_node.receive.intake import Intake, Peer, StoreOutcome
+
+log = structlog.get_logger("cxr_node.receive")
+
+
+def _peer(event: Event) -> Peer:
+    requestor = event.assoc.requestor
+    return Peer(ae_title=str(requestor.ae_title).strip(), address=f"{requestor.address}:{requestor.port}")
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always Success while the SCP is up."""
+    log.debug("echo.received", calling_aet=_peer(event).ae_title)
+    return status.SUCCESS
+
+
+def handle_store(event: Event, intake: Intake) -> Dataset:
+    """C-STORE: hand the data set to the intake and turn its outcome into a response."""
+    peer = _peer(event)
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        encoded = event.encoded_dataset()
+    except Exception as exc:  # the peer sent bytes pydicom cannot decode at all
+        log.warning("store.undecodable", calling_aet=peer.ae_title, error=str(exc).splitlines()[0][:120])
+        return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
+    return _response(intake.accept(ds, encoded, str(event.context.transfer_syntax), peer))
+
+
+def _response(outcome: StoreOutcome) -> Dataset:
+    reply = Dataset()
+    reply.Status = outcome.status
+    if outcome.comment and not status.is_success(outcome.status):
+        reply.ErrorComment = outcome.comment
+    return reply
+
+
+def on_established(event: Event) -> None:
+    """Log an accepted association."""
+    peer = _peer(event)
+    log.info("assoc.opened", calling_aet=peer.ae_title, peer=peer.address, assoc=id(event.assoc))
+
+
+def on_released(event: Event) -> None:
+    """Log an association released by the peer."""
+    log.info("assoc.closed", calling_aet=_peer(event).ae_title, assoc=id(event.assoc), how="released")
+
+
+def on_aborted(event: Event) -> None:
+    """Log an aborted association."""
+    log.warning("assoc.closed", calling_aet=_peer(event).ae_title, assoc=id(event.assoc), how="aborted")
+
+
+def on_rejected(event: Event) -> None:
+    """Log an association the node rejected (unknown calling/called AE, too many associations)."""
+    requestor = event.assoc.requestor
+    log.warning(
+        "assoc.rejected",
+        calling_aet=str(requestor.ae_title).strip(),
+        called_aet=str(event.assoc.acceptor.ae_title).strip(),
+        peer=f"{requestor.address}:{requestor.port}",
+    )
+
+
+def event_handlers(intake: Intake) -> list[Any]:
+    """Return the ``evt_handlers`` list for the SCP."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [intake]),
+        (evt.EVT_ESTABLISHED, on_established),
+        (evt.EVT_RELEASED, on_released),
+        (evt.EVT_ABORTED, on_aborted),
+        (evt.EVT_REJECTED, on_rejected),
+    ]

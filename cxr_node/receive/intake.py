@@ -1,0 +1,208 @@
+"""What happens to a received instance, free of pynetdicom: check, place durably, record, answer.
+
+The order is the durability contract of DESIGN.md §6: the file is written and fsynced, renamed into
+place, its job row committed, and only then is Success returned. Any failure on that path is answered
+``OUT_OF_RESOURCES`` so the PACS retries; nothing unacknowledged is lost either (orphans are adopted
+on the next start by :meth:`Intake.adopt_orphans`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from cxr_node.config import Settings
+from cxr_node.dicom import status
+from cxr_node.errors import RejectedInstance, StorageError
+from cxr_node.jobs import spool
+from cxr_node.jobs.states import JobState
+from cxr_node.jobs.store import JobStore, NewJob
+from cxr_node.logs import hash_identifier
+from cxr_node.receive.filters import Verdict, triage
+
+log = structlog.get_logger("cxr_node.receive")
+
+_AREA: Final = {"eligible": spool.INBOX, "malformed": spool.QUARANTINE, "skipped": spool.SKIPPED}
+_STATE: Final = {"eligible": JobState.QUEUED, "malformed": JobState.QUARANTINED, "skipped": JobState.SKIPPED}
+REQUIRED_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent an instance."""
+
+    ae_title: str
+    address: str
+
+    @classmethod
+    def local(cls, reason: str) -> Peer:
+        """A peer standing for the node itself (recovery, imports)."""
+        return cls(ae_title="", address=reason)
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The C-STORE answer for one instance, and the job it became (if any)."""
+
+    status: int
+    comment: str = ""
+    job_id: int | None = None
+    state: JobState | None = None
+
+
+class Intake:
+    """Stores, triages and records received instances.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``storage`` (root, fsync, keep_skipped), ``triage`` and ``node.max_instance_mb`` are used.
+    store : JobStore
+        Where jobs are recorded.
+    """
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.root = settings.storage.root
+        self.fsync = settings.storage.fsync
+        self.keep_skipped = settings.storage.keep_skipped
+        self.rules = settings.triage
+        self.max_bytes = settings.node.max_instance_bytes
+        self.store = store
+
+    def accept(self, ds: Dataset, encoded: bytes, transfer_syntax: str, peer: Peer) -> StoreOutcome:
+        """Handle one C-STORE data set; never raises.
+
+        Parameters
+        ----------
+        ds : Dataset
+            The decoded data set (elements may be parsed lazily).
+        encoded : bytes
+            The instance in the DICOM file format (preamble, file meta, data set as received).
+        transfer_syntax : str
+            The transfer syntax of the presentation context it came on.
+        peer : Peer
+            The sender.
+        """
+        try:
+            return self._accept(ds, encoded, transfer_syntax, peer)
+        except RejectedInstance as exc:
+            log.warning("store.rejected", reason=exc.reason, status=f"0x{exc.status:04X}", calling_aet=peer.ae_title)
+            return StoreOutcome(exc.status, status.error_comment(exc.reason))
+        except (OSError, StorageError, sqlite3.Error) as exc:
+            log.error("store.failed", error=str(exc), calling_aet=peer.ae_title)
+            return StoreOutcome(status.OUT_OF_RESOURCES, status.error_comment(f"cannot store: {_short(exc)}"))
+        except Exception as exc:
+            log.exception("store.unexpected_error", calling_aet=peer.ae_title)
+            return StoreOutcome(status.UNEXPECTED_FAILURE, status.error_comment(f"internal error: {type(exc).__name__}"))
+
+    def _accept(self, ds: Dataset, encoded: bytes, transfer_syntax: str, peer: Peer) -> StoreOutcome:
+        if len(encoded) > self.max_bytes:
+            raise RejectedInstance(
+                status.OUT_OF_RESOURCES, f"instance of {len(encoded)} bytes exceeds node.max_instance_mb"
+            )
+        new = _identify(ds, transfer_syntax, peer, len(encoded))
+        verdict = self._triage(ds)
+        rel = self._place(new.instance_key, verdict, encoded)
+        job, created = self.store.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
+        _log_outcome(job.id, job.state, verdict, created, new)
+        if verdict.kind == "malformed":
+            return StoreOutcome(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, status.error_comment(verdict.reason), job.id, job.state)
+        return StoreOutcome(status.SUCCESS, "", job.id, job.state)
+
+    def _triage(self, ds: Dataset) -> Verdict:
+        try:
+            return triage(ds, self.rules)
+        except Exception as exc:  # a header pydicom cannot parse is malformed, not our crash
+            return Verdict("malformed", f"header cannot be parsed: {_short(exc)}")
+
+    def _place(self, key: str, verdict: Verdict, encoded: bytes) -> str | None:
+        if verdict.kind == "skipped" and not self.keep_skipped:
+            return None
+        rel = spool.relative_path(_AREA[verdict.kind], key)
+        spool.write_durably(self.root / rel, encoded, fsync=self.fsync)
+        return str(rel)
+
+    def adopt_orphans(self) -> int:
+        """Record every inbox/quarantine file that has no job (a crash between rename and commit).
+
+        Returns
+        -------
+        int
+            How many files were adopted.
+        """
+        adopted = 0
+        for area in (spool.INBOX, spool.QUARANTINE, spool.SKIPPED):
+            for path in spool.iter_spooled(self.root, area):
+                if self.store.find(path.stem) is None:
+                    adopted += self._adopt(path)
+        return adopted
+
+    def _adopt(self, path: Path) -> int:
+        try:
+            ds = dcmread(path)
+            encoded = path.read_bytes()
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            log.warning("recovery.unreadable_orphan", path=str(path), error=_short(exc))
+            return 0
+        outcome = self.accept(ds, encoded, str(ds.file_meta.TransferSyntaxUID), Peer.local("recovery"))
+        job = self.store.get(outcome.job_id) if outcome.job_id is not None else None
+        if job is None:
+            return 0
+        if job.path != str(path.relative_to(self.root)):
+            path.unlink(missing_ok=True)  # triage placed it elsewhere (or dropped a skipped instance)
+        log.info("recovery.orphan_adopted", job_id=job.id, state=str(job.state))
+        return 1
+
+
+def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJob:
+    """Read the identifying attributes; raise RejectedInstance when a required UID is missing."""
+    try:
+        uids = {name: str(ds.get(name, "") or "").strip() for name in REQUIRED_UIDS}
+        missing = [name for name, value in uids.items() if not value]
+        if missing:
+            raise RejectedInstance(status.CANNOT_UNDERSTAND, f"{', '.join(missing)} missing")
+        return NewJob(
+            instance_key=spool.instance_key(uids["SOPInstanceUID"]),
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            accession_number=str(ds.get("AccessionNumber", "") or ""),
+            patient_hash=hash_identifier(str(ds.get("PatientID", "") or "")),
+            modality=str(ds.get("Modality", "") or ""),
+            transfer_syntax=str(transfer_syntax),
+            calling_aet=peer.ae_title,
+            peer=peer.address,
+            path=None,
+            size_bytes=size,
+        )
+    except RejectedInstance:
+        raise
+    except Exception as exc:
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {_short(exc)}") from exc
+
+
+def _with_path(new: NewJob, rel: str | None) -> NewJob:
+    return NewJob(**{**new.__dict__, "path": rel})
+
+
+def _log_outcome(job_id: int, state: JobState, verdict: Verdict, created: bool, new: NewJob) -> None:
+    fields = {"job_id": job_id, "state": str(state), "instance": new.instance_key[:16], "calling_aet": new.calling_aet}
+    if not created:
+        log.info("store.duplicate", **fields)
+    elif verdict.kind == "eligible":
+        log.info("store.accepted", **fields, transfer_syntax=new.transfer_syntax, bytes=new.size_bytes)
+    else:
+        log.info(f"store.{state}", **fields, reason=verdict.reason)
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.splitlines()[0][:120]

@@ -1,0 +1,1 @@
+"""Stage 5: C-STORE and C-ECHO to DICOM peers."""

@@ -1,0 +1,81 @@
+"""Shared fixtures: settings on a temporary storage root, a real SCP on a free loopback port, test data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cxr_node import logs
+from cxr_node.app import Receiver
+from cxr_node.config import Settings
+
+logs.configure("warning", "console")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """Return the path of an external tool; skip the test without it, except in CI where it must exist."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs it")
+        pytest.skip(f"{name} is not installed (apt-get install dcmtk dicom3tools)")
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Return a factory of Settings on a temporary storage root and a free loopback port."""
+
+    def factory(**overrides: Any) -> Settings:
+        base = {
+            "node.host": "127.0.0.1",
+            "node.port": free_port(),
+            "storage.root": str(tmp_path / "state"),
+            "logging.format": "console",
+        }
+        return Settings().with_overrides({**base, **overrides})
+
+    return factory
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """Settings on a temporary root and a free port, every other key at its default."""
+    return make_settings()
+
+
+@pytest.fixture
+def receiver(settings: Settings) -> Iterator[Receiver]:
+    """A running in-process receiver (the real SCP) on a free loopback port."""
+    node = Receiver(settings).start()
+    try:
+        yield node
+    finally:
+        node.stop(grace_s=5)
+
+
+@pytest.fixture(scope="session")
+def wg04() -> Path:
+    """Folder of pydicom-data's test files: NEMA WG04 radiographs (RG1 is a real CR chest PA, 15-bit)."""
+    import data_store
+
+    return Path(data_store.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def chest_cr(wg04: Path) -> Path:
+    """A real computed radiograph of the chest, PA, MONOCHROME1, 1955x1841, explicit VR little endian."""
+    return wg04 / "RG1_UNCR.dcm"
