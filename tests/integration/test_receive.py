@@ -1,0 +1,152 @@
+"""The receive path end to end over real associations: durability, triage, failures, concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from cxr_node.app import Receiver, recover
+from cxr_node.config import Settings
+from cxr_node.dicom import status
+from cxr_node.jobs import spool
+from cxr_node.jobs.states import JobState
+from tests.conftest import require_tool
+from tests.integration.helpers import echo, small_cr, store_all, write_config
+
+
+def test_echo_with_pynetdicom_and_echoscu(receiver: Receiver) -> None:
+    """The SCP answers C-ECHO from pynetdicom and from DCMTK echoscu."""
+    assert echo(receiver.port) == status.SUCCESS
+    out = subprocess.run(
+        [require_tool("echoscu"), "-v", "-aec", "CXR_NODE", "127.0.0.1", str(receiver.port)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert "Received Echo Response (Success)" in out.stdout + out.stderr
+
+
+def test_chest_radiograph_is_stored_durably_and_queued(receiver: Receiver, chest_cr: Path) -> None:
+    """A real chest CR is answered Success only with its file and queued job in place, bytes intact."""
+    assert store_all(receiver.port, [chest_cr]) == [status.SUCCESS]
+    [job] = receiver.store.jobs()
+    assert job.state is JobState.QUEUED and job.calling_aet == "PACS"
+    stored = receiver.settings.storage.root / job.path
+    assert stored.parent.parent.name == spool.INBOX
+    assert dcmread(stored).PixelData == dcmread(chest_cr).PixelData
+    assert receiver.store.history(job.id) == [(None, "received", None), ("received", "queued", None)]
+
+
+def test_storescu_then_status_json(receiver: Receiver, chest_cr: Path, tmp_path: Path) -> None:
+    """DCMTK storescu's instance shows up as queued in `cxr-node status --json`."""
+    out = subprocess.run(
+        [require_tool("storescu"), "-v", "-aec", "CXR_NODE", "127.0.0.1", str(receiver.port), str(chest_cr)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert "Received Store Response (Success)" in out.stdout + out.stderr
+    config = write_config(receiver.settings, tmp_path / "node.yaml")
+    report = subprocess.run(
+        [sys.executable, "-m", "cxr_node", "status", "--json", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert json.loads(report.stdout)["jobs"]["queued"] == 1
+
+
+def test_lateral_view_is_skipped_and_not_kept(receiver: Receiver, chest_cr: Path) -> None:
+    """A lateral view is acknowledged, recorded as skipped with the reason, and its file not kept."""
+    lateral = small_cr(chest_cr, "lateral", ViewPosition="LL")
+    assert store_all(receiver.port, [lateral]) == [status.SUCCESS]
+    [job] = receiver.store.jobs()
+    assert (job.state, job.reason, job.path) == (JobState.SKIPPED, "view position LL is not frontal (triage.view_positions)", None)
+    assert not any((receiver.settings.storage.root / spool.INBOX).rglob("*.dcm"))
+
+
+def test_malformed_pixel_data_is_refused_and_quarantined(receiver: Receiver, chest_cr: Path) -> None:
+    """Pixel data shorter than Rows x Columns is answered 0xA900, kept in quarantine, and the SCP stays up."""
+    broken = small_cr(chest_cr, "truncated")
+    broken.PixelData = broken.PixelData[:1000]
+    assert store_all(receiver.port, [broken]) == [status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    [job] = receiver.store.jobs()
+    assert job.state is JobState.QUARANTINED and "pixel data has 1000 bytes" in job.reason
+    assert (receiver.settings.storage.root / job.path).parent.parent.name == spool.QUARANTINE
+    assert echo(receiver.port) == status.SUCCESS
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_hostile_uid_cannot_escape_the_storage_root(receiver: Receiver, chest_cr: Path) -> None:
+    """A SOP Instance UID made of path characters is stored under a hashed name inside the root."""
+    hostile = small_cr(chest_cr, "hostile", SOPInstanceUID="../../../../tmp/cxr-escape")
+    hostile.file_meta.MediaStorageSOPInstanceUID = hostile.SOPInstanceUID
+    assert store_all(receiver.port, [hostile]) == [status.SUCCESS]
+    [job] = receiver.store.jobs()
+    stored = (receiver.settings.storage.root / job.path).resolve()
+    assert stored.is_relative_to(receiver.settings.storage.root.resolve())
+    assert stored.name == f"{spool.instance_key('../../../../tmp/cxr-escape')}.dcm"
+    assert not Path("/tmp/cxr-escape").exists()
+
+
+def test_duplicate_send_keeps_one_job(receiver: Receiver, chest_cr: Path) -> None:
+    """A PACS re-sending the same instance gets Success again and the node keeps one job."""
+    ds = small_cr(chest_cr, "dup")
+    assert store_all(receiver.port, [ds, ds]) == [status.SUCCESS, status.SUCCESS]
+    assert receiver.store.counts()[JobState.QUEUED] == 1
+
+
+def test_concurrent_senders_lose_and_duplicate_nothing(receiver: Receiver, chest_cr: Path) -> None:
+    """Four associations of 25 images each, at once, give 100 queued jobs and 100 files."""
+    batches = [[small_cr(chest_cr, f"c{a}-{i}", size=64) for i in range(25)] for a in range(4)]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda a=a: results.__setitem__(a, store_all(receiver.port, batches[a])))
+               for a in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(results[a] == [status.SUCCESS] * 25 for a in range(4))
+    jobs = receiver.store.jobs()
+    assert len(jobs) == 100 and len({j.sop_instance_uid for j in jobs}) == 100
+    assert len(spool.iter_spooled(receiver.settings.storage.root, spool.INBOX)) == 100
+
+
+def test_unwritable_storage_answers_out_of_resources(receiver: Receiver, chest_cr: Path) -> None:
+    """When the file cannot be written the PACS gets 0xA700 (retry later), and a retry later succeeds."""
+    inbox = receiver.settings.storage.root / spool.INBOX
+    inbox.parent.mkdir(parents=True, exist_ok=True)
+    inbox.write_bytes(b"not a folder")  # any write under inbox/ now fails, as with a full or broken disk
+    ds = small_cr(chest_cr, "retry")
+    assert store_all(receiver.port, [ds]) == [status.OUT_OF_RESOURCES]
+    assert receiver.store.jobs() == []
+    inbox.unlink()
+    assert store_all(receiver.port, [ds]) == [status.SUCCESS]
+
+
+def test_orphan_file_is_adopted_on_recovery(settings: Settings, chest_cr: Path) -> None:
+    """A stored file whose job commit never happened (crash) is recorded at the next start."""
+    ds = small_cr(chest_cr, "orphan")
+    key = spool.instance_key(ds.SOPInstanceUID)
+    target = settings.storage.root / spool.relative_path(spool.INBOX, key)
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+    (target.parent / f".leftover{spool.TMP_SUFFIX}").write_bytes(b"partial")
+    recover(settings)
+    node = Receiver(settings)
+    try:
+        [job] = node.store.jobs()
+        assert job.state is JobState.QUEUED and job.instance_key == key and target.exists()
+        assert not list(target.parent.glob(f"*{spool.TMP_SUFFIX}"))
+    finally:
+        node.stop()
+
+
+def test_receiver_never_imports_torch() -> None:
+    """The receiver process imports no torch (DESIGN.md §3), so a CUDA fault cannot touch it."""
+    code = (
+        "import sys, cxr_node.app, cxr_node.cli, cxr_node.receive.scp, cxr_node.receive.intake;"
+        "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
