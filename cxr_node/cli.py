@@ -91,6 +91,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo: the node on loopback, fed by a PACS played by this command."""
+    from cxr_node.demo import run_demo
+
+    return run_demo(Path(args.out), phantoms=args.phantoms)
+
+
 def _peer(args: argparse.Namespace, target: str | None = None):  # type: ignore[no-untyped-def]
     from cxr_node.send.scu import PeerAddress
 
@@ -156,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="AE@host:port, or a destination name from the config")
     p.add_argument("--calling-aet", default=None, help="our AE title (default: node.ae_title)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("demo", help="run the node on loopback and send it chest radiographs as a PACS would")
+    p.add_argument("--out", default="demo-output", help="working folder, emptied first (default: demo-output)")
+    p.add_argument("--phantoms", type=int, default=6, help="synthetic chest phantoms to send (default: 6)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
