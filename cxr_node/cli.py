@@ -58,8 +58,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate the configuration and print where it came from."""
     settings = _settings(args)
-    print(f"{settings.source}: OK (AE {settings.node.ae_title} on {settings.node.host}:{settings.node.port}, "
-          f"storage {settings.storage.root}, {len(settings.destinations)} destination(s))")
+    print(
+        f"{settings.source}: OK (AE {settings.node.ae_title} on {settings.node.host}:{settings.node.port}, "
+        f"storage {settings.storage.root}, {len(settings.destinations)} destination(s))"
+    )
     return 0
 
 
@@ -134,14 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cxr-node {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", metavar="FILE", default=None,
+        "--config",
+        metavar="FILE",
+        default=None,
         help=f"YAML configuration (default: $CXR_NODE_CONFIG or {config_path(None)})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", parents=[common], help="run the node in the foreground")
-    p.add_argument("role", nargs="?", default="all", choices=["all", "receiver"],
-                   help="all: supervisor with every role as child processes (default); receiver: the SCP only")
+    p.add_argument(
+        "role",
+        nargs="?",
+        default="all",
+        choices=["all", "receiver"],
+        help="all: supervisor with every role as child processes (default); receiver: the SCP only",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common], help="show jobs by state")

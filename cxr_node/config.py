@@ -22,7 +22,9 @@ ENV_PREFIX = "CXR_NODE_"
 ENV_CONFIG = "CXR_NODE_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 
-AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+AETitle = Annotated[
+    str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")
+]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 

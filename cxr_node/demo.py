@@ -113,7 +113,8 @@ def _start_node(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     print(f"  starting cxr-node serve on 127.0.0.1:{port} (log: {log})")
     node = subprocess.Popen(
         [sys.executable, "-m", "cxr_node", "serve", "--config", str(config)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     peer = PeerAddress("CXR_NODE", "127.0.0.1", port)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -153,6 +154,7 @@ def _print_table(inputs: list[DemoInput], results: dict[Path, tuple[int | None, 
         uid = str(dcmread(item.path, stop_before_pixels=True).SOPInstanceUID)
         job = jobs.get(uid)
         code = results[item.path][0]
-        state = f"{job.id}:{job.state}" if job else "-"
-        print(f"  {item.description:<46} {'----' if code is None else f'{code:04X}':<8} {state:<12} {job.reason or '' if job else ''}")
+        state, reason = (f"{job.id}:{job.state}", job.reason or "") if job else ("-", "")
+        shown = "----" if code is None else f"{code:04X}"
+        print(f"  {item.description:<46} {shown:<8} {state:<12} {reason}")
     print()

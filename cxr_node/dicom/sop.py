@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Final
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -28,11 +28,11 @@ from pydicom.uid import (
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import (
+    _STORAGE_CLASSES,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     Verification,
-    _STORAGE_CLASSES,
 )
 
 RADIOGRAPH_CLASSES: Final[tuple[UID, ...]] = (
@@ -79,7 +79,9 @@ def scp_contexts() -> list[tuple[UID, tuple[UID, ...]]]:
     list of (UID, tuple of UID)
         Verification first, then every storage class; radiographs with decodable syntaxes only.
     """
-    contexts: list[tuple[UID, tuple[UID, ...]]] = [(VERIFICATION_CLASS, (ExplicitVRLittleEndian, ImplicitVRLittleEndian))]
+    contexts: list[tuple[UID, tuple[UID, ...]]] = [
+        (VERIFICATION_CLASS, (ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+    ]
     for uid in STORAGE_CLASSES:
         syntaxes = DECODABLE_TRANSFER_SYNTAXES if uid in RADIOGRAPH_CLASSES else ANY_TRANSFER_SYNTAX
         contexts.append((uid, syntaxes))

@@ -54,7 +54,7 @@ def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

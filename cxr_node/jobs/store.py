@@ -212,7 +212,9 @@ class SqliteJobStore:
         """Move up to ``limit`` of the oldest queued jobs to running, and return them."""
         now = time.time()
         with self._transaction() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?", ("queued", limit))]
+            ids = [
+                r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?", ("queued", limit))
+            ]
             for job_id in ids:
                 db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? WHERE id = ?",
@@ -228,7 +230,9 @@ class SqliteJobStore:
         with self._transaction() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
             for job_id in ids:
-                db.execute("UPDATE jobs SET state = 'queued', reason = ?, updated_at = ? WHERE id = ?", (reason, now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', reason = ?, updated_at = ? WHERE id = ?", (reason, now, job_id)
+                )
                 self._event(db, job_id, now, JobState.RUNNING, JobState.QUEUED, reason)
             return len(ids)
 

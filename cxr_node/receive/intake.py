@@ -100,7 +100,9 @@ class Intake:
             return StoreOutcome(status.OUT_OF_RESOURCES, status.error_comment(f"cannot store: {_short(exc)}"))
         except Exception as exc:
             log.exception("store.unexpected_error", calling_aet=peer.ae_title)
-            return StoreOutcome(status.UNEXPECTED_FAILURE, status.error_comment(f"internal error: {type(exc).__name__}"))
+            return StoreOutcome(
+                status.UNEXPECTED_FAILURE, status.error_comment(f"internal error: {type(exc).__name__}")
+            )
 
     def _accept(self, ds: Dataset, encoded: bytes, transfer_syntax: str, peer: Peer) -> StoreOutcome:
         if len(encoded) > self.max_bytes:
@@ -113,7 +115,9 @@ class Intake:
         job, created = self.store.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
         _log_outcome(job.id, job.state, verdict, created, new)
         if verdict.kind == "malformed":
-            return StoreOutcome(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, status.error_comment(verdict.reason), job.id, job.state)
+            return StoreOutcome(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, status.error_comment(verdict.reason), job.id, job.state
+            )
         return StoreOutcome(status.SUCCESS, "", job.id, job.state)
 
     def _triage(self, ds: Dataset) -> Verdict:

@@ -30,6 +30,10 @@ class NodeServer(ThreadedAssociationServer):
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     reuse_port: bool = False
     handshake_timeout: float = 30.0
+    # The TLS handshake runs in the request thread: don't let server_close() join it (a stalled peer
+    # would hold shutdown for handshake_timeout). Association threads are pynetdicom's own.
+    daemon_threads = True
+    block_on_close = False
 
     def server_bind(self) -> None:
         """Bind, sharing the port with sibling receiver processes when ``reuse_port`` is set."""

@@ -21,7 +21,9 @@ def start_node(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start `cxr-node serve` in its own process group and wait (bounded) until it answers C-ECHO."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr_node", "serve", "--config", str(config)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

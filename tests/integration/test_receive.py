@@ -25,7 +25,10 @@ def test_echo_with_pynetdicom_and_echoscu(receiver: Receiver) -> None:
     assert echo(receiver.port) == status.SUCCESS
     out = subprocess.run(
         [require_tool("echoscu"), "-v", "-aec", "CXR_NODE", "127.0.0.1", str(receiver.port)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert "Received Echo Response (Success)" in out.stdout + out.stderr
 
@@ -45,13 +48,19 @@ def test_storescu_then_status_json(receiver: Receiver, chest_cr: Path, tmp_path:
     """DCMTK storescu's instance shows up as queued in `cxr-node status --json`."""
     out = subprocess.run(
         [require_tool("storescu"), "-v", "-aec", "CXR_NODE", "127.0.0.1", str(receiver.port), str(chest_cr)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert "Received Store Response (Success)" in out.stdout + out.stderr
     config = write_config(receiver.settings, tmp_path / "node.yaml")
     report = subprocess.run(
         [sys.executable, "-m", "cxr_node", "status", "--json", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert json.loads(report.stdout)["jobs"]["queued"] == 1
 
@@ -61,7 +70,11 @@ def test_lateral_view_is_skipped_and_not_kept(receiver: Receiver, chest_cr: Path
     lateral = small_cr(chest_cr, "lateral", ViewPosition="LL")
     assert store_all(receiver.port, [lateral]) == [status.SUCCESS]
     [job] = receiver.store.jobs()
-    assert (job.state, job.reason, job.path) == (JobState.SKIPPED, "view position LL is not frontal (triage.view_positions)", None)
+    assert (job.state, job.reason, job.path) == (
+        JobState.SKIPPED,
+        "view position LL is not frontal (triage.view_positions)",
+        None,
+    )
     assert not any((receiver.settings.storage.root / spool.INBOX).rglob("*.dcm"))
 
 
@@ -100,8 +113,10 @@ def test_concurrent_senders_lose_and_duplicate_nothing(receiver: Receiver, chest
     """Four associations of 25 images each, at once, give 100 queued jobs and 100 files."""
     batches = [[small_cr(chest_cr, f"c{a}-{i}", size=64) for i in range(25)] for a in range(4)]
     results: dict[int, list[int]] = {}
-    threads = [threading.Thread(target=lambda a=a: results.__setitem__(a, store_all(receiver.port, batches[a])))
-               for a in range(4)]
+    threads = [
+        threading.Thread(target=lambda a=a: results.__setitem__(a, store_all(receiver.port, batches[a])))
+        for a in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -149,4 +164,3 @@ def test_receiver_never_imports_torch() -> None:
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-

@@ -49,7 +49,12 @@ def test_shipped_config_lists_every_key() -> None:
 def test_contract_keys_exist() -> None:
     """The keys of DESIGN.md §5 keep their names and defaults."""
     s = Settings()
-    assert (s.node.ae_title, s.node.host, s.node.port, s.node.allowed_calling_aets) == ("CXR_NODE", "0.0.0.0", 11112, [])
+    assert (s.node.ae_title, s.node.host, s.node.port, s.node.allowed_calling_aets) == (
+        "CXR_NODE",
+        "0.0.0.0",
+        11112,
+        [],
+    )
     assert s.storage.root == Path("/var/lib/cxr-node")
     assert s.models.manifest == Path("models/demo/manifest.yaml")
     assert s.compute.device == "auto"
@@ -94,7 +99,7 @@ def test_bad_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, e
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     """A bad override names the environment variable, not only the file."""
     path = _write(tmp_path, "")
-    with pytest.raises(ConfigError, match="environment variable CXR_NODE_NODE__PORT"):
+    with pytest.raises(ConfigError, match=r"environment variable CXR_NODE_NODE__PORT"):
         load_settings(path, environ={"CXR_NODE_NODE__PORT": "x"})
 
 
@@ -110,5 +115,5 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
         s.node.port = 1  # type: ignore[misc]
     assert s.with_overrides({"node.port": 1}).node.port == 1
-    with pytest.raises(ConfigError, match="node.port"):
+    with pytest.raises(ConfigError, match=r"node.port"):
         s.with_overrides({"node.port": -1})

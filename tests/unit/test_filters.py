@@ -110,8 +110,9 @@ def test_encapsulated_pixel_data_is_not_length_checked() -> None:
 
 def test_site_lists_are_configurable() -> None:
     """A site can analyse laterals or other body parts, or refuse images without a view position."""
-    rules = TriageSettings(view_positions=["PA", "AP", "LL"], body_parts=["CHEST", "THORAX"],
-                           accept_missing_view_position=False)
+    rules = TriageSettings(
+        view_positions=["PA", "AP", "LL"], body_parts=["CHEST", "THORAX"], accept_missing_view_position=False
+    )
     assert triage(chest(ViewPosition="LL"), rules).eligible
     assert triage(chest(BodyPartExamined="THORAX"), rules).eligible
     assert triage(chest(ViewPosition=None), rules).reason == "view position missing"

@@ -16,9 +16,18 @@ from cxr_node.jobs.store import NewJob, SqliteJobStore
 def new_job(uid: str, path: str | None = "inbox/x.dcm") -> NewJob:
     """Return a NewJob for SOP Instance UID ``uid``."""
     return NewJob(
-        instance_key=spool.instance_key(uid), sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", accession_number="A1", patient_hash="ab" * 8,
-        modality="CR", transfer_syntax="1.2.840.10008.1.2.1", calling_aet="PACS", peer="127.0.0.1:1", path=path,
+        instance_key=spool.instance_key(uid),
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        accession_number="A1",
+        patient_hash="ab" * 8,
+        modality="CR",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        calling_aet="PACS",
+        peer="127.0.0.1:1",
+        path=path,
         size_bytes=10,
     )
 
@@ -90,6 +99,7 @@ def test_requeue_running_after_crash(store: SqliteJobStore) -> None:
 
 def test_concurrent_records_from_threads(store: SqliteJobStore) -> None:
     """Many threads recording at once lose nothing and duplicate nothing."""
+
     def worker(t: int) -> None:
         for i in range(25):
             store.record(new_job(f"3.{t}.{i}"), JobState.QUEUED)
