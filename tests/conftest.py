@@ -15,7 +15,7 @@ from cxr_node import logs
 from cxr_node.app import Receiver
 from cxr_node.config import Settings
 
-logs.configure("warning", "console")
+logs.configure("info", "console")  # captured by pytest, shown with a failing test
 
 
 def free_port() -> int:

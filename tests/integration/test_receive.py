@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from structlog.testing import capture_logs
 
 from cxr_node.app import Receiver, recover
 from cxr_node.config import Settings
@@ -164,3 +166,20 @@ def test_receiver_never_imports_torch() -> None:
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_events_are_logged_without_patient_identifiers(receiver: Receiver, chest_cr: Path) -> None:
+    """Association and store events are logged with their context, and no patient identifier in clear."""
+    ds = small_cr(chest_cr, "logged", PatientID="PAT-777", PatientName="Doe^Jane")
+    with capture_logs() as captured:
+        store_all(receiver.port, [ds, small_cr(chest_cr, "logged-lateral", ViewPosition="LL")])
+        deadline = time.monotonic() + 5
+        while not any(e["event"] == "assoc.closed" for e in captured) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    events = [e["event"] for e in captured]
+    assert events[:1] == ["assoc.opened"] and "assoc.closed" in events
+    accepted = next(e for e in captured if e["event"] == "store.accepted")
+    assert accepted["calling_aet"] == "PACS" and accepted["state"] == "queued"
+    skipped = next(e for e in captured if e["event"] == "store.skipped")
+    assert "view position LL" in skipped["reason"]
+    assert "PAT-777" not in repr(captured) and "Doe" not in repr(captured)
