@@ -7,6 +7,7 @@ backend for several nodes would implement the same Protocol.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from cxr_node.errors import InvalidTransition, StorageError
 from cxr_node.jobs.states import JobState, can_move, sources_of
@@ -52,7 +53,27 @@ CREATE TABLE IF NOT EXISTS job_events (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
+CREATE TABLE IF NOT EXISTS results (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    summary TEXT NOT NULL,
+    embedding BLOB
+);
 """
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """What inference found for a job: a JSON-able summary and the retrieval embedding (float32 bytes)."""
+
+    job_id: int
+    model_name: str
+    model_version: str
+    created_at: float
+    summary: dict[str, Any]
+    embedding: bytes | None
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,10 @@ class JobStore(Protocol):
     def counts(self) -> dict[JobState, int]: ...
     def claim(self, limit: int) -> list[Job]: ...
     def requeue_running(self, reason: str) -> int: ...
+    def save_result(
+        self, job_id: int, model: tuple[str, str], summary: dict[str, Any], embedding: bytes | None
+    ) -> Job: ...
+    def result(self, job_id: int) -> StoredResult | None: ...
     def close(self) -> None: ...
 
 
@@ -192,21 +217,59 @@ class SqliteJobStore:
         InvalidTransition
             When the job does not exist or its state does not lead to ``target``.
         """
+        with self._transaction() as db:
+            return self._move(db, job_id, target, reason)
+
+    def save_result(self, job_id: int, model: tuple[str, str], summary: dict[str, Any], embedding: bytes | None) -> Job:
+        """Store a running job's inference result and move it to inferred, in one transaction.
+
+        Parameters
+        ----------
+        job_id : int
+            A job in state running.
+        model : (str, str)
+            The model (manifest) name and version that produced the result.
+        summary : dict
+            JSON-serialisable findings (probabilities, decision, threshold, mask quality, timings).
+        embedding : bytes or None
+            The L2-normalised retrieval embedding as float32 bytes.
+        """
+        text = json.dumps(summary, sort_keys=True, allow_nan=False)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO results (job_id, model_name, model_version, created_at, summary, embedding)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, model[0], model[1], time.time(), text, embedding),
+            )
+            return self._move(db, job_id, JobState.INFERRED, None)
+
+    def result(self, job_id: int) -> StoredResult | None:
+        """Return the inference result of ``job_id``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id, model_name, model_version, created_at, summary, embedding"
+                " FROM results WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredResult(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+
+    def _move(self, db: sqlite3.Connection, job_id: int, target: JobState, reason: str | None) -> Job:
         now = time.time()
         allowed = tuple(state.value for state in sources_of(target))
         marks = ", ".join("?" * len(allowed))
-        with self._transaction() as db:
-            current = self._select(db, "id = ?", (job_id,))
-            if not current:
-                raise InvalidTransition(f"job {job_id} does not exist")
-            updated = db.execute(
-                f"UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state IN ({marks})",
-                (target.value, reason, now, job_id, *allowed),
-            ).rowcount
-            if updated != 1:
-                raise InvalidTransition(f"job {job_id} is {current[0].state}, which does not lead to {target}")
-            self._event(db, job_id, now, current[0].state, target, reason)
-            return self._select(db, "id = ?", (job_id,))[0]
+        current = self._select(db, "id = ?", (job_id,))
+        if not current:
+            raise InvalidTransition(f"job {job_id} does not exist")
+        updated = db.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state IN ({marks})",
+            (target.value, reason, now, job_id, *allowed),
+        ).rowcount
+        if updated != 1:
+            raise InvalidTransition(f"job {job_id} is {current[0].state}, which does not lead to {target}")
+        self._event(db, job_id, now, current[0].state, target, reason)
+        return self._select(db, "id = ?", (job_id,))[0]
 
     def claim(self, limit: int) -> list[Job]:
         """Move up to ``limit`` of the oldest queued jobs to running, and return them."""

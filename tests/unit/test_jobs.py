@@ -142,3 +142,16 @@ def test_write_durably_is_atomic_and_cleans_up(tmp_path: Path) -> None:
     (target.parent / f".y.dcm.123{spool.TMP_SUFFIX}").write_bytes(b"partial")
     assert spool.remove_partials(tmp_path) == 1
     assert spool.iter_spooled(tmp_path, spool.INBOX) == [target]
+
+
+def test_result_and_transition_are_one_write(store: SqliteJobStore) -> None:
+    """Saving a result moves the job to inferred; a job that is not running keeps no result."""
+    job, _ = store.record(new_job("5.1"), JobState.QUEUED)
+    with pytest.raises(InvalidTransition):
+        store.save_result(job.id, ("demo", "1"), {"probability": 0.7}, None)
+    assert store.result(job.id) is None
+    store.claim(1)
+    moved = store.save_result(job.id, ("demo", "1"), {"probability": 0.7}, b"\x00" * 8)
+    assert moved.state is JobState.INFERRED
+    saved = store.result(job.id)
+    assert (saved.summary, saved.model_version, saved.embedding) == ({"probability": 0.7}, "1", b"\x00" * 8)
