@@ -10,10 +10,10 @@ what each file is; the session fixture :func:`syntax_variants` builds them once 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Final
 
@@ -22,12 +22,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -38,6 +38,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from tests.conftest import require_tool
 
 NEAR: Final = 2
 """The JPEG-LS near-lossless NEAR parameter: no decoded pixel is further than this from its source."""
@@ -103,11 +105,14 @@ def make_variants(source: Path, out_dir: Path) -> dict[str, Path]:
     dict of str to Path
         The file of each variant, keyed as :data:`SYNTAXES`.
     """
+    tools = {spec.command[0]: require_tool(spec.command[0]) for spec in SYNTAXES.values() if spec.command}
     out_dir.mkdir(parents=True, exist_ok=True)
+    source_uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
     for bits in {s.bits for s in SYNTAXES.values()} - {None}:
-        _rescaled(dcmread(source), bits).save_as(reference_path(source, out_dir, bits), enforce_file_format=True)
+        reference = _relabel(_rescaled(dcmread(source), bits), variant_uid(source_uid, f"reference-{bits}bit"))
+        reference.save_as(reference_path(source, out_dir, bits), enforce_file_format=True)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        jobs = {name: pool.submit(_make_one, name, source, out_dir) for name in SYNTAXES}
+        jobs = {name: pool.submit(_make_one, name, source, source_uid, out_dir, tools) for name in SYNTAXES}
         return {name: job.result() for name, job in jobs.items()}
 
 
@@ -120,15 +125,27 @@ def variants(source: Path, out_dir: Path) -> dict[str, Variant]:
         paths = make_variants(source, out_dir)
         marker.touch()
     return {
-        name: Variant(name, path, SYNTAXES[name].uid, SYNTAXES[name].lossless,
-                      reference_path(source, out_dir, SYNTAXES[name].bits))
+        name: _describe(name, path, reference_path(source, out_dir, SYNTAXES[name].bits))
         for name, path in paths.items()
     }
+
+
+def _describe(name: str, path: Path, reference: Path) -> Variant:
+    spec = SYNTAXES[name]
+    return Variant(name, path, spec.uid, spec.lossless, reference)
 
 
 def reference_path(source: Path, out_dir: Path, bits: int | None) -> Path:
     """Return the uncompressed input of the variants encoded at ``bits`` (the source itself for None)."""
     return source if bits is None else out_dir / f"reference-{bits}bit.dcm"
+
+
+@cache
+def pixels(path: Path) -> np.ndarray:
+    """Return the decoded pixels of ``path``, decoded once per session (read-only: do not modify)."""
+    array = dcmread(path).pixel_array
+    array.flags.writeable = False
+    return array
 
 
 def variant_uid(source_uid: str, name: str) -> UID:
@@ -142,37 +159,36 @@ def syntax_variants(tmp_path_factory: pytest.TempPathFactory, chest_cr: Path) ->
     return variants(chest_cr, tmp_path_factory.getbasetemp() / "syntax-variants")
 
 
-def _make_one(name: str, source: Path, out_dir: Path) -> Path:
+def _make_one(name: str, source: Path, source_uid: str, out_dir: Path, tools: dict[str, str]) -> Path:
+    """Write variant ``name``: relabel its input, then encode it with its DCMTK command."""
     spec = SYNTAXES[name]
     out = out_dir / f"{name}.dcm"
     if not spec.command:
-        return _j2k(name, source, out)
+        return _j2k(name, source, variant_uid(source_uid, name), out)
     staged = out_dir / f"{name}.input.dcm"
     ds = dcmread(reference_path(source, out_dir, spec.bits))
-    _relabel(ds, name).save_as(staged, enforce_file_format=True)
-    tool = shutil.which(spec.command[0])
-    if tool is None:
-        pytest.skip(f"{spec.command[0]} is not installed (apt-get install dcmtk)")
-    subprocess.run([tool, *spec.command[1:], str(staged), str(out)], check=True, capture_output=True, timeout=120)
+    _relabel(ds, variant_uid(source_uid, name)).save_as(staged, enforce_file_format=True)
+    command = [tools[spec.command[0]], *spec.command[1:], str(staged), str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
     staged.unlink()
     return out
 
 
-def _relabel(ds: Dataset, name: str) -> Dataset:
-    """Give ``ds`` the SOP Instance UID of variant ``name``; Patient, Study and Series stay."""
-    ds.SOPInstanceUID = variant_uid(ds.SOPInstanceUID, name)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+def _relabel(ds: Dataset, uid: UID) -> Dataset:
+    """Give ``ds`` the SOP Instance UID ``uid``; Patient, Study and Series stay."""
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
     return ds
 
 
 def _rescaled(ds: Dataset, bits: int) -> Dataset:
     """Return ``ds`` with its pixels mapped linearly onto ``0 .. 2**bits - 1`` and the window to match."""
-    pixels = ds.pixel_array.astype(np.float64)
-    low, high = float(pixels.min()), float(pixels.max())
+    values = ds.pixel_array.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
     scale = (2**bits - 1) / (high - low)
     dtype = np.uint8 if bits <= 8 else np.uint16
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = dtype().itemsize * 8, bits, bits - 1, 0
-    ds.PixelData = np.rint((pixels - low) * scale).astype(dtype).tobytes()
+    ds.PixelData = np.rint((values - low) * scale).astype(dtype).tobytes()
     ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
     if "WindowCenter" in ds and "WindowWidth" in ds:
         ds.WindowCenter = round((float(ds.WindowCenter) - low) * scale)
@@ -182,7 +198,7 @@ def _rescaled(ds: Dataset, bits: int) -> Dataset:
     return ds
 
 
-def _j2k(name: str, source: Path, out: Path) -> Path:
+def _j2k(name: str, source: Path, uid: UID, out: Path) -> Path:
     """Write the JPEG 2000 variant ``name``: WG04's file beside ``source`` if any, else openjpeg's."""
     sibling = source.with_name(source.name.replace("_UNCR", f"_{_WG04_J2K[name]}"))
     if sibling != source and sibling.exists():
@@ -191,8 +207,5 @@ def _j2k(name: str, source: Path, out: Path) -> Path:
         ds = dcmread(source)
         lossless = SYNTAXES[name].lossless
         ds.compress(SYNTAXES[name].uid, **({} if lossless else {"j2k_cr": [20]}))
-    source_uid = dcmread(source, stop_before_pixels=True).SOPInstanceUID
-    ds.SOPInstanceUID = variant_uid(source_uid, name)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(out, enforce_file_format=True)
+    _relabel(ds, uid).save_as(out, enforce_file_format=True)
     return out

@@ -1,0 +1,5 @@
+"""Fixtures of the DICOM tests: the chest radiograph in every accepted transfer syntax."""
+
+from tests.syntaxes import syntax_variants
+
+__all__ = ["syntax_variants"]
