@@ -133,7 +133,9 @@ def start_server(node: NodeSettings, handlers: list[Any], reuse_port: bool = Fal
         )
     except OSError as exc:
         raise ConfigError(f"node.host/node.port: cannot listen on {node.host}:{node.port}: {exc.strerror}") from exc
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="scp-accept", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="scp-accept", daemon=True
+    )
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() stops it, as with ae.start_server
     host, port = server.server_address[:2]
