@@ -55,3 +55,7 @@ class SendError(CxrNodeError):
     """A destination could not be reached or refused what was sent."""
 
     exit_code = 5
+
+
+class PixelDecodeError(CxrNodeError):
+    """An image's pixel data cannot be turned into a greyscale array (absent, colour, multi-frame, undecodable)."""

@@ -1,0 +1,1 @@
+"""Stage 2: arrays in, arrays out; torch inside, no DICOM libraries."""

@@ -1,0 +1,364 @@
+"""Pure image maths around a network: robust normalisation, fitting to a square input and back, lung crops.
+
+Every function takes and returns numpy arrays, checks them on entry (``ValueError`` naming the argument, the
+expected and the found dtype, ndim or shape) and does no I/O and no logging. Resampling is separable and done
+here in numpy: an area average when a side shrinks (each output pixel is the exact mean of the source area it
+covers), bilinear interpolation with pixel centres aligned when it grows, or nearest neighbour for labels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+
+Order = Literal["linear", "nearest"]
+
+SAMPLE_PIXELS: Final = 1 << 18
+"""Percentiles are computed on a regular subsample of about this many pixels (exact below it)."""
+REAL: Final = "iuf"
+"""dtype kinds of real numbers: signed and unsigned integers, floats."""
+FLOAT: Final = "f"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How :func:`fit` placed an image on a ``size`` x ``size`` canvas, so :func:`unfit` can undo it.
+
+    Attributes
+    ----------
+    source_shape : tuple[int, int]
+        (H, W) of the image given to :func:`fit`.
+    size : int
+        Side of the square canvas.
+    scale : float
+        ``size / max(H, W)``: canvas pixels per source pixel (per-axis scales differ from it by rounding only).
+    resized_shape : tuple[int, int]
+        (h, w) of the resized image on the canvas; ``max(h, w) == size``.
+    top, left : int
+        Offsets of the resized image on the canvas; the rest of the canvas is zero padding.
+    """
+
+    source_shape: tuple[int, int]
+    size: int
+    scale: float
+    resized_shape: tuple[int, int]
+    top: int
+    left: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """The (rows, cols) slices of the canvas that hold the image."""
+        height, width = self.resized_shape
+        return slice(self.top, self.top + height), slice(self.left, self.left + width)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A crop of an image: rows ``row0:row1`` and columns ``col0:col1`` (half-open) of ``source_shape``."""
+
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+    source_shape: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the crop."""
+        return self.row1 - self.row0, self.col1 - self.col0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """The (rows, cols) slices of the source image that make the crop."""
+        return slice(self.row0, self.row1), slice(self.col0, self.col1)
+
+    def paste(self, arr: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Place a map computed on the crop back onto the source image's grid.
+
+        Parameters
+        ----------
+        arr : numpy.ndarray
+            (rows, cols) of :attr:`shape`, any real or bool dtype.
+        fill : float
+            Value outside the box.
+
+        Returns
+        -------
+        numpy.ndarray
+            :attr:`source_shape`, dtype of ``arr``.
+        """
+        _check_array("arr", arr, REAL + "b", "a real or bool array", shape=self.shape)
+        out = np.full(self.source_shape, fill, dtype=arr.dtype)
+        out[self.slices] = arr
+        return out
+
+
+def normalise(img: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Map the ``low`` and ``high`` percentiles of ``img`` onto 0 and 1, clipping outside.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W) finite real numbers, any integer or float dtype.
+    low, high : float
+        Percentiles, ``0 <= low < high <= 100``, estimated on a regular subsample of about
+        :data:`SAMPLE_PIXELS` pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32 in ``[0, 1]``; all zeros when the two percentiles are equal (a constant image).
+    """
+    _check_array("img", img, REAL, "a real (integer or float) array")
+    _check_finite("img", img)
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"low and high must satisfy 0 <= low < high <= 100; found low={low!r}, high={high!r}")
+    lo, hi = np.percentile(_subsample(img), [low, high])
+    if not hi > lo:
+        return np.zeros(img.shape, dtype=np.float32)
+    out = np.asarray(img, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def fit(img: np.ndarray, size: int) -> tuple[np.ndarray, Fit]:
+    """Resize ``img`` keeping its aspect so its longer side is ``size``, centred on a zero ``size`` x ``size`` canvas.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W) finite float32 or float64.
+    size : int
+        Side of the square network input, >= 1.
+
+    Returns
+    -------
+    canvas : numpy.ndarray
+        (size, size) float32: the resized image (area average when shrinking, bilinear when growing) with
+        zero padding around it.
+    placement : Fit
+        What :func:`unfit` needs to map a canvas-sized map back to (H, W).
+    """
+    _check_array("img", img, FLOAT, "a float32 or float64 array")
+    _check_finite("img", img)
+    _check_size(size)
+    rows, cols = img.shape
+    scale = size / max(rows, cols)
+    resized_shape = (min(size, max(1, round(rows * scale))), min(size, max(1, round(cols * scale))))
+    placement = Fit(
+        source_shape=(rows, cols),
+        size=size,
+        scale=scale,
+        resized_shape=resized_shape,
+        top=(size - resized_shape[0]) // 2,
+        left=(size - resized_shape[1]) // 2,
+    )
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[placement.slices] = resize(img, resized_shape)
+    return canvas, placement
+
+
+def unfit(arr: np.ndarray, fit: Fit, order: Order = "linear") -> np.ndarray:
+    """Map a canvas-sized map (mask, heatmap) back onto the grid of the image given to :func:`fit`.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        (fit.size, fit.size). Float32/float64 for ``order="linear"``; any real or bool dtype for ``"nearest"``.
+    fit : Fit
+        The placement :func:`fit` returned.
+    order : {"linear", "nearest"}
+        ``"linear"``: bilinear where the map grows, area average where it shrinks; ``"nearest"`` keeps labels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``fit.source_shape``; float32 for ``"linear"``, the dtype of ``arr`` for ``"nearest"``. The padding is
+        dropped.
+    """
+    if not isinstance(fit, Fit):
+        raise TypeError(f"fit must be a Fit; found {type(fit).__name__}")
+    _check_order(order)
+    square = (fit.size, fit.size)
+    if order == "linear":
+        _check_array("arr", arr, FLOAT, "a float32 or float64 array for order='linear'", shape=square)
+        _check_finite("arr", arr)
+    else:
+        _check_array("arr", arr, REAL + "b", "a real or bool array", shape=square)
+    return resize(arr[fit.slices], fit.source_shape, order)
+
+
+def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> np.ndarray:
+    """Resample ``img`` to ``shape``, one axis at a time.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W); float for ``order="linear"``, any real or bool dtype for ``"nearest"``.
+    shape : tuple[int, int]
+        (rows, cols) wanted, each >= 1.
+    order : {"linear", "nearest"}
+        ``"linear"``: area average along a shrinking axis, bilinear (pixel centres aligned) along a growing one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``shape``; float32 for ``"linear"``, the dtype of ``img`` for ``"nearest"``.
+    """
+    _check_order(order)
+    kinds, expected = (FLOAT, "a float32 or float64 array") if order == "linear" else (REAL + "b", "a real array")
+    _check_array("img", img, kinds, expected)
+    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
+    first = 0 if ratios[0] <= ratios[1] else 1  # shrink most first: the second pass works on less
+    out = _resample_axis(img, int(shape[first]), first, order)
+    out = _resample_axis(out, int(shape[1 - first]), 1 - first, order)
+    return out.astype(np.float32, copy=False) if order == "linear" else out
+
+
+def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> tuple[np.ndarray, Box]:
+    """Crop ``img`` to the bounding box of ``mask``, widened on each side by ``margin`` of the box's size.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W), any real or bool dtype.
+    mask : numpy.ndarray
+        (H, W) bool with at least one True pixel.
+    margin : float
+        Fraction of the box's height (for rows) and width (for columns) added on each side, clipped to the
+        image; ``0 <= margin <= 1``.
+
+    Returns
+    -------
+    crop : numpy.ndarray
+        A view of ``img``, (box rows, box cols), dtype of ``img``.
+    box : Box
+        Where the crop lies; :meth:`Box.paste` puts a map on the crop back on the (H, W) grid.
+    """
+    _check_array("img", img, REAL + "b", "a real or bool array")
+    _check_array("mask", mask, "b", "a bool array", shape=img.shape)
+    if not (isinstance(margin, int | float) and 0.0 <= margin <= 1.0):
+        raise ValueError(f"margin must be a number in [0, 1]; found {margin!r}")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("mask must have at least one True pixel; found none")
+    row0, row1 = _widen(int(rows[0]), int(rows[-1]) + 1, margin, img.shape[0])
+    col0, col1 = _widen(int(cols[0]), int(cols[-1]) + 1, margin, img.shape[1])
+    box = Box(row0, row1, col0, col1, source_shape=(img.shape[0], img.shape[1]))
+    return img[box.slices], box
+
+
+def mask_outside(img: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Return a copy of ``img`` with every pixel outside ``mask`` set to ``fill``.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W), any real dtype.
+    mask : numpy.ndarray
+        (H, W) bool; True keeps the pixel.
+    fill : float
+        Value written outside the mask, cast to ``img``'s dtype.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W), dtype of ``img``.
+    """
+    _check_array("img", img, REAL, "a real (integer or float) array")
+    _check_array("mask", mask, "b", "a bool array", shape=img.shape)
+    if not math.isfinite(fill):
+        raise ValueError(f"fill must be a finite number; found {fill!r}")
+    out = img.copy()
+    out[~mask] = fill
+    return out
+
+
+def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order) -> np.ndarray:
+    """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns."""
+    n_in = arr.shape[axis]
+    if n_out == n_in:
+        return arr
+    if order == "nearest":
+        return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
+    index, weight = _area_taps(n_in, n_out) if n_out < n_in else _linear_taps(n_in, n_out)
+    out: np.ndarray | None = None
+    for taps, weights in zip(index, weight, strict=True):
+        term = np.take(arr, taps, axis=axis)
+        term *= weights[:, None] if axis == 0 else weights[None, :]
+        out = term if out is None else np.add(out, term, out=out)
+    assert out is not None  # at least one tap
+    return out
+
+
+def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (taps, n_out) source indices and weights: each output averages the span ``[i s, (i + 1) s)``."""
+    step = n_in / n_out
+    starts = np.arange(n_out) * step
+    ends = np.minimum(starts + step, n_in)
+    index = np.floor(starts).astype(np.intp)[None, :] + np.arange(math.ceil(step) + 1)[:, None]
+    overlap = np.clip(np.minimum(index + 1, ends) - np.maximum(index, starts), 0.0, None)
+    weight = overlap / overlap.sum(axis=0, keepdims=True)
+    return np.minimum(index, n_in - 1), weight.astype(np.float32)
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (2, n_out) source indices and weights of bilinear interpolation with aligned pixel centres."""
+    position = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    below = np.floor(position).astype(np.intp)
+    frac = (position - below).astype(np.float32)
+    return np.stack([below, np.minimum(below + 1, n_in - 1)]), np.stack([1.0 - frac, frac])
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Return the source index whose pixel contains each output pixel's centre."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
+
+
+def _subsample(img: np.ndarray) -> np.ndarray:
+    """Return a regular grid subsample of about :data:`SAMPLE_PIXELS` pixels (``img`` itself when smaller)."""
+    stride = max(1, math.isqrt(img.size // SAMPLE_PIXELS))
+    return img[::stride, ::stride]
+
+
+def _widen(start: int, stop: int, margin: float, limit: int) -> tuple[int, int]:
+    """Return ``[start, stop)`` widened by ``margin`` of its length on each side, clipped to ``[0, limit)``."""
+    pad = round(margin * (stop - start))
+    return max(0, start - pad), min(limit, stop + pad)
+
+
+def _check_array(name: str, arr: object, kinds: str, expected: str, shape: tuple[int, ...] | None = None) -> None:
+    """Raise unless ``arr`` is a non-empty 2-D array of one of the dtype ``kinds`` (and ``shape`` when given)."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; found {type(arr).__name__}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (H, W); found ndim {arr.ndim}, shape {arr.shape}")
+    if arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} must be {expected}; found dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty; found shape {arr.shape}")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; found {arr.shape}")
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    """Raise ValueError if a float ``arr`` holds NaN or infinity (one float64 sum; exact check only if it fails)."""
+    if arr.dtype.kind == "f" and not math.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite; found {np.count_nonzero(~np.isfinite(arr))} NaN or infinite pixels")
+
+
+def _check_size(size: object) -> None:
+    """Raise ValueError unless ``size`` is an int >= 1."""
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"size must be an int >= 1; found {size!r}")
+
+
+def _check_order(order: object) -> None:
+    """Raise ValueError unless ``order`` is "linear" or "nearest"."""
+    if order not in ("linear", "nearest"):
+        raise ValueError(f"order must be 'linear' or 'nearest'; found {order!r}")
