@@ -100,6 +100,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), phantoms=args.phantoms)
 
 
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    """Write a labelled set of synthetic chest phantoms as DICOM, with masks and labels.csv."""
+    from cxr_node.training.phantoms import write_phantom_set
+
+    try:
+        labels = write_phantom_set(
+            Path(args.out), n=args.n, seed=args.seed, size=args.size, positive_fraction=args.positive_fraction
+        )
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(f"wrote {args.n} phantoms under {args.out}; labels: {labels}")
+    return 0
+
+
 def _peer(args: argparse.Namespace, target: str | None = None):  # type: ignore[no-untyped-def]
     from cxr_node.send.scu import PeerAddress
 
@@ -172,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="AE@host:port, or a destination name from the config")
     p.add_argument("--calling-aet", default=None, help="our AE title (default: node.ae_title)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("phantoms", help="write synthetic chest radiograph phantoms (DICOM + labels.csv)")
+    p.add_argument("--n", type=int, default=200, help="how many images (default: 200)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels, 64-2048 (default: 512)")
+    p.add_argument("--positive-fraction", type=float, default=0.5, help="share of COVID-like positives")
+    p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("demo", help="run the node on loopback and send it chest radiographs as a PACS would")
     p.add_argument("--out", default="demo-output", help="working folder, emptied first (default: demo-output)")

@@ -121,6 +121,17 @@ class ComputeSettings(_Section):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+class WorkerSettings(_Section):
+    """How the inference worker takes jobs from the queue."""
+
+    batch_size: int = Field(default=8, ge=1, le=256)
+    batch_wait_ms: int = Field(default=200, ge=0, le=60000)
+    poll_interval_ms: int = Field(default=250, ge=10, le=60000)
+    max_side: int = Field(default=1024, ge=256, le=8192)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    channels_last: bool = True
+
+
 class LoggingSettings(_Section):
     """Log level and rendering (JSON for journald, console for a terminal)."""
 
@@ -137,6 +148,7 @@ class Settings(_Section):
     destinations: list[Destination] = []
     models: ModelSettings = ModelSettings()
     compute: ComputeSettings = ComputeSettings()
+    worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = Field(default="<defaults>", exclude=True)
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -22,6 +23,8 @@ from pynetdicom.sop_class import Verification
 from cxr_node.dicom import status
 from cxr_node.errors import SendError
 
+MAX_CONTEXTS = 128
+"""Presentation contexts one association may propose (odd context IDs 1-255, PS3.8 9.3.2.2)."""
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -112,9 +115,8 @@ def send_files(
     if not files:
         return results
     ae = AE(ae_title=calling_aet)
-    for key in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in files}):
-        syntaxes = [key[1], *[ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != key[1]]]
-        ae.add_requested_context(key[0], syntaxes)
+    for sop_class, syntax in _contexts(ds for _, ds in files):
+        ae.add_requested_context(sop_class, syntax)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     with _association(ae, peer) as assoc:
         for path, _ in files:
@@ -122,10 +124,34 @@ def send_files(
     return results
 
 
+def _contexts(headers: Iterable[Dataset]) -> list[tuple[str, str]]:
+    """One presentation context per (SOP class, transfer syntax) of the files, each with one syntax.
+
+    A compressed file also gets an explicit VR little endian context, so it can be sent decompressed to a
+    peer that does not accept its compression. Raises SendError beyond the 128 contexts an association allows.
+    """
+    wanted: set[tuple[str, str]] = set()
+    for ds in headers:
+        sop_class, syntax = str(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID)
+        wanted.add((sop_class, str(syntax)))
+        if syntax.is_compressed:
+            wanted.add((sop_class, ExplicitVRLittleEndian))
+    if len(wanted) > MAX_CONTEXTS:
+        raise SendError(
+            f"the files need {len(wanted)} presentation contexts, more than {MAX_CONTEXTS}: send fewer kinds"
+        )
+    return sorted(wanted)
+
+
 def _store_one(assoc: Association, path: Path) -> StoreResult:
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     try:
-        reply = assoc.send_c_store(path)
-    except (ValueError, AttributeError, RuntimeError) as exc:
+        ds = dcmread(path)
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if key not in accepted and (key[0], ExplicitVRLittleEndian) in accepted:
+            ds.decompress()  # the peer refused this compression: send it uncompressed
+        reply = assoc.send_c_store(ds)
+    except (ValueError, AttributeError, RuntimeError, NotImplementedError, InvalidDicomError, OSError) as exc:
         return StoreResult(path, None, str(exc).splitlines()[0])
     if "Status" not in reply:
         return StoreResult(path, None, "no response (association lost or timed out)")
