@@ -1,9 +1,9 @@
 """Composition root: Settings → objects → wiring; start, stop, and the process supervisor of ``serve``.
 
 ``cxr-node serve`` runs a supervisor that owns one child process per role (``node.receiver_processes``
-receivers sharing the port with SO_REUSEPORT; the inference worker joins when a model manifest is
-configured). Children die with the supervisor (PR_SET_PDEATHSIG) and a restarted supervisor kills any
-child a previous run left behind, so nothing stale keeps the port or the queue.
+receivers sharing the port with SO_REUSEPORT, and one inference worker). Children die with the supervisor
+(PR_SET_PDEATHSIG) and a restarted supervisor kills any child a previous run left behind, so nothing stale
+keeps the port or the queue.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,17 +23,18 @@ import structlog
 
 from cxr_node import logs
 from cxr_node.config import Settings
-from cxr_node.errors import CxrNodeError, StorageError
+from cxr_node.errors import ConfigError, CxrNodeError, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.store import SqliteJobStore
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
-from cxr_node.receive.scp import NodeServer, start_server
+from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
 
 log = structlog.get_logger("cxr_node.app")
 
-PIDS_FILE: Final = "run/children.pids"
+PIDS_FILE: Final = "run/{roles}.pids"
 STOP_GRACE_S: Final = 30.0
+START_TIMEOUT_S: Final = 300.0
 RESTART_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -59,14 +61,20 @@ def open_store(settings: Settings, readonly: bool = False) -> SqliteJobStore:
     return SqliteJobStore(root / spool.DB_NAME, fsync=settings.storage.fsync, readonly=readonly)
 
 
-def recover(settings: Settings) -> None:
-    """Bring the store to a consistent state after any stop: partial files, orphans, running jobs."""
+def recover(settings: Settings, roles: Sequence[str] = ("receiver", "worker")) -> None:
+    """Bring the store to a consistent state after any stop, for the roles about to start.
+
+    Receiving: partial and half-received files are removed, stored files without a job are adopted.
+    Working: jobs left running are re-queued. Each is safe only while no process of that role runs.
+    """
     store = open_store(settings)
     try:
-        removed = spool.remove_partials(settings.storage.root)
-        adopted = Intake(settings, store).adopt_orphans()
-        requeued = store.requeue_running("re-queued at start-up")
-        log.info("recovery.done", partial_files_removed=removed, orphans_adopted=adopted, jobs_requeued=requeued)
+        if "receiver" in roles:
+            removed = spool.remove_partials(settings.storage.root)
+            adopted = Intake(settings, store).adopt_orphans()
+            log.info("recovery.receiving", partial_files_removed=removed, orphans_adopted=adopted)
+        if "worker" in roles:
+            log.info("recovery.jobs", jobs_requeued=store.requeue_running("re-queued at start-up"))
     finally:
         store.close()
 
@@ -90,6 +98,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         """Start accepting associations."""
+        spool_received_into(self.settings.storage.root / spool.RECEIVING)
         self.server = start_server(self.settings.node, event_handlers(self.intake), reuse_port=self.reuse_port)
         return self
 
@@ -120,6 +129,40 @@ def run_receiver(settings: Settings, reuse_port: bool = False, ready: Any = None
     return 0
 
 
+def run_worker(settings: Settings, ready: Any = None) -> int:
+    """Run the inference worker in this process until SIGTERM or SIGINT; return the exit code.
+
+    torch is imported here, in the worker process only.
+
+    Raises
+    ------
+    ModelError
+        When the manifest or its weights cannot be loaded (missing, wrong checksum, no CUDA device).
+    """
+    from cxr_node.infer.classify import RuntimeOptions
+    from cxr_node.infer.device import resolve_device
+    from cxr_node.infer.engine import Engine
+    from cxr_node.infer.registry import load_manifest
+    from cxr_node.pipeline import Worker
+
+    stop = _stop_event()
+    options = RuntimeOptions(
+        device=resolve_device(settings.compute.device),
+        channels_last=settings.worker.channels_last,
+        precision=settings.worker.precision,
+    )
+    engine = Engine.from_manifest(load_manifest(settings.models.manifest), options)
+    log.info("worker.model_loaded", model=engine.model[0], version=engine.model[1], device=str(options.device))
+    store = open_store(settings)
+    if ready is not None:
+        ready.set()
+    try:
+        Worker(settings.storage.root, store, engine, settings.worker).run(stop)
+    finally:
+        store.close()
+    return 0
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,13 +170,18 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def _child_main(role: str, settings: Settings, ready: Any) -> None:
-    """Entry point of a child process (spawned: a fresh interpreter that imports no torch here)."""
+def _child_main(role: str, settings: Settings, ready: Any, parent: int) -> None:
+    """Entry point of a child process (spawned: a fresh interpreter; only the worker imports torch)."""
     _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died before the request above could take effect
+        os._exit(1)
     logs.configure(settings.logging.level, settings.logging.format)
     structlog.contextvars.bind_contextvars(role=role, pid=os.getpid())
     try:
-        code = run_receiver(settings, reuse_port=True, ready=ready)
+        if role == "worker":
+            code = run_worker(settings, ready=ready)
+        else:
+            code = run_receiver(settings, reuse_port=True, ready=ready)
     except CxrNodeError as exc:
         log.error("child.failed", error=str(exc))
         code = exc.exit_code
@@ -161,27 +209,52 @@ class Supervisor:
         """Recover, start every child, restart crashed ones, stop all on SIGTERM; return the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stopping.set())
+        if "worker" in self.roles and not self.settings.models.manifest.is_file():
+            raise ConfigError(
+                f"{self.settings.source}: models.manifest: {self.settings.models.manifest} not found "
+                f"(relative paths are read from {Path.cwd()})"
+            )
         self._kill_leftovers()
-        recover(self.settings)
-        for name in self._names():
-            self._spawn(name)
-        self._write_pids()
+        recover(self.settings, self.roles)
+        try:
+            for name in self._names():
+                self._spawn(name)
+        except CxrNodeError:
+            self._stop_all()
+            raise
+        self._ready_file.write_text(f"{os.getpid()}\n")
         log.info("node.ready", children=len(self.children), port=self.settings.node.port)
         while not self.stopping.wait(0.5):
             self._restart_dead()
         return self._stop_all()
 
+    @property
+    def _pids_file(self) -> Path:
+        return self.settings.storage.root / PIDS_FILE.format(roles="+".join(self.roles))
+
+    @property
+    def _ready_file(self) -> Path:
+        """Exists while every child is up (written after the last one reported ready, removed at stop)."""
+        return self._pids_file.with_suffix(".ready")
+
     def _names(self) -> list[str]:
         count = self.settings.node.receiver_processes
-        return [f"receiver-{i}" for i in range(count)] if "receiver" in self.roles else []
+        names = [f"receiver-{i}" for i in range(count)] if "receiver" in self.roles else []
+        return names + (["worker"] if "worker" in self.roles else [])
 
     def _spawn(self, name: str) -> None:
+        role = name.split("-")[0]
         ready = self.ctx.Event()
-        child = self.ctx.Process(target=_child_main, args=("receiver", self.settings, ready), name=name, daemon=False)
+        child = self.ctx.Process(
+            target=_child_main, args=(role, self.settings, ready, os.getpid()), name=name, daemon=False
+        )
         child.start()
-        if not ready.wait(timeout=60) and child.exitcode is not None:
-            raise CxrNodeError(f"{name} exited with code {child.exitcode} at start-up; see the log above")
         self.children[name] = child
+        self._write_pids()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.wait(timeout=0.2) and time.monotonic() < deadline:
+            if child.exitcode is not None:
+                raise CxrNodeError(f"{name} exited with code {child.exitcode} at start-up; see the log above")
 
     def _restart_dead(self) -> None:
         for name, child in list(self.children.items()):
@@ -194,7 +267,6 @@ class Supervisor:
                 return
             self.restarts[name] = count + 1
             self._spawn(name)
-            self._write_pids()
 
     def _stop_all(self) -> int:
         log.info("node.stopping")
@@ -205,18 +277,19 @@ class Supervisor:
             child.join(STOP_GRACE_S + 5)
             if child.is_alive():
                 child.kill()
-        (self.settings.storage.root / PIDS_FILE).unlink(missing_ok=True)
+        self._pids_file.unlink(missing_ok=True)
+        self._ready_file.unlink(missing_ok=True)
         log.info("node.stopped")
         return 0
 
     def _write_pids(self) -> None:
-        path = self.settings.storage.root / PIDS_FILE
+        path = self._pids_file
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{c.pid}\n" for c in self.children.values()))
 
     def _kill_leftovers(self) -> None:
         """Kill children a previous supervisor left running (they would hold the port or the queue)."""
-        path = self.settings.storage.root / PIDS_FILE
+        path = self._pids_file
         if not path.exists():
             return
         for line in path.read_text().split():
@@ -236,8 +309,10 @@ def _is_our_process(pid: int) -> bool:
 
 
 def serve(settings: Settings, role: str = "all") -> int:
-    """Run the node in the foreground: ``all`` (supervised children) or one role in this process."""
-    if role == "receiver":
-        recover(settings)
-        return run_receiver(settings)
-    return Supervisor(settings, ["receiver"]).run()
+    """Run the node in the foreground: every role (``all``) or one, as supervised child processes.
+
+    ``receiver`` runs ``node.receiver_processes`` receivers; ``worker`` the inference worker. Two units,
+    one per role, make a split deployment on one storage root.
+    """
+    roles = ["receiver", "worker"] if role == "all" else [role]
+    return Supervisor(settings, roles).run()

@@ -114,6 +114,104 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_epoch(log: object) -> None:
+    print(log.line(), flush=True)  # type: ignore[attr-defined]
+
+
+def _recipe(args: argparse.Namespace, **sections: object):  # type: ignore[no-untyped-def]
+    """Return the training recipe from --recipe (if any) with the flags given on top."""
+    from cxr_node.training.recipe import command_line, load_recipe, make_recipe
+
+    flags = {"data": args.data, "out": args.out, "seed": args.seed, "device": args.device,
+             "resume": args.resume or None, "threads": args.threads, "command": command_line(), **sections}  # fmt: skip
+    recipe_file = getattr(args, "recipe", None)
+    return load_recipe(Path(recipe_file), **flags) if recipe_file else make_recipe({}, source="flags", **flags)
+
+
+def _sub(args: argparse.Namespace, names: Sequence[str]) -> dict[str, object] | None:
+    """Return the flags ``names`` that were given, as a recipe section (None when none were)."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return given or None
+
+
+def cmd_train_segmentation(args: argparse.Namespace) -> int:
+    """Train the lung U-Net alone."""
+    from cxr_node.training.runs import run_segmentation
+
+    section = _sub(args, ("input_size", "base_channels", "depth", "epochs", "batch_size", "lr", "patience"))
+    try:
+        run = run_segmentation(_recipe(args, segmentation=section), on_epoch=_print_epoch)
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(f"wrote {run.weights}: validation {run.score_name} {run.score:.4f} after {run.epochs_run} epochs")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """Train one classifier alone."""
+    from cxr_node.training.runs import run_classifier
+
+    section = _sub(args, ("input_size", "region", "epochs", "batch_size", "lr", "patience", "pretrained"))
+    section = {**(section or {}), "masks": "unet" if args.masks_from else "truth",
+               "members": [{"name": args.architecture, "architecture": args.architecture}]}  # fmt: skip
+    masks_from = Path(args.masks_from) if args.masks_from else None
+    try:
+        run = run_classifier(_recipe(args, classifier=section), args.architecture, masks_from, _print_epoch)
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(f"wrote {run.weights}: validation {run.score_name} {run.score:.4f} after {run.epochs_run} epochs")
+    return 0
+
+
+def cmd_train_ensemble(args: argparse.Namespace) -> int:
+    """Train the U-Net and every member of a recipe; write weights and manifest.yaml."""
+    from cxr_node.training.train import train_ensemble
+
+    try:
+        manifest = train_ensemble(_recipe(args), on_epoch=_print_epoch)
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(f"wrote {manifest}")
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    """Reproduce the demo models: synthetic phantoms, then the small U-Net and members."""
+    import time
+
+    from cxr_node.training.recipe import command_line
+    from cxr_node.training.runs import models_bytes, train_demo
+
+    clock = time.perf_counter()
+    work = Path(args.work) if args.work else None
+    try:
+        manifest = train_demo(Path(args.out), work, images=args.n, size=args.size, on_epoch=_print_epoch,
+                              command=command_line(), resume=args.resume or None, threads=args.threads)  # fmt: skip
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    minutes = (time.perf_counter() - clock) / 60
+    print(f"wrote {manifest} ({models_bytes(manifest) / 2**20:.1f} MiB in all) in {minutes:.1f} min")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a manifest's models on a labelled set; print the metrics table, write the report."""
+    from cxr_node.training.evaluate import evaluate, markdown_table
+
+    out = Path(args.out) if args.out else None
+    try:
+        found = evaluate(Path(args.manifest), Path(args.data), out, split=args.split, device=args.device,
+                         n_resamples=args.resamples)  # fmt: skip
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(markdown_table(found))
+    print(f"\n{found.analysed}/{found.images} images analysed ({found.split}); lung masks plausible "
+          f"{found.mask_plausible_rate:.1%}; precision@5 {found.precision_at_5:.3f}")  # fmt: skip
+    if out is not None:
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
 def _peer(args: argparse.Namespace, target: str | None = None):  # type: ignore[no-untyped-def]
     from cxr_node.send.scu import PeerAddress
 
@@ -162,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         "role",
         nargs="?",
         default="all",
-        choices=["all", "receiver"],
-        help="all: supervisor with every role as child processes (default); receiver: the SCP only",
+        choices=["all", "receiver", "worker"],
+        help="all: every role as supervised child processes (default); receiver: the receiver processes only; "
+        "worker: the inference worker only (two units on one storage.root make a split deployment)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -195,11 +294,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-fraction", type=float, default=0.5, help="share of COVID-like positives")
     p.set_defaults(func=cmd_phantoms)
 
+    _add_train(sub)
+
+    p = sub.add_parser("evaluate", help="evaluate a manifest's models on a labelled set (metrics, CIs, plots)")
+    p.add_argument("--manifest", required=True, help="model manifest (YAML)")
+    p.add_argument("--data", required=True, help="labelled set CSV (path, label, patient_id[, split, mask])")
+    p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val", "train", "all"],
+        help="part of the set to use when it has a split (default: test)",
+    )
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="run the node on loopback and send it chest radiographs as a PACS would")
     p.add_argument("--out", default="demo-output", help="working folder, emptied first (default: demo-output)")
     p.add_argument("--phantoms", type=int, default=6, help="synthetic chest phantoms to send (default: 6)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``train segmentation|classifier|ensemble|demo``."""
+    p = sub.add_parser("train", help="train models (segmentation, classifier, ensemble, demo)")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", required=True, help="labelled set CSV (path, label, patient_id[, split, mask])")
+    data.add_argument("--out", required=True, help="folder for the weights (and manifest)")
+    data.add_argument("--seed", type=int, default=None, help="seed of the split and the training (default: 2021)")
+    data.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cpu)")
+    data.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    data.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    loop = argparse.ArgumentParser(add_help=False)
+    for flag, kind in (("--input-size", int), ("--epochs", int), ("--batch-size", int), ("--lr", float),
+                       ("--patience", int)):  # fmt: skip
+        loop.add_argument(flag, type=kind, default=None)
+
+    t = tsub.add_parser("segmentation", parents=[data, loop], help="train the lung U-Net (Dice + BCE)")
+    t.add_argument("--base-channels", type=int, default=None)
+    t.add_argument("--depth", type=int, default=None)
+    t.set_defaults(func=cmd_train_segmentation)
+
+    t = tsub.add_parser("classifier", parents=[data, loop], help="train one torchvision classifier")
+    t.add_argument("architecture", help="torchvision model name, e.g. resnet34")
+    t.add_argument("--region", choices=["crop", "mask", "crop+mask"], default=None)
+    t.add_argument("--masks-from", default=None, help="manifest whose U-Net cuts the regions (default: truth)")
+    t.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from ImageNet weights in the local torch hub cache (default: from scratch)",
+    )
+    t.set_defaults(func=cmd_train_classifier)
+
+    t = tsub.add_parser("ensemble", parents=[data], help="train U-Net and members, write manifest.yaml")
+    t.add_argument("--recipe", default=None, help="YAML recipe (cxr_node.training.recipe.EnsembleRecipe keys)")
+    t.set_defaults(func=cmd_train_ensemble)
+
+    t = tsub.add_parser("demo", help="reproduce models/demo from synthetic phantoms (about 10 min on 2 cores)")
+    t.add_argument("--out", default="models/demo", help="where the manifest and weights go (default: models/demo)")
+    t.add_argument("--work", default=None, help="folder for phantoms and checkpoints (default: a temp folder)")
+    t.add_argument("--n", type=int, default=600, help="phantoms to train and validate on (default: 600)")
+    t.add_argument("--size", type=int, default=320, help="phantom side in pixels (default: 320)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.set_defaults(func=cmd_train_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,7 +65,7 @@ class NodeSettings(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
-    receiver_processes: int = Field(default=1, ge=1, le=64)
+    receiver_processes: int = Field(default=2, ge=1, le=64)
     tls: TLSSettings = TLSSettings()
 
     @field_validator("allowed_ips")

@@ -23,10 +23,13 @@ from pydicom.uid import generate_uid
 
 from cxr_node.errors import CxrNodeError
 from cxr_node.jobs import spool
-from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.jobs.states import JobState
+from cxr_node.jobs.store import Job, SqliteJobStore, StoredResult
 from cxr_node.send.scu import PeerAddress, echo, send_files
 
 START_TIMEOUT_S = 90.0
+INFERENCE_TIMEOUT_S = 300.0
+DEMO_MANIFEST = Path("models/demo/manifest.yaml")
 
 
 @dataclass(frozen=True)
@@ -37,25 +40,30 @@ class DemoInput:
     description: str
 
 
-def run_demo(out: Path, phantoms: int = 6) -> int:
+def run_demo(out: Path, phantoms: int = 6, manifest: Path = DEMO_MANIFEST) -> int:
     """Run the whole demo into ``out``; return the exit code."""
+    if not manifest.is_file():
+        raise CxrNodeError(
+            f"{manifest}: demo models not found (run from the repository root, or `cxr-node train demo`)"
+        )
     if out.exists():
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
     port = _free_port()
-    config = _write_config(out, port)
+    config = _write_config(out, port, manifest.resolve())
     print(f"cxr-node demo: working folder {out}")
     inputs = _phantom_inputs(out / "inputs", phantoms) + _real_inputs(out / "inputs")
     print(f"  prepared {len(inputs)} images ({phantoms} synthetic phantoms, {len(inputs) - phantoms} real radiographs)")
     node = _start_node(config, port, out / "node.log")
     try:
         results = _send(inputs, port)
+        _wait_for_inference(out, sum(1 for code, _ in results.values() if code is not None))
         _print_table(inputs, results, out)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
     print("  node stopped cleanly" if node.returncode == 0 else f"  node exited with {node.returncode}")
-    print("  results: none yet -- the inference worker is not part of this version, so images stay queued")
+    print("  results are recorded in the jobs store; the SR and overlay writers are not part of this version")
     print(f"  node log: {out / 'node.log'}   state: {out / 'state'}   config: {config}")
     return 0 if node.returncode == 0 else 1
 
@@ -66,10 +74,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_config(out: Path, port: int) -> Path:
+def _write_config(out: Path, port: int, manifest: Path) -> Path:
     config = {
         "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port},
         "storage": {"root": str(out / "state")},
+        "models": {"manifest": str(manifest)},
         "destinations": [],
         "logging": {"level": "info", "format": "json"},
     }
@@ -142,19 +151,56 @@ def _send(inputs: list[DemoInput], port: int) -> dict[Path, tuple[int | None, st
     return results
 
 
+def _wait_for_inference(out: Path, expected: int) -> None:
+    """Wait (bounded) until the ``expected`` jobs exist and none is queued or running, showing progress."""
+    deadline = time.monotonic() + INFERENCE_TIMEOUT_S
+    store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
+    shown = ""
+    try:
+        while time.monotonic() < deadline:
+            counts = store.counts()
+            pending = counts[JobState.QUEUED] + counts[JobState.RUNNING]
+            line = f"  inference: {counts[JobState.INFERRED]} done, {pending} pending"
+            if line != shown:
+                print(line, flush=True)
+                shown = line
+            if pending == 0 and sum(counts.values()) >= expected:
+                return
+            time.sleep(0.5)
+    finally:
+        store.close()
+    print(f"  inference: still pending after {INFERENCE_TIMEOUT_S:.0f} s; see the node log")
+
+
 def _print_table(inputs: list[DemoInput], results: dict[Path, tuple[int | None, str]], out: Path) -> None:
     store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
     try:
         jobs = {job.sop_instance_uid: job for job in store.jobs()}
+        found = {job.id: store.result(job.id) for job in jobs.values()}
     finally:
         store.close()
     print()
-    print(f"  {'image':<46} {'status':<8} {'job':<12} reason")
+    print(f"  {'image':<44} {'C-STORE':<8} {'job':<13} {'score':>6}  {'decision':<10} {'time':>6}  note")
     for item in inputs:
         uid = str(dcmread(item.path, stop_before_pixels=True).SOPInstanceUID)
         job = jobs.get(uid)
         code = results[item.path][0]
-        state, reason = (f"{job.id}:{job.state}", job.reason or "") if job else ("-", "")
         shown = "----" if code is None else f"{code:04X}"
-        print(f"  {item.description:<46} {shown:<8} {state:<12} {reason}")
+        state = f"{job.id}:{job.state}" if job else "-"
+        score, decision, took, note = _outcome(job, found.get(job.id) if job else None)
+        print(f"  {item.description:<44} {shown:<8} {state:<13} {score:>6}  {decision:<10} {took:>6}  {note}")
     print()
+
+
+def _outcome(job: Job | None, result: StoredResult | None) -> tuple[str, str, str, str]:
+    """Score, decision, turnaround and a note for one row of the table."""
+    if job is None:
+        return "", "", "", "not stored"
+    if result is None:
+        return "", "", "", job.reason or ""
+    summary = result.summary
+    took = f"{result.created_at - job.received_at:.1f}s"
+    if summary["status"] != "analysed":
+        return "", "not anal.", took, summary["reason"]
+    decision = "POSITIVE" if summary["positive"] else "negative"
+    return f"{summary['probability']:.3f}", decision, took, f"threshold {summary['threshold']:.2f}"

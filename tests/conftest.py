@@ -35,8 +35,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid manifest with tiny random models: a worker runs the real path on it, quickly."""
+    from tests.models import write_tiny_manifest
+
+    return write_tiny_manifest(tmp_path_factory.mktemp("tiny-model"))
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(tmp_path: Path, tiny_manifest: Path) -> Callable[..., Settings]:
     """Return a factory of Settings on a temporary storage root and a free loopback port."""
 
     def factory(**overrides: Any) -> Settings:
@@ -44,6 +52,8 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "node.host": "127.0.0.1",
             "node.port": free_port(),
             "storage.root": str(tmp_path / "state"),
+            "models.manifest": str(tiny_manifest),
+            "worker.batch_wait_ms": 20,
             "logging.format": "console",
         }
         return Settings().with_overrides({**base, **overrides})

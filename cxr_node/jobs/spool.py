@@ -6,8 +6,10 @@ came over the wire, so a hostile UID cannot name a path outside the storage root
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Final
@@ -16,6 +18,8 @@ INBOX: Final = "inbox"
 QUARANTINE: Final = "quarantine"
 SKIPPED: Final = "skipped"
 OUTBOX: Final = "outbox"
+RECEIVING: Final = "tmp"
+"""Where pynetdicom spools data sets while they arrive (same filesystem as the areas, so a rename files them)."""
 TMP_SUFFIX: Final = ".partial"
 DB_NAME: Final = "jobs.sqlite3"
 SPOOL_AREAS: Final = (INBOX, QUARANTINE, SKIPPED, OUTBOX)
@@ -62,6 +66,49 @@ def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
         fsync_dir(target.parent)
 
 
+def move_durably(source: Path, target: Path, fsync: bool = True) -> None:
+    """Move the complete file ``source`` to ``target`` so that, once this returns, it survives a crash.
+
+    The file is fsynced and renamed (atomic); across filesystems it is copied to a temporary sibling of
+    ``target``, fsynced and renamed instead. The folder entry is fsynced.
+
+    Raises
+    ------
+    OSError
+        When any step fails; ``source`` is then left where it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fsync:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        source.replace(target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_durably(source, target, fsync)
+        source.unlink(missing_ok=True)
+    if fsync:
+        fsync_dir(target.parent)
+
+
+def _copy_durably(source: Path, target: Path, fsync: bool) -> None:
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    try:
+        with source.open("rb") as src, tmp.open("xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            if fsync:
+                dst.flush()
+                os.fsync(dst.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def fsync_dir(folder: Path) -> None:
     """fsync a folder so that a rename or unlink inside it is durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -72,13 +119,15 @@ def fsync_dir(folder: Path) -> None:
 
 
 def remove_partials(root: Path) -> int:
-    """Delete temporary files left by a crash under the spool areas of ``root``; return how many."""
-    count = 0
-    for area in SPOOL_AREAS:
-        for leftover in (root / area).glob(f"*/.*{TMP_SUFFIX}"):
-            leftover.unlink(missing_ok=True)
-            count += 1
-    return count
+    """Delete temporary files a crash left in the spool areas and in the receiving folder; return how many.
+
+    Call it only while no receiver of this root is running: data sets being received live in RECEIVING.
+    """
+    leftovers = [p for area in SPOOL_AREAS for p in (root / area).glob(f"*/.*{TMP_SUFFIX}")]
+    leftovers += [p for p in (root / RECEIVING).glob("*") if p.is_file()]
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def iter_spooled(root: Path, area: str) -> list[Path]:

@@ -136,9 +136,10 @@ def _pixel_length(ds: Dataset, expected: int) -> str:
     if PIXEL_DATA not in ds:
         return "no pixel data"
     element = ds.get_item(PIXEL_DATA)
+    length = getattr(element, "length", None)  # a raw element read from a file, its value possibly deferred
     value = element.value
+    found = len(value) if value is not None else int(length or 0)
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    if getattr(element, "length", None) == UNDEFINED_LENGTH or (syntax is not None and UID(syntax).is_encapsulated):
-        return "" if value else "encapsulated pixel data is empty"
-    found = len(value) if value is not None else 0
+    if length == UNDEFINED_LENGTH or (syntax is not None and UID(syntax).is_encapsulated):
+        return "" if found else "encapsulated pixel data is empty"
     return "" if found >= expected else f"pixel data has {found} bytes, {expected} expected"

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
 from cxr_node.dicom import status
-from cxr_node.receive.intake import Intake, Peer, StoreOutcome
+from cxr_node.receive.intake import DEFER_SIZE, Intake, Peer, StoreOutcome
 
 log = structlog.get_logger("cxr_node.receive")
 
@@ -30,16 +31,19 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, intake: Intake) -> Dataset:
-    """C-STORE: hand the data set to the intake and turn its outcome into a response."""
+    """C-STORE: hand the spooled data set to the intake and turn its outcome into a response.
+
+    pynetdicom has written the data set, as received, to a file in the DICOM file format
+    (``STORE_RECV_CHUNKED_DATASET``); only its header is parsed here, the pixel data is never read.
+    """
     peer = _peer(event)
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        encoded = event.encoded_dataset()
+        path = event.dataset_path
+        ds = dcmread(path, defer_size=DEFER_SIZE)
     except Exception as exc:  # the peer sent bytes pydicom cannot decode at all
         log.warning("store.undecodable", calling_aet=peer.ae_title, error=str(exc).splitlines()[0][:120])
         return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
-    return _response(intake.accept(ds, encoded, str(event.context.transfer_syntax), peer))
+    return _response(intake.accept(ds, path, str(event.context.transfer_syntax), peer))
 
 
 def _response(outcome: StoreOutcome) -> Dataset:

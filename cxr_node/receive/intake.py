@@ -32,6 +32,8 @@ log = structlog.get_logger("cxr_node.receive")
 _AREA: Final = {"eligible": spool.INBOX, "malformed": spool.QUARANTINE, "skipped": spool.SKIPPED}
 _STATE: Final = {"eligible": JobState.QUEUED, "malformed": JobState.QUARANTINED, "skipped": JobState.SKIPPED}
 REQUIRED_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID")
+DEFER_SIZE: Final = 64 * 1024
+"""Elements larger than this (pixel data) are not read when a stored file's header is parsed."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,16 @@ class Intake:
         self.max_bytes = settings.node.max_instance_bytes
         self.store = store
 
-    def accept(self, ds: Dataset, encoded: bytes, transfer_syntax: str, peer: Peer) -> StoreOutcome:
+    def accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
         """Handle one C-STORE data set; never raises.
 
         Parameters
         ----------
         ds : Dataset
-            The decoded data set (elements may be parsed lazily).
-        encoded : bytes
-            The instance in the DICOM file format (preamble, file meta, data set as received).
+            The decoded data set (elements may be parsed lazily or deferred).
+        encoded : bytes or Path
+            The instance in the DICOM file format (preamble, file meta, data set as received): in memory,
+            or a complete file (pynetdicom's spool file) that is moved into place when kept.
         transfer_syntax : str
             The transfer syntax of the presentation context it came on.
         peer : Peer
@@ -104,12 +107,11 @@ class Intake:
                 status.UNEXPECTED_FAILURE, status.error_comment(f"internal error: {type(exc).__name__}")
             )
 
-    def _accept(self, ds: Dataset, encoded: bytes, transfer_syntax: str, peer: Peer) -> StoreOutcome:
-        if len(encoded) > self.max_bytes:
-            raise RejectedInstance(
-                status.OUT_OF_RESOURCES, f"instance of {len(encoded)} bytes exceeds node.max_instance_mb"
-            )
-        new = _identify(ds, transfer_syntax, peer, len(encoded))
+    def _accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
+        size = encoded.stat().st_size if isinstance(encoded, Path) else len(encoded)
+        if size > self.max_bytes:
+            raise RejectedInstance(status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds node.max_instance_mb")
+        new = _identify(ds, transfer_syntax, peer, size)
         verdict = self._triage(ds)
         rel = self._place(new.instance_key, verdict, encoded)
         job, created = self.store.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
@@ -126,11 +128,14 @@ class Intake:
         except Exception as exc:  # a header pydicom cannot parse is malformed, not our crash
             return Verdict("malformed", f"header cannot be parsed: {_short(exc)}")
 
-    def _place(self, key: str, verdict: Verdict, encoded: bytes) -> str | None:
+    def _place(self, key: str, verdict: Verdict, encoded: bytes | Path) -> str | None:
         if verdict.kind == "skipped" and not self.keep_skipped:
             return None
         rel = spool.relative_path(_AREA[verdict.kind], key)
-        spool.write_durably(self.root / rel, encoded, fsync=self.fsync)
+        if isinstance(encoded, Path):
+            spool.move_durably(encoded, self.root / rel, fsync=self.fsync)
+        else:
+            spool.write_durably(self.root / rel, encoded, fsync=self.fsync)
         return str(rel)
 
     def adopt_orphans(self) -> int:
@@ -150,12 +155,11 @@ class Intake:
 
     def _adopt(self, path: Path) -> int:
         try:
-            ds = dcmread(path)
-            encoded = path.read_bytes()
+            ds = dcmread(path, defer_size=DEFER_SIZE)
         except (InvalidDicomError, OSError, ValueError) as exc:
             log.warning("recovery.unreadable_orphan", path=str(path), error=_short(exc))
             return 0
-        outcome = self.accept(ds, encoded, str(ds.file_meta.TransferSyntaxUID), Peer.local("recovery"))
+        outcome = self.accept(ds, path, str(ds.file_meta.TransferSyntaxUID), Peer.local("recovery"))
         job = self.store.get(outcome.job_id) if outcome.job_id is not None else None
         if job is None:
             return 0

@@ -7,14 +7,17 @@ several receiver processes can share one port.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import ssl
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
-from pynetdicom import AE
+from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.transport import ThreadedAssociationServer
 
 from cxr_node.config import NodeSettings, TLSSettings
@@ -70,6 +73,19 @@ class NodeServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+def spool_received_into(folder: Path) -> None:
+    """Make pynetdicom write each incoming data set to a file in ``folder`` as it arrives.
+
+    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom streams the data set to a ``NamedTemporaryFile`` in the
+    default temporary folder; pointing that at the storage root's receiving folder (same filesystem as the
+    inbox) lets the handler file an instance by renaming it, with no copy of it in memory. This sets
+    process-wide state of pynetdicom 3.0 (pinned), as a receiver process owns its pynetdicom.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=folder)
 
 
 def build_ae(node: NodeSettings) -> AE:

@@ -1,0 +1,200 @@
+"""The inference engine: grey images in, one :class:`Analysis` each out (preprocess → segment → classify).
+
+For a batch of presentation images (float32 in [0, 1], any size) the engine normalises each, segments the
+lungs with the U-Net, judges the mask, feeds the lung region (as the manifest says: crop, mask or both) to
+the ensemble, and maps the Grad-CAM heatmap and the lung mask back to each image's own grid. An image whose
+mask is implausible is not classified: its Analysis says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cxr_node.infer import preprocess
+from cxr_node.infer.classify import Ensemble, EnsembleOutput, RuntimeOptions
+from cxr_node.infer.registry import Manifest
+from cxr_node.infer.segment import LungSegmenter, MaskQuality, mask_quality
+
+CROP_MARGIN = 0.05
+"""Margin added around the lung bounding box, as a fraction of its size (the costophrenic angles)."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the engine found in one image.
+
+    Attributes
+    ----------
+    analysed : bool
+        False when the image was not classified (``reason`` says why).
+    reason : str
+        Empty when analysed; otherwise one line for the "not analysed" report.
+    probability : float or None
+        The ensemble's positive-class probability (mean of the members).
+    member_probs : dict[str, float]
+        Each member's positive-class probability.
+    threshold : float
+        The manifest's operating point.
+    positive : bool or None
+        ``probability >= threshold``.
+    embedding : numpy.ndarray or None
+        (D,) float32, unit norm: the retrieval embedding.
+    lung_mask : numpy.ndarray
+        (H, W) bool on the grid of the image given.
+    heatmap : numpy.ndarray or None
+        (H, W) float32 in [0, 1] on the same grid; zero outside the region the ensemble saw.
+    quality : MaskQuality
+        The lung mask's plausibility verdict.
+    timings_ms : dict[str, float]
+        This image's share of each step's wall time.
+    """
+
+    analysed: bool
+    reason: str
+    probability: float | None
+    member_probs: dict[str, float]
+    threshold: float
+    positive: bool | None
+    embedding: NDArray[np.float32] | None
+    lung_mask: NDArray[np.bool_]
+    heatmap: NDArray[np.float32] | None
+    quality: MaskQuality
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Where the classifier input of one image came from."""
+
+    box: preprocess.Box
+    fit: preprocess.Fit
+
+
+class Engine:
+    """Segmentation, the ensemble and the manifest's choices, loaded once.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The models' description (region, threshold, input sizes).
+    segmenter : LungSegmenter
+        The lung U-Net.
+    ensemble : Ensemble
+        The classifier members.
+    """
+
+    def __init__(self, manifest: Manifest, segmenter: LungSegmenter, ensemble: Ensemble) -> None:
+        self.manifest = manifest
+        self.segmenter = segmenter
+        self.ensemble = ensemble
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, options: RuntimeOptions | None = None) -> Engine:
+        """Load both networks of ``manifest`` with their checksummed weights onto ``options.device``."""
+        options = options or RuntimeOptions()
+        segmenter = LungSegmenter.from_manifest(manifest, device=options.device)
+        return cls(manifest, segmenter, Ensemble.from_manifest(manifest, options))
+
+    @property
+    def model(self) -> tuple[str, str]:
+        """The manifest's (name, version): what every result records."""
+        return self.manifest.name, self.manifest.version
+
+    def analyse(self, images: Sequence[np.ndarray]) -> list[Analysis]:
+        """Analyse a batch of (H, W) float32 images in [0, 1]; return one Analysis per image, in order."""
+        if not images:
+            return []
+        clock = time.perf_counter()
+        normalised = [preprocess.normalise(image) for image in images]
+        masks = self._segment(normalised)
+        segment_ms = _elapsed_ms(clock) / len(images)
+        qualities = [mask_quality(mask) for mask in masks]
+        chosen = [i for i, quality in enumerate(qualities) if quality.ok]
+        clock = time.perf_counter()
+        found = self._classify(
+            [normalised[i] for i in chosen], [masks[i] for i in chosen], [qualities[i] for i in chosen]
+        )
+        analysed = dict(zip(chosen, found, strict=True))
+        classify_ms = _elapsed_ms(clock) / max(len(chosen), 1)
+        results = []
+        for i, (mask, quality) in enumerate(zip(masks, qualities, strict=True)):
+            result = analysed.get(i) or self._not_analysed(mask, quality)
+            timings = {"segment": segment_ms, "classify": classify_ms if i in analysed else 0.0}
+            results.append(replace(result, timings_ms=timings))
+        return results
+
+    def _segment(self, normalised: Sequence[np.ndarray]) -> list[NDArray[np.bool_]]:
+        """Return each normalised image's lung mask, (H, W) bool on its own grid."""
+        size = self.segmenter.input_size
+        fitted = [preprocess.fit(image, size) for image in normalised]
+        batch = np.stack([canvas for canvas, _ in fitted]).astype(np.float32)
+        probabilities = self.segmenter.probabilities(np.clip(batch, 0.0, 1.0))
+        return [
+            preprocess.unfit(p, fit) > self.segmenter.threshold
+            for p, (_, fit) in zip(probabilities, fitted, strict=True)
+        ]
+
+    def _classify(
+        self, normalised: Sequence[np.ndarray], masks: Sequence[NDArray[np.bool_]], qualities: Sequence[MaskQuality]
+    ) -> list[Analysis]:
+        """Run the ensemble on the lung regions of the images; one Analysis each, in order."""
+        if not normalised:
+            return []
+        fitted = [self._region(image, mask) for image, mask in zip(normalised, masks, strict=True)]
+        output = self.ensemble(self.ensemble.prepare(np.stack([canvas for canvas, _ in fitted]).astype(np.float32)))
+        return [self._analysed(output, k, fitted[k][1], masks[k], qualities[k]) for k in range(len(normalised))]
+
+    def _region(self, image: np.ndarray, mask: NDArray[np.bool_]) -> tuple[np.ndarray, _Region]:
+        """Return the classifier canvas for one image and where it came from, per the manifest's region."""
+        how = self.manifest.classifier.region
+        if "mask" in how:
+            image = preprocess.mask_outside(image, mask)
+        if "crop" in how:
+            crop, box = preprocess.crop_to_mask(image, mask, CROP_MARGIN)
+        else:
+            crop, box = image, preprocess.Box(0, image.shape[0], 0, image.shape[1], source_shape=image.shape)
+        canvas, fit = preprocess.fit(np.ascontiguousarray(crop, dtype=np.float32), self.manifest.classifier.input_size)
+        return canvas, _Region(box, fit)
+
+    def _analysed(
+        self, output: EnsembleOutput, k: int, region: _Region, mask: NDArray[np.bool_], quality: MaskQuality
+    ) -> Analysis:
+        """Return the Analysis of the ``k``-th image of an ensemble batch."""
+        probability = float(output.probability[k])
+        threshold = self.manifest.classifier.threshold
+        heat = region.box.paste(preprocess.unfit(output.heatmap[k], region.fit))
+        return Analysis(
+            analysed=True,
+            reason="",
+            probability=probability,
+            member_probs={name: float(p[k]) for name, p in output.member_probs.items()},
+            threshold=threshold,
+            positive=probability >= threshold,
+            embedding=np.asarray(output.embedding[k], dtype=np.float32),
+            lung_mask=mask,
+            heatmap=np.clip(heat, 0.0, 1.0).astype(np.float32),
+            quality=quality,
+        )
+
+    def _not_analysed(self, mask: NDArray[np.bool_], quality: MaskQuality) -> Analysis:
+        return Analysis(
+            analysed=False,
+            reason=f"lung mask implausible: {quality.reason}",
+            probability=None,
+            member_probs={},
+            threshold=self.manifest.classifier.threshold,
+            positive=None,
+            embedding=None,
+            lung_mask=mask,
+            heatmap=None,
+            quality=quality,
+        )
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

@@ -1,0 +1,301 @@
+"""Lung segmentation: the U-Net behind a numpy interface, and a plausibility check of its masks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from cxr_node.infer.registry import Manifest, StateDict, load_into, load_weights
+from cxr_node.infer.unet import UNet
+
+MIN_AREA_FRACTION: Final = 0.08
+"""Below this fraction of the image the mask misses most of the lungs."""
+
+MAX_AREA_FRACTION: Final = 0.60
+"""Above this fraction the mask has spilled over the mediastinum, abdomen or background."""
+
+SIZEABLE_FRACTION: Final = 0.02
+"""A component counts as a lung only from this fraction of the image (specks do not)."""
+
+MIN_LUNG_SHARE: Final = 0.8
+"""The two largest components must hold at least this share of the mask (a noisy mask does not)."""
+
+CENTRAL_BOX: Final = ((0.25, 0.75), (0.2, 0.8))
+"""``((x_min, x_max), (y_min, y_max))`` as fractions of the width and height: where the centroid of a
+plausible lung mask lies (inside the thorax of a frontal chest image)."""
+
+LABEL_GRID: Final = 128
+"""Connected components are found on a mask block-downsampled to at most this many pixels a side."""
+
+
+@dataclass(frozen=True)
+class MaskQuality:
+    """Whether a lung mask is anatomically plausible, and why not.
+
+    Attributes
+    ----------
+    ok : bool
+        True when every check passed.
+    reason : str
+        ``"plausible"``, or the first check that failed, in one line.
+    area_fraction : float
+        Mask pixels over image pixels.
+    components : int
+        Number of sizeable (lung-sized) 4-connected components.
+    """
+
+    ok: bool
+    reason: str
+    area_fraction: float
+    components: int
+
+
+@dataclass(frozen=True)
+class _Components:
+    """Sizes and centroids of connected components, largest first, in full-resolution pixels."""
+
+    areas: NDArray[np.float64]
+    cx: NDArray[np.float64]
+    cy: NDArray[np.float64]
+
+
+class LungSegmenter:
+    """The lung U-Net on a device, with its input size and mask threshold.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Maps ``(N, 1, S, S)`` images in [0, 1] to ``(N, 1, S, S)`` logits; put in eval mode, frozen.
+    input_size : int
+        ``S``, the side of the square images it takes.
+    threshold : float
+        Probability (sigmoid of the logit) above which a pixel is lung; in (0, 1).
+    device : torch.device or str
+        Where it runs (see :func:`cxr_node.infer.device.resolve_device`).
+    """
+
+    def __init__(
+        self, module: nn.Module, *, input_size: int, threshold: float = 0.5, device: torch.device | str = "cpu"
+    ) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1); found {threshold}")
+        if input_size < 1:
+            raise ValueError(f"input_size must be >= 1; found {input_size}")
+        self.device = torch.device(device)
+        self.module = module.eval().requires_grad_(False).to(self.device)
+        self.input_size = input_size
+        self.threshold = threshold
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Manifest, device: torch.device | str = "cpu", state: StateDict | None = None
+    ) -> LungSegmenter:
+        """Build the manifest's U-Net and load its checksummed weights (or ``state``, if given)."""
+        spec = manifest.segmentation
+        path = manifest.resolve(spec.weights)
+        weights = load_weights(path, spec.sha256) if state is None else state
+        module = load_into(UNet(spec.base_channels, spec.depth, spec.upsample), weights, path)
+        return cls(module, input_size=spec.input_size, threshold=spec.mask_threshold, device=device)
+
+    def probabilities(self, batch: np.ndarray) -> NDArray[np.float32]:
+        """Return the per-pixel lung probability ``(N, S, S)`` float32 of ``batch`` ``(N, S, S)``."""
+        _check_images(batch, self.input_size)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)[:, None]
+            return torch.sigmoid(self.module(x).float())[:, 0].cpu().numpy()
+
+    def __call__(self, batch: np.ndarray) -> NDArray[np.bool_]:
+        """Return the lung masks ``(N, S, S)`` bool of ``batch`` ``(N, S, S)`` float32 in [0, 1]."""
+        return self.probabilities(batch) > self.threshold
+
+
+def _check_images(batch: object, size: int) -> None:
+    """Raise ValueError unless ``batch`` is a float32 ``(N, size, size)`` array with values in [0, 1]."""
+    if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
+        found = batch.dtype if isinstance(batch, np.ndarray) else type(batch).__name__
+        raise ValueError(f"batch must be a float32 numpy array; found {found}")
+    if batch.ndim != 3 or batch.shape[0] < 1 or batch.shape[1:] != (size, size):
+        raise ValueError(f"batch must have shape (N, {size}, {size}) with N >= 1; found {batch.shape}")
+    if not np.isfinite(batch).all() or batch.min() < 0.0 or batch.max() > 1.0:
+        raise ValueError(f"batch values must be finite and in [0, 1]; found {batch.min()}..{batch.max()}")
+
+
+def mask_quality(mask: np.ndarray) -> MaskQuality:
+    """Judge whether a lung mask is plausible for a frontal chest image.
+
+    The checks, in order: total area between :data:`MIN_AREA_FRACTION` and :data:`MAX_AREA_FRACTION`
+    of the image; centroid inside :data:`CENTRAL_BOX`; at least two sizeable components
+    (:data:`SIZEABLE_FRACTION`) holding :data:`MIN_LUNG_SHARE` of the mask between them; the two
+    largest on opposite sides of the vertical midline.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(H, W)`` bool.
+
+    Returns
+    -------
+    MaskQuality
+        The verdict; ``reason`` names the first failed check.
+    """
+    _check_mask(mask)
+    height, width = mask.shape
+    area = float(mask.mean())
+    parts = _components(mask)
+    sizeable = parts.areas >= SIZEABLE_FRACTION * height * width
+    count = int(sizeable.sum())
+    reason = _area_problem(area) or _centroid_problem(mask) or _lungs_problem(parts, count, width)
+    return MaskQuality(ok=reason is None, reason=reason or "plausible", area_fraction=area, components=count)
+
+
+def _check_mask(mask: object) -> None:
+    """Raise ValueError unless ``mask`` is a non-empty 2-D bool array."""
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2 or mask.size == 0:
+        found = f"{mask.dtype} {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise ValueError(f"mask must be a non-empty (H, W) bool array; found {found}")
+
+
+def _area_problem(area: float) -> str | None:
+    """Return why the lung area fraction is implausible, or None."""
+    if area < MIN_AREA_FRACTION:
+        return f"lung area {area:.1%} of the image is below {MIN_AREA_FRACTION:.0%}"
+    if area > MAX_AREA_FRACTION:
+        return f"lung area {area:.1%} of the image is above {MAX_AREA_FRACTION:.0%}"
+    return None
+
+
+def _centroid_problem(mask: NDArray[np.bool_]) -> str | None:
+    """Return why the mask's centroid lies outside the thorax, or None."""
+    total = np.count_nonzero(mask)
+    x = (np.count_nonzero(mask, axis=0) @ np.arange(mask.shape[1]) / total + 0.5) / mask.shape[1]
+    y = (np.count_nonzero(mask, axis=1) @ np.arange(mask.shape[0]) / total + 0.5) / mask.shape[0]
+    (x_min, x_max), (y_min, y_max) = CENTRAL_BOX
+    if x_min <= x <= x_max and y_min <= y <= y_max:
+        return None
+    return f"mask centroid ({x:.2f}, {y:.2f}) of the width and height is outside the central region"
+
+
+def _lungs_problem(parts: _Components, count: int, width: int) -> str | None:
+    """Return why the components do not look like a left and a right lung, or None."""
+    if count < 2:
+        return f"{count} sizeable lung region(s) found; expected 2"
+    share = float(parts.areas[:2].sum() / parts.areas.sum())
+    if share < MIN_LUNG_SHARE:
+        return f"mask is fragmented: the two largest regions hold {share:.0%} of it, below {MIN_LUNG_SHARE:.0%}"
+    midline = width / 2
+    if (parts.cx[0] - midline) * (parts.cx[1] - midline) >= 0:
+        return "the two largest lung regions are on the same side of the image"
+    return None
+
+
+def _components(mask: NDArray[np.bool_]) -> _Components:
+    """Return the 4-connected components of ``mask`` (found on a downsampled copy), largest first."""
+    factor = max(1, math.ceil(max(mask.shape) / LABEL_GRID))
+    small = _downsample(mask, factor)
+    rows, starts, ends = _runs(small)
+    roots = _run_roots(rows, starts, ends, small.shape[1])
+    lengths = (ends - starts).astype(np.float64)
+    areas = np.bincount(roots, weights=lengths)
+    sum_x = np.bincount(roots, weights=(starts + ends - 1) * lengths / 2)
+    sum_y = np.bincount(roots, weights=rows * lengths)
+    order = np.argsort(-areas, kind="stable")
+    areas = areas[order]
+    scale = factor * factor
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = (sum_x[order] / areas + 0.5) * factor
+        cy = (sum_y[order] / areas + 0.5) * factor
+    return _Components(areas=areas * scale, cx=cx, cy=cy)
+
+
+def _downsample(mask: NDArray[np.bool_], factor: int) -> NDArray[np.bool_]:
+    """Return ``mask`` reduced by ``factor`` in each direction, a pixel set where most of its block is."""
+    if factor == 1:
+        return mask
+    height = -(-mask.shape[0] // factor) * factor
+    width = -(-mask.shape[1] // factor) * factor
+    padded = mask
+    if (height, width) != mask.shape:
+        padded = np.zeros((height, width), dtype=bool)
+        padded[: mask.shape[0], : mask.shape[1]] = mask
+    counts = padded.view(np.uint8).reshape(height // factor, factor, width // factor, factor).sum(axis=(1, 3))
+    return counts * 2 >= factor * factor
+
+
+def _runs(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Return the horizontal runs of set pixels as ``(row, start, end)`` arrays (end exclusive), row-major."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    steps = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(steps == 1)
+    _, ends = np.nonzero(steps == -1)
+    return rows.astype(np.int64), starts.astype(np.int64), ends.astype(np.int64)
+
+
+def _run_roots(
+    rows: NDArray[np.int64], starts: NDArray[np.int64], ends: NDArray[np.int64], width: int
+) -> NDArray[np.int64]:
+    """Return, for each run, a component index ``0..k-1``: runs joined when they overlap in adjacent rows."""
+    if rows.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    stride = width + 1
+    start_keys = rows * stride + starts
+    end_keys = rows * stride + ends
+    above = (rows - 1) * stride
+    first = np.searchsorted(end_keys, above + starts, side="right")
+    stop = np.searchsorted(start_keys, above + ends, side="left")
+    counts = np.clip(stop - first, 0, None)
+    upper = np.repeat(first, counts) + _ramps(counts)
+    lower = np.repeat(np.arange(rows.size), counts)
+    roots = _union_find(rows.size, lower, upper)
+    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
+def _ramps(counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Return ``0..c-1`` for each ``c`` in ``counts``, concatenated."""
+    total = int(counts.sum())
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total, dtype=np.int64) - offsets
+
+
+def _union_find(size: int, left: NDArray[np.int64], right: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Return each node's root after joining every ``(left[i], right[i])`` pair (smallest index wins)."""
+    parent = list(range(size))
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for a, b in zip(left.tolist(), right.tolist(), strict=True):
+        root_a, root_b = find(a), find(b)
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    return np.array([find(node) for node in range(size)], dtype=np.int64)
+
+
+def label_components(mask: np.ndarray) -> tuple[NDArray[np.int32], int]:
+    """Return 4-connected component labels of a ``(H, W)`` bool mask at full resolution.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        ``(H, W)`` int32: 0 for background, ``1..count`` for the components (in row-major order of
+        their first run).
+    count : int
+        Number of components.
+    """
+    _check_mask(mask)
+    rows, starts, ends = _runs(mask)
+    roots = _run_roots(rows, starts, ends, mask.shape[1])
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    lengths = ends - starts
+    flat = np.repeat(rows * mask.shape[1] + starts, lengths) + _ramps(lengths)
+    labels.reshape(-1)[flat] = np.repeat(roots + 1, lengths)
+    return labels, int(roots.max() + 1) if roots.size else 0

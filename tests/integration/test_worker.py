@@ -1,0 +1,124 @@
+"""The inference worker on real stored instances: results recorded, broken images quarantined, batches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+
+from cxr_node.app import Receiver
+from cxr_node.dicom import status
+from cxr_node.infer.classify import RuntimeOptions
+from cxr_node.infer.engine import Analysis, Engine
+from cxr_node.infer.registry import load_manifest
+from cxr_node.jobs.states import JobState
+from cxr_node.pipeline import Worker
+from tests.integration.helpers import small_cr, store_all
+
+
+@pytest.fixture
+def engine(tiny_manifest: Path) -> Engine:
+    """The real engine on tiny random models."""
+    return Engine.from_manifest(load_manifest(tiny_manifest), RuntimeOptions())
+
+
+def broken_j2k(wg04: Path) -> object:
+    """A JPEG 2000 chest CR whose compressed stream is garbage: its header is fine, its pixels are not."""
+    ds = dcmread(wg04 / "RG1_J2KR.dcm")
+    ds.PixelData = encapsulate([b"\x00\x01garbage" * 64])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["broken j2k"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def test_worker_records_results_and_quarantines_a_broken_image(
+    receiver: Receiver, engine: Engine, chest_cr: Path, wg04: Path
+) -> None:
+    """Queued images end inferred with a summary; an undecodable one ends quarantined; the worker goes on."""
+    good = [small_cr(chest_cr, f"w{i}", size=256) for i in range(3)]
+    assert store_all(receiver.port, good) == [status.SUCCESS] * 3
+    store_broken(receiver, wg04)
+    worker = Worker(receiver.settings.storage.root, receiver.store, engine, receiver.settings.worker)
+    worker.process(worker.take_batch(threading.Event()))
+    counts = receiver.store.counts()
+    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (3, 1)
+    broken = receiver.store.jobs(JobState.QUARANTINED)[0]
+    assert broken.reason.startswith("pixels cannot be decoded")
+    summary = receiver.store.result(receiver.store.jobs(JobState.INFERRED)[0].id).summary
+    assert summary["model"] == {"name": "tiny-test", "version": "0.0.1"}
+    assert summary["image"]["analysed_shape"] == [256, 256]
+    assert summary["status"] in ("analysed", "not_analysed")
+
+
+def store_broken(receiver: Receiver, wg04: Path) -> None:
+    """Send the broken JPEG 2000 image over a JPEG 2000 context."""
+    from pynetdicom import AE
+
+    ds = broken_j2k(wg04)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="CXR_NODE")
+    assert int(assoc.send_c_store(ds).Status) == status.SUCCESS
+    assoc.release()
+
+
+class FailsOnLargeImages:
+    """A real engine that raises for any batch holding an image wider than 300 pixels (a fault injection)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def model(self) -> tuple[str, str]:
+        """The wrapped engine's identity."""
+        return self.engine.model
+
+    def analyse(self, images: Sequence[np.ndarray]) -> list[Analysis]:
+        """Analyse, or raise like a model error on a large image."""
+        if any(image.shape[1] > 300 for image in images):
+            raise RuntimeError("simulated out of memory")
+        return self.engine.analyse(images)
+
+
+def test_one_failing_image_does_not_sink_its_batch(receiver: Receiver, engine: Engine, chest_cr: Path) -> None:
+    """When a batch fails, each image is retried alone: the bad one is quarantined, the others inferred."""
+    images = [small_cr(chest_cr, "big", size=400)] + [small_cr(chest_cr, f"b{i}", size=128) for i in range(3)]
+    assert store_all(receiver.port, images) == [status.SUCCESS] * 4
+    worker = Worker(
+        receiver.settings.storage.root, receiver.store, FailsOnLargeImages(engine), receiver.settings.worker
+    )
+    worker.process(worker.take_batch(threading.Event()))
+    counts = receiver.store.counts()
+    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (3, 1)
+    assert (
+        "analysis failed: RuntimeError: simulated out of memory" in receiver.store.jobs(JobState.QUARANTINED)[0].reason
+    )
+
+
+def test_batches_fill_up_to_the_batch_size(receiver: Receiver, engine: Engine, chest_cr: Path) -> None:
+    """take_batch claims at most worker.batch_size jobs, oldest first, and run() drains the queue then idles."""
+    images = [small_cr(chest_cr, f"q{i}", size=96) for i in range(11)]
+    assert store_all(receiver.port, images) == [status.SUCCESS] * 11
+    worker = Worker(receiver.settings.storage.root, receiver.store, engine, receiver.settings.worker)
+    first = worker.take_batch(threading.Event())
+    assert len(first) == receiver.settings.worker.batch_size
+    assert [j.id for j in first] == sorted(j.id for j in first)
+    worker.process(first)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        for _ in range(200):
+            if receiver.store.counts()[JobState.INFERRED] == 11:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert receiver.store.counts()[JobState.INFERRED] == 11
