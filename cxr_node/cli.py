@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="cxr-node", description="Chest X-ray AI DICOM node.")
     parser.add_argument("--version", action="version", version=f"cxr-node {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -375,6 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file or folder the user named: say which and why, in one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxr-node: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if args.debug:
+            raise
+        print(f"cxr-node: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

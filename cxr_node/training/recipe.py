@@ -135,7 +135,7 @@ class EnsembleRecipe(_Frozen):
         return self.checkpoints or self.out / "checkpoints"
 
 
-def load_recipe(path: Path, **overrides: Any) -> EnsembleRecipe:
+def load_recipe(path: Path, /, **overrides: Any) -> EnsembleRecipe:
     """Read a recipe from YAML, with ``overrides`` (non-None values) on top.
 
     Raises
@@ -152,9 +152,9 @@ def load_recipe(path: Path, **overrides: Any) -> EnsembleRecipe:
     return make_recipe(data, source=str(path), **overrides)
 
 
-def make_recipe(data: dict[str, Any], source: str = "recipe", **overrides: Any) -> EnsembleRecipe:
-    """Validate recipe ``data`` with ``overrides`` (non-None values) on top; ConfigError naming the key."""
-    merged = {**data, **{key: value for key, value in overrides.items() if value is not None}}
+def make_recipe(values: dict[str, Any], /, source: str = "recipe", **overrides: Any) -> EnsembleRecipe:
+    """Validate recipe ``values`` with ``overrides`` (non-None values) on top; ConfigError naming the key."""
+    merged = {**values, **{key: value for key, value in overrides.items() if value is not None}}
     try:
         return EnsembleRecipe.model_validate(merged)
     except ValidationError as exc:

@@ -11,9 +11,9 @@ RECIPE = Path(__file__).resolve().parents[2] / "models" / "keidar2021.yaml"
 
 def test_recipe_names_the_papers_networks() -> None:
     """The recipe loads and trains ResNet34, ResNet50, ResNet152 and VGG16 from ImageNet at 224 px."""
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(RECIPE, data=Path("site.csv"), out=Path("out"))
     assert [m.architecture for m in recipe.classifier.members] == ["resnet34", "resnet50", "resnet152", "vgg16"]
     assert recipe.classifier.pretrained
     assert recipe.classifier.input_size == 224
     assert recipe.classifier.region == "crop+mask"
-    assert recipe.name == "keidar2021"
+    assert (recipe.name, recipe.data) == ("keidar2021", Path("site.csv"))
