@@ -81,9 +81,7 @@ class MemberSpec(_Frozen):
     @field_validator("architecture")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in classification_architectures():
-            raise ValueError(f"unknown architecture {value!r} (expected a torchvision classification model name)")
-        return value
+        return known_architecture(value)
 
     @field_validator("sha256")
     @classmethod
@@ -167,6 +165,13 @@ class Manifest(_Frozen):
     def resolve(self, weights: str) -> Path:
         """Return the file that a ``weights`` entry of this manifest names."""
         return self.directory / weights
+
+
+def known_architecture(name: str) -> str:
+    """Return ``name`` if it is a torchvision classification model, else raise ValueError saying so."""
+    if name not in classification_architectures():
+        raise ValueError(f"unknown architecture {name!r} (expected a torchvision classification model name)")
+    return name
 
 
 @cache

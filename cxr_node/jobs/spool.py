@@ -11,8 +11,9 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 INBOX: Final = "inbox"
 QUARANTINE: Final = "quarantine"
@@ -51,17 +52,7 @@ def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
         When any step fails (disk full, permissions); the temporary file is removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    try:
-        with tmp.open("xb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _replace(target, lambda handle: handle.write(data), fsync)
     if fsync:
         fsync_dir(target.parent)
 
@@ -96,13 +87,19 @@ def move_durably(source: Path, target: Path, fsync: bool = True) -> None:
 
 
 def _copy_durably(source: Path, target: Path, fsync: bool) -> None:
+    with source.open("rb") as src:
+        _replace(target, lambda handle: shutil.copyfileobj(src, handle, 1 << 20), fsync)
+
+
+def _replace(target: Path, fill: Callable[[BinaryIO], object], fsync: bool) -> None:
+    """Fill a temporary sibling of ``target``, fsync it, and rename it over ``target``; never leave it behind."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
-        with source.open("rb") as src, tmp.open("xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with tmp.open("xb") as handle:
+            fill(handle)
             if fsync:
-                dst.flush()
-                os.fsync(dst.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)

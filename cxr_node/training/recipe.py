@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cxr_node.errors import ConfigError
 from cxr_node.infer.classify import IMAGENET_MEAN, IMAGENET_STD
-from cxr_node.infer.registry import Region, classification_architectures
+from cxr_node.infer.registry import Region, known_architecture
 from cxr_node.training.augment import AugmentConfig
 from cxr_node.training.datasets import DEFAULT_FRACTIONS, SPLIT_CSV
 
@@ -59,9 +59,7 @@ class MemberRecipe(_Frozen):
     @field_validator("architecture")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in classification_architectures():
-            raise ValueError(f"unknown architecture {value!r} (expected a torchvision classification model name)")
-        return value
+        return known_architecture(value)
 
 
 class ClassifierRecipe(_Frozen):
