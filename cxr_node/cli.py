@@ -100,6 +100,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), phantoms=args.phantoms)
 
 
+def cmd_dataset_from_store(args: argparse.Namespace) -> int:
+    """Write a labelled set of the node's stored images whose accession numbers the site has labelled."""
+    from cxr_node.training.from_store import build_from_store
+
+    settings = _settings(args)
+    try:
+        report = build_from_store(settings.storage.root, Path(args.labels), Path(args.out))
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(
+        f"wrote {report.csv}: {report.rows} images ({report.positives} covid); "
+        f"{report.unlabelled} stored images without a label, {report.labels_without_image} labels without an image"
+    )
+    return 0
+
+
 def cmd_phantoms(args: argparse.Namespace) -> int:
     """Write a labelled set of synthetic chest phantoms as DICOM, with masks and labels.csv."""
     from cxr_node.training.phantoms import write_phantom_set
@@ -118,12 +134,19 @@ def _print_epoch(log: object) -> None:
     print(log.line(), flush=True)  # type: ignore[attr-defined]
 
 
+def _command(args: argparse.Namespace) -> str:
+    """Return the command line that ran, as a user would type it."""
+    import shlex
+
+    return shlex.join(["cxr-node", *getattr(args, "argv", [])])
+
+
 def _recipe(args: argparse.Namespace, **sections: object):  # type: ignore[no-untyped-def]
     """Return the training recipe from --recipe (if any) with the flags given on top."""
-    from cxr_node.training.recipe import command_line, load_recipe, make_recipe
+    from cxr_node.training.recipe import load_recipe, make_recipe
 
     flags = {"data": args.data, "out": args.out, "seed": args.seed, "device": args.device,
-             "resume": args.resume or None, "threads": args.threads, "command": command_line(), **sections}  # fmt: skip
+             "resume": args.resume or None, "threads": args.threads, "command": _command(args), **sections}  # fmt: skip
     recipe_file = getattr(args, "recipe", None)
     return load_recipe(Path(recipe_file), **flags) if recipe_file else make_recipe({}, source="flags", **flags)
 
@@ -179,14 +202,13 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     """Reproduce the demo models: synthetic phantoms, then the small U-Net and members."""
     import time
 
-    from cxr_node.training.recipe import command_line
     from cxr_node.training.runs import models_bytes, train_demo
 
     clock = time.perf_counter()
     work = Path(args.work) if args.work else None
     try:
         manifest = train_demo(Path(args.out), work, images=args.n, size=args.size, on_epoch=_print_epoch,
-                              command=command_line(), resume=args.resume or None, threads=args.threads)  # fmt: skip
+                              command=_command(args), resume=args.resume or None, threads=args.threads)  # fmt: skip
     except ValueError as exc:
         raise CxrNodeError(str(exc)) from exc
     minutes = (time.perf_counter() - clock) / 60
@@ -287,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-aet", default=None, help="our AE title (default: node.ae_title)")
     p.set_defaults(func=cmd_send)
 
+    p = sub.add_parser("dataset", help="build labelled sets for training")
+    dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("from-store", parents=[common], help="stored images joined to labels by accession number")
+    d.add_argument("--labels", required=True, help="CSV with columns accession_number,label")
+    d.add_argument("--out", required=True, help="labelled set CSV to write")
+    d.set_defaults(func=cmd_dataset_from_store)
+
     p = sub.add_parser("phantoms", help="write synthetic chest radiograph phantoms (DICOM + labels.csv)")
     p.add_argument("--n", type=int, default=200, help="how many images (default: 200)")
     p.add_argument("--out", required=True, help="output folder")
@@ -368,6 +397,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in trained models' provenance
     command: Command = args.func
     try:
         return command(args)
