@@ -311,7 +311,7 @@ def load_weights(path: str | Path, expected_sha256: str) -> StateDict:
         raise ModelError(f"weights file {file} cannot be loaded as a state dict: {_one_line(exc)}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights file {file} does not hold a state dict (a mapping of names to tensors)")
-    return dict(state)
+    return state  # as saved: an OrderedDict whose _metadata some modules (MNASNet) need to load
 
 
 def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> nn.Module:

@@ -11,7 +11,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -189,11 +189,11 @@ def write_report(evaluation: Evaluation, out: Path) -> Evaluation:
     out.mkdir(parents=True, exist_ok=True)
     files = {"roc": str(_roc_plot(evaluation, out / "roc.png")),
              "calibration": str(_calibration_plot(evaluation, out / "calibration.png"))}  # fmt: skip
-    evaluation = Evaluation(**{**evaluation.__dict__, "files": files})
+    files.update(json=str(out / "report.json"), markdown=str(out / "report.md"))
+    evaluation = replace(evaluation, files=files)
     (out / "report.json").write_text(json.dumps(report_data(evaluation), indent=2), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(evaluation), encoding="utf-8")
-    return Evaluation(**{**evaluation.__dict__, "files": {**files, "json": str(out / "report.json"),
-                                                          "markdown": str(out / "report.md")}})  # fmt: skip
+    return evaluation
 
 
 def _roc_plot(evaluation: Evaluation, path: Path) -> Path:

@@ -165,6 +165,7 @@ def provenance(recipe: EnsembleRecipe, trained: TrainedEnsemble) -> dict[str, An
     return {
         "training_data": {
             "csv": str(recipe.data),
+            "description": recipe.data_description,
             "sha256": sha256_file(recipe.data),
             "images": len(rows),
             "patients": len({row.patient_id for row in rows}),

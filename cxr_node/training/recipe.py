@@ -105,6 +105,7 @@ class EnsembleRecipe(_Frozen):
     """
 
     data: Path
+    data_description: str = Field(default="", description="where the data came from, for the provenance")
     out: Path
     split_csv: Path | None = None
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS

@@ -15,7 +15,7 @@ from cxr_node.errors import ModelError
 from cxr_node.infer.registry import load_manifest
 from cxr_node.infer.segment import LungSegmenter
 from cxr_node.training.inputs import classifier_inputs
-from cxr_node.training.phantoms import LABELS_CSV, write_phantom_set
+from cxr_node.training.phantoms import LABELS_CSV, PHANTOM_VERSION, write_phantom_set
 from cxr_node.training.publish import UNET_WEIGHTS, save_state
 from cxr_node.training.recipe import DEMO_INTENDED_USE, EnsembleRecipe, MemberRecipe, make_recipe
 from cxr_node.training.train import OnEpoch, prepare_sets, train_ensemble, train_member, train_unet
@@ -72,6 +72,9 @@ def demo_recipe(data: Path, out: Path, checkpoints: Path, **overrides: Any) -> E
     recipe: dict[str, Any] = {
         "data": str(data), "out": str(out), "checkpoints": str(checkpoints), "seed": DEMO_SEED,
         "name": "cxr-node-demo", "version": "1", "intended_use": DEMO_INTENDED_USE, "device": "cpu",
+        # one CPU thread: the same weights on any machine with the same CPU kind (reductions depend on the
+        # thread count), and no slowdown from spinning threads on a busy 2-core runner
+        "threads": 1,
         "segmentation": {"input_size": 128, "base_channels": 8, "depth": 4, "epochs": 8, "lr": 3e-3,
                          "patience": 3},
         "classifier": {
@@ -125,7 +128,12 @@ def train_demo(
     labels = work / "phantoms" / LABELS_CSV
     if not labels.is_file():
         write_phantom_set(labels.parent, images, seed=DEMO_SEED, size=size)
-    manifest = train_ensemble(demo_recipe(labels, out, work / "checkpoints", **overrides), on_epoch)
+    description = (
+        f"synthetic chest phantoms: cxr_node.training.phantoms.write_phantom_set(n={images}, seed={DEMO_SEED},"
+        f" size={size}), phantom version {PHANTOM_VERSION}"
+    )
+    recipe = demo_recipe(labels, out, work / "checkpoints", data_description=description, **overrides)
+    manifest = train_ensemble(recipe, on_epoch)
     total = models_bytes(manifest)
     if total > DEMO_MAX_BYTES:
         raise ModelError(f"the demo models in {out} take {total / 2**20:.1f} MiB, above the 25 MiB allowed in git")

@@ -707,3 +707,12 @@ def test_manifest_is_frozen(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="frozen"):
         manifest.name = "other"  # type: ignore[misc]
     assert isinstance(manifest, Manifest)
+
+
+def test_weights_keep_their_metadata(tmp_path: Path) -> None:
+    """Loaded weights keep the state dict's metadata, so versioned modules (MNASNet) load them back."""
+    path = tmp_path / "mnasnet.pt"
+    torch.save(build_classifier("mnasnet0_5").state_dict(), path)
+    state = load_weights(path, sha256_file(path))
+    load_into(build_classifier("mnasnet0_5"), state, path)
+    assert hasattr(state, "_metadata")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from cxr_node.cli import main
@@ -253,12 +254,16 @@ def test_manifest_loads_and_its_checksums_verify(tiny_manifest: Path) -> None:
 
 
 def test_same_seed_gives_the_same_weights(phantom_csv: Path, tiny_manifest: Path, tmp_path: Path) -> None:
-    """Training the same recipe again on the CPU writes byte-identical weights and the same split."""
-    again = load_manifest(train_ensemble(make_recipe(_tiny_recipe(phantom_csv, tmp_path), command="pytest tiny")))
-    first = load_manifest(tiny_manifest)
+    """Training the same recipe again (through the CLI) writes byte-identical weights and the same split."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in _tiny_recipe(phantom_csv, tmp_path).items() if k != "out"}))
+    out = str(tmp_path / "m")
+    assert main(["train", "ensemble", "--data", str(phantom_csv), "--out", out, "--recipe", str(recipe)]) == 0
+    again, first = load_manifest(tmp_path / "m" / "manifest.yaml"), load_manifest(tiny_manifest)
     assert again.segmentation.sha256 == first.segmentation.sha256
     assert [m.sha256 for m in again.classifier.members] == [m.sha256 for m in first.classifier.members]
     assert again.provenance["split"]["hash"] == first.provenance["split"]["hash"]
+    assert again.provenance["command"].startswith("cxr-node train ensemble --data ")
 
 
 def test_training_inputs_are_the_engines(phantom_csv: Path, tiny_manifest: Path) -> None:
