@@ -29,8 +29,9 @@ lint: install  ## ruff and the layer contracts of DESIGN.md §3
 demo: install  ## start the node on loopback, send it chest images as a PACS would, print what happened
 	$(BIN)/python -m cxr_node demo
 
-bench: install  ## receive throughput against DCMTK storescp (writes docs/benchmarks.md figures to stdout)
+bench: install  ## receive throughput against DCMTK storescp, and inference throughput (tables on stdout)
 	$(BIN)/python bench/receive.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) demo-output bench/out .pytest_cache
