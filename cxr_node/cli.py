@@ -116,6 +116,20 @@ def cmd_dataset_from_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_preview(args: argparse.Namespace) -> int:
+    """Write a PNG grid of augmented images of a labelled set (the training augmentation, as trained)."""
+    from cxr_node.training.augment import preview
+    from cxr_node.training.datasets import LabelledSet, read_rows
+
+    try:
+        rows = read_rows(Path(args.data))
+        out = preview(LabelledSet(rows[: args.n]), Path(args.out), n=args.n, seed=args.seed)
+    except ValueError as exc:
+        raise CxrNodeError(str(exc)) from exc
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_phantoms(args: argparse.Namespace) -> int:
     """Write a labelled set of synthetic chest phantoms as DICOM, with masks and labels.csv."""
     from cxr_node.training.phantoms import write_phantom_set
@@ -315,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", required=True, help="CSV with columns accession_number,label")
     d.add_argument("--out", required=True, help="labelled set CSV to write")
     d.set_defaults(func=cmd_dataset_from_store)
+    d = dsub.add_parser("preview", help="PNG grid of augmented images of a labelled set")
+    d.add_argument("--data", required=True, help="labelled set CSV (path, label, patient_id[, split, mask])")
+    d.add_argument("--out", required=True, help="PNG file to write")
+    d.add_argument("--n", type=int, default=16, help="images in the grid (default: 16)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random transforms")
+    d.set_defaults(func=cmd_dataset_preview)
 
     p = sub.add_parser("phantoms", help="write synthetic chest radiograph phantoms (DICOM + labels.csv)")
     p.add_argument("--n", type=int, default=200, help="how many images (default: 200)")

@@ -112,3 +112,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "node stopped cleanly" in out.stdout
     assert "view position LL is not frontal" in out.stdout
     assert "no answer" not in out.stdout
+
+
+def test_dataset_preview_writes_a_png(tmp_path: Path) -> None:
+    """`cxr-node dataset preview` draws the augmented images of a labelled set into one PNG."""
+    assert cli("phantoms", "--n", "4", "--out", str(tmp_path / "ph"), "--size", "96").returncode == 0
+    out = cli("dataset", "preview", "--data", str(tmp_path / "ph" / "labels.csv"), "--out", str(tmp_path / "g.png"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
