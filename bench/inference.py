@@ -9,7 +9,8 @@ What it measures, in one process, with ``torch.set_num_threads(T)`` (default: th
 
 1. **Matmul reference**: fp32 ``torch.matmul`` of two random n x n matrices (n = 2048), best of 10 after a warm-up,
    GFLOP/s = 2 n^3 / t; measured before and after the network timings, and the higher of the two is the
-   reference (so a slow moment does not flatter the efficiency).
+   reference (so a slow moment does not flatter the efficiency). Each timed run of the ensemble also starts
+   with a best-of-3 matmul probe, for a "same-run" efficiency that a drift of a shared machine cannot skew.
 2. **FLOPs per image** of each member at 224 px, counted with :class:`torch.utils.flop_counter.FlopCounterMode`:
    convolutions and linear layers only, one multiply-add = 2 FLOPs; batch norm, ReLU, pooling and additions
    are not counted (they are a fraction of a percent of the arithmetic, but not of the time).
@@ -31,7 +32,7 @@ What it measures, in one process, with ``torch.set_num_threads(T)`` (default: th
    its share of the time and its own GFLOP/s; what no leaf module covers (residual additions, flatten) is "rest".
 5. **The demo engine end to end**: ``Engine.from_manifest(load_manifest("models/demo/manifest.yaml"))`` on
    1024 px phantoms, batch 1 and 8: wall time per image and ``Analysis.timings_ms`` (segment, classify).
-6. ``--variants`` (slow, a few minutes): what else the same CPU could do with the same ensemble at batch 8 --
+6. ``--variants`` (adds about 4 minutes on 2 cores): what else the same CPU could do with the ensemble at batch 8:
    one thread, oneDNN off, batch norm folded into the convolutions (``torch.fx``), TorchScript trace + freeze,
    ``torch.compile`` (inductor with the local C++ compiler). None of these is what the node runs.
 7. On a CUDA device (or ``--gpu-only``): the ensemble at bf16 autocast (``RuntimeOptions(precision="bf16")``),
@@ -85,6 +86,8 @@ TARGET_BATCH: Final = 8
 TARGET_EFFICIENCY: Final = 0.5
 CPU: Final = torch.device("cpu")
 GB: Final = 1e9
+PURE: Final = "ensemble"  # the members' pure passes, one after the other
+NODE: Final = "Ensemble.forward"  # the node's pass: Grad-CAM on the explain member, embedding, numpy copies
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,6 @@ def count_flops(ensemble: Ensemble, size: int) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ ensemble
 
 
-PURE: Final = "ensemble"  # the members' pure passes, one after the other
-NODE: Final = "Ensemble.forward"  # the node's pass: Grad-CAM on the explain member, embedding, numpy copies
-
-
 @dataclass(frozen=True)
 class LayoutTimes:
     """Seconds per batch of each timed run of the paper's ensemble, in one memory layout on one device."""
@@ -189,6 +188,7 @@ class LayoutTimes:
     label: str
     members: tuple[str, ...]
     runs: Mapping[tuple[str, int], list[float]]  # (member, PURE or NODE; batch) -> seconds of each run
+    matmul: Mapping[int, list[float]]  # batch -> GFLOP/s of the matmul probe at the start of each run
 
     def median(self, name: str, batch: int) -> float:
         """Median seconds per batch."""
@@ -198,6 +198,11 @@ class LayoutTimes:
         """Median over the runs of ``Ensemble.forward`` minus the pure passes of the same run, in seconds."""
         pairs = zip(self.runs[PURE, batch], self.runs[NODE, batch], strict=True)
         return statistics.median(node - pure for pure, node in pairs)
+
+    def same_run_efficiency(self, flops: int, batch: int) -> float:
+        """Median over the runs of the pure ensemble's FLOP rate over the matmul probe's rate in the same run."""
+        pairs = zip(self.runs[PURE, batch], self.matmul[batch], strict=True)
+        return statistics.median(flops * batch / seconds / GB / probe for seconds, probe in pairs)
 
     def rate_range(self, name: str, batch: int) -> str:
         """Lowest and highest images/s over the timed runs."""
@@ -237,16 +242,22 @@ def ensembles(members: Mapping[str, nn.Module], options: Sequence[RuntimeOptions
     return [Ensemble(ms, explain=EXPLAIN, options=o) for ms, o in zip(copies, options, strict=True)]
 
 
-def measure_layouts(placed: Sequence[Ensemble], plan: Plan, batches: Sequence[int]) -> list[LayoutTimes]:
+def measure_layouts(
+    placed: Sequence[Ensemble], plan: Plan, batches: Sequence[int], probe: Callable[[], float]
+) -> list[LayoutTimes]:
     """Time every ensemble, pure and through ``Ensemble.forward``, interleaved within each run.
 
-    Each run times all of them one after the other, so a slow spell of the machine hits every
-    configuration alike; the first ``plan.warmup`` runs are not kept.
+    Each run starts with ``probe()`` (a short matmul, GFLOP/s), then times all of them one after the
+    other, so a slow spell of the machine hits every configuration alike; the first ``plan.warmup`` runs
+    are not kept.
     """
     kept: list[dict[tuple[str, int], list[float]]] = [defaultdict(list) for _ in placed]
+    matmul: dict[int, list[float]] = defaultdict(list)
     for batch in batches:
         inputs = [e.prepare(random_images(batch, plan.size)) for e in placed]
         for run in range(plan.warmup + plan.repeats(batch)):
+            if run >= plan.warmup:
+                matmul[batch].append(probe())
             for ensemble, x, runs in zip(placed, inputs, kept, strict=True):
                 pure, node = time_once(ensemble, x)
                 if run >= plan.warmup:
@@ -256,7 +267,7 @@ def measure_layouts(placed: Sequence[Ensemble], plan: Plan, batches: Sequence[in
             medians = ", ".join(f"{n} {statistics.median(runs[n, batch]):.3f} s" for n in (PURE, NODE))
             print(f"  {layout_label(e.options.channels_last)} batch {batch}: {medians}", file=sys.stderr)
     return [
-        LayoutTimes(layout_label(e.options.channels_last), tuple(e.names), runs)
+        LayoutTimes(layout_label(e.options.channels_last), tuple(e.names), runs, matmul)
         for e, runs in zip(placed, kept, strict=True)
     ]
 
@@ -532,7 +543,9 @@ def measure_gpu(members: Mapping[str, nn.Module], plan: Plan) -> GpuResults | No
     print(f"GPU: {torch.cuda.get_device_name(device)}, bf16 autocast", file=sys.stderr)
     matmul = matmul_gflops(plan.gpu_matmul_n, plan.matmul_repeat, device, torch.bfloat16)
     placed = ensembles(members, [RuntimeOptions(device, cl, "bf16") for cl in (True, False)])
-    layouts = measure_layouts(placed, plan, plan.gpu_batches)
+    layouts = measure_layouts(
+        placed, plan, plan.gpu_batches, lambda: matmul_gflops(plan.gpu_matmul_n, 3, device, torch.bfloat16)
+    )
     del placed
     matmul = max(matmul, matmul_gflops(plan.gpu_matmul_n, plan.matmul_repeat, device, torch.bfloat16))
     demo = measure_demo(plan, RuntimeOptions(device, True, "bf16"), plan.batches)
@@ -708,6 +721,10 @@ def findings(cpu: CpuResults, linear_mb: Mapping[str, float]) -> list[str]:
         + f". Per member ({default.label}): "
         + ", ".join(f"{n} {percent(default, n)}" for n in default.members)
         + ".",
+        "Same-run efficiency (median over the runs of the ensemble's rate over a best-of-3 matmul timed at the "
+        "start of that run, so a drift of the shared machine cancels out): "
+        + ", ".join(f"{t.label} {100 * t.same_run_efficiency(cpu.flops[PURE], TARGET_BATCH):.0f}%" for t in cpu.layouts)
+        + ".",
     ]
     groups = layer_summary(cpu.layers)
     total = sum(seconds for seconds, _ in groups.values())
@@ -719,6 +736,7 @@ def findings(cpu: CpuResults, linear_mb: Mapping[str, float]) -> list[str]:
         f"other layer free the ensemble would reach "
         f"{100 * sum(g for _, g in groups.values()) / (conv_s + groups.get('linear', (0.0, 0.0))[0]) / matmul:.0f}%."
     )
+    lines.append(slowest_layers(cpu.layers, matmul))
     lines += [linear_finding(cpu.layers, name, mb) for name, mb in linear_mb.items() if mb > 50]
     if cpu.variants:
         best = min(cpu.variants[1:], key=lambda v: v.seconds)
@@ -728,6 +746,23 @@ def findings(cpu: CpuResults, linear_mb: Mapping[str, float]) -> list[str]:
             f"{cpu.variants[0].seconds / best.seconds:.2f}x eager in the same runs (not what the node runs)."
         )
     return lines
+
+
+def slowest_layers(rows: Sequence[LayerRow], matmul: float, share: float = 0.02) -> str:
+    """The kinds of convolution and linear layer with at least ``share`` of a member's time, slowest first."""
+    heavy = [r for r in rows if r.gflop and r.share >= share]
+    heavy.sort(key=lambda r: r.gflop / r.seconds)
+    listed = ", ".join(
+        f"{r.model} {r.kind} {100 * r.gflop / r.seconds / matmul:.0f}% ({100 * r.share:.0f}% of its time)"
+        for r in heavy
+        if r.gflop / r.seconds < 0.9 * matmul
+    )
+    elementwise = sum(r.seconds for r in rows if not r.gflop) / sum(r.seconds for r in rows)
+    return (
+        f"Below 90% of matmul, among layers with at least {100 * share:.0f}% of a member's time: {listed or 'none'}. "
+        f"Layers without FLOPs (batch norm, ReLU, pooling, residual adds: separate passes over memory in eager "
+        f"mode) take {100 * elementwise:.0f}% of the ensemble's time."
+    )
 
 
 def linear_finding(rows: Sequence[LayerRow], model: str, weight_mb: float) -> str:
@@ -838,9 +873,9 @@ class RunStart:
             f"oneDNN {_onednn()}, Python {platform.python_version()}",
             f"- load average (1, 5, 15 min): {_loads(self.load)} at the start, {_loads(os.getloadavg())} at the end "
             f"(the benchmark included); `cxr-node train` or pytest processes at the start: {busy}",
-            f"- CPU time used by everything else during the {wall:.0f} s run: {max(others, 0.0):.1f} s; "
-            f"steal {end.steal - self.clock.steal:.1f} s"
-            + (" (torch.compile's worker processes included)" if compiled else ""),
+            "- CPU time used by everything else"
+            + (" (torch.compile's worker processes included)" if compiled else "")
+            + f" during the {wall:.0f} s run: {max(others, 0.0):.1f} s; steal {end.steal - self.clock.steal:.1f} s",
             f"\n```\n{self.command}\n```",
         ]
 
@@ -854,10 +889,12 @@ def intro(plan: Plan, explain_layer: str) -> str:
         f"ensemble's time of a repeat is the sum of its members') and the node's **`Ensemble.forward`** (the explain "
         f"member, {EXPLAIN}, runs with gradients for Grad-CAM at `{explain_layer}`; concat embedding; numpy "
         f"copies). Median of {plan.repeat_one} timed runs at batch 1 and {plan.repeat_many} at batch "
-        f"{TARGET_BATCH}, after {plan.warmup} warm-up run(s). FLOPs counted with `FlopCounterMode` "
-        f"(convolutions and linear layers; **1 multiply-add = 2 FLOPs**; batch norm, ReLU, pooling and additions "
-        f"not counted). Efficiency = achieved GFLOP/s / fp32 `torch.matmul` GFLOP/s ({plan.matmul_n}^3, 2n^3/t, best "
-        f"of {plan.matmul_repeat}, same threads, measured before and after; the higher is the reference)."
+        f"{TARGET_BATCH}, after {plan.warmup} warm-up run(s); each run starts with a short matmul probe, then times "
+        "both layouts (each on its own copy of the members), pure then `Ensemble.forward`, one after the other, so "
+        "a slow spell of this shared machine hits every configuration alike. FLOPs counted with `FlopCounterMode` "
+        "(convolutions and linear layers; **1 multiply-add = 2 FLOPs**; batch norm, ReLU, pooling and additions "
+        f"not counted). Efficiency = achieved GFLOP/s / fp32 `torch.matmul` GFLOP/s (n = {plan.matmul_n}, 2n^3/t, "
+        f"best of {plan.matmul_repeat}, same threads, measured before and after; the higher is the reference)."
     )
 
 
@@ -970,7 +1007,7 @@ def measure_cpu(members: Mapping[str, nn.Module], plan: Plan, variants: bool) ->
     print(f"fp32 matmul {plan.matmul_n}: {before:.1f} GFLOP/s", file=sys.stderr)
     placed = ensembles(members, [RuntimeOptions(CPU, cl, "fp32") for cl in (True, False)])
     flops = count_flops(placed[0], plan.size)
-    layouts = measure_layouts(placed, plan, plan.batches)
+    layouts = measure_layouts(placed, plan, plan.batches, lambda: matmul_gflops(plan.matmul_n, 3, CPU))
     del placed[1:]
     layers = time_by_layer(placed[0], plan)
     batch = placed[0].prepare(random_images(TARGET_BATCH, plan.size))
@@ -985,9 +1022,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sanity run: 64 px, single repeats (< 30 s)")
-    parser.add_argument(
-        "--repeat", type=int, default=None, help="timed runs per measurement (default 5 at batch 1, 3 above)"
-    )
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: usable cores)")
     parser.add_argument("--variants", action="store_true", help="also time alternatives to eager mode (minutes)")
     parser.add_argument("--gpu-only", action="store_true", help="measure only the CUDA device (bf16)")
