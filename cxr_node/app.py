@@ -143,7 +143,7 @@ def run_worker(settings: Settings, ready: Any = None) -> int:
     from cxr_node.infer.device import resolve_device
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import load_manifest
-    from cxr_node.pipeline import Worker
+    from cxr_node.pipeline import OutputWriter, Worker
 
     stop = _stop_event()
     options = RuntimeOptions(
@@ -151,16 +151,41 @@ def run_worker(settings: Settings, ready: Any = None) -> int:
         channels_last=settings.worker.channels_last,
         precision=settings.worker.precision,
     )
-    engine = Engine.from_manifest(load_manifest(settings.models.manifest), options)
+    manifest = load_manifest(settings.models.manifest)
+    engine = Engine.from_manifest(manifest, options)
     log.info("worker.model_loaded", model=engine.model[0], version=engine.model[1], device=str(options.device))
     store = open_store(settings)
+    writer = OutputWriter(
+        settings.storage.root,
+        store,
+        provenance(settings, manifest),
+        settings.results,
+        destinations=[destination.name for destination in settings.destinations],
+        fsync=settings.storage.fsync,
+    )
     if ready is not None:
         ready.set()
     try:
-        Worker(settings.storage.root, store, engine, settings.worker).run(stop)
+        Worker(settings.storage.root, store, engine, settings.worker, writer=writer).run(stop)
     finally:
         store.close()
     return 0
+
+
+def provenance(settings: Settings, manifest: Any) -> Any:
+    """Who makes the outputs: the manifest's model and this node (name, version, intended use, device UID)."""
+    from cxr_node import __version__
+    from cxr_node.dicom.uids import device_uid
+    from cxr_node.results.findings import Provenance
+
+    return Provenance(
+        model_name=manifest.name,
+        model_version=manifest.version,
+        intended_use=manifest.intended_use,
+        members=tuple(member.name for member in manifest.classifier.members),
+        software_version=__version__,
+        device_uid=device_uid(settings.node.ae_title),
+    )
 
 
 def _stop_event() -> threading.Event:

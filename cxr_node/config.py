@@ -66,6 +66,7 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     receiver_processes: int = Field(default=2, ge=1, le=64)
+    max_queue_depth: int = Field(default=5000, ge=1)
     tls: TLSSettings = TLSSettings()
 
     @field_validator("allowed_ips")
@@ -87,6 +88,8 @@ class StorageSettings(_Section):
     root: Path = Path("/var/lib/cxr-node")
     fsync: bool = True
     keep_skipped: bool = False
+    max_disk_percent: float = Field(default=90.0, gt=0, le=100)
+    retention_days: float = Field(default=30.0, ge=0)
 
 
 class TriageSettings(_Section):
@@ -103,10 +106,37 @@ class TriageSettings(_Section):
 class Destination(_Section):
     """A DICOM peer that receives the node's results."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: AETitle
     host: str
     port: Port
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class DeliverySettings(_Section):
+    """How results are sent to the destinations: retries with backoff, give-up limits, probing."""
+
+    calling_ae_title: AETitle = "CXR_NODE"
+    poll_interval_ms: int = Field(default=500, ge=50, le=60000)
+    jobs_per_association: int = Field(default=20, ge=1, le=1000)
+    backoff_initial_s: float = Field(default=5.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    max_age_hours: float = Field(default=72.0, gt=0)
+    probe_interval_s: float = Field(default=300.0, ge=5)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (/metrics) and the health check (/healthz)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9464
+    stuck_after_s: float = Field(default=600.0, gt=0)
 
 
 class ModelSettings(_Section):
@@ -132,6 +162,36 @@ class WorkerSettings(_Section):
     channels_last: bool = True
 
 
+class SeriesNumbers(_Section):
+    """A fixed Series Number per output kind (viewers such as OHIF match SR thumbnails by it)."""
+
+    sr: int = Field(default=9901, ge=1, le=2147483647)
+    sc: int = Field(default=9902, ge=1, le=2147483647)
+    seg: int = Field(default=9903, ge=1, le=2147483647)
+    pr: int = Field(default=9904, ge=1, le=2147483647)
+
+
+class ResultsSettings(_Section):
+    """Which DICOM outputs are written for each analysed image, and how their series are named."""
+
+    structured_report: bool = True
+    secondary_capture: bool = True
+    segmentation: bool = False
+    presentation_state: bool = False
+    not_analysed_report: bool = True
+    series_description: str = Field(default="AI CXR analysis", pattern=r"^AI", max_length=40)
+    series_numbers: SeriesNumbers = SeriesNumbers()
+    institution_name: str = Field(default="", max_length=64)
+
+
+class NeighbourSettings(_Section):
+    """The nearest past cases named in the outputs (the paper's retrieval tool)."""
+
+    k: int = Field(default=5, ge=0, le=50)
+    identifiers: Literal["uids", "case_number"] = "uids"
+    library_only: bool = False
+
+
 class LoggingSettings(_Section):
     """Log level and rendering (JSON for journald, console for a terminal)."""
 
@@ -146,9 +206,13 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     triage: TriageSettings = TriageSettings()
     destinations: list[Destination] = []
+    delivery: DeliverySettings = DeliverySettings()
     models: ModelSettings = ModelSettings()
     compute: ComputeSettings = ComputeSettings()
     worker: WorkerSettings = WorkerSettings()
+    results: ResultsSettings = ResultsSettings()
+    neighbours: NeighbourSettings = NeighbourSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = Field(default="<defaults>", exclude=True)
 

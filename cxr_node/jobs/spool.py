@@ -40,6 +40,13 @@ def relative_path(area: str, key: str) -> Path:
     return Path(area) / key[:2] / f"{key}.dcm"
 
 
+def output_path(key: str, kind: str) -> Path:
+    """Return where the ``kind`` output (sr, sc, seg, pr) of instance ``key`` lives, relative to the storage root."""
+    if not kind.isalpha() or not kind.islower():
+        raise ValueError(f"kind must be a lowercase word, found {kind!r}")
+    return relative_path(OUTBOX, key).with_suffix("") / f"{kind}.dcm"
+
+
 def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``target`` so that, once this returns, the file survives a crash.
 

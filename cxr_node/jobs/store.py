@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from cxr_node.errors import InvalidTransition, StorageError
+from cxr_node.jobs.deliveries import DESTINATIONS_SCHEMA, DeliveryQueries
 from cxr_node.jobs.states import JobState, can_move, sources_of
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 3
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -59,9 +60,35 @@ CREATE TABLE IF NOT EXISTS results (
     model_version TEXT NOT NULL,
     created_at REAL NOT NULL,
     summary TEXT NOT NULL,
-    embedding BLOB
+    embedding BLOB,
+    arrays BLOB
 );
-"""
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job_id, kind)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, kind)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+""" + DESTINATIONS_SCHEMA
+_MIGRATIONS: Final = {1: "ALTER TABLE results ADD COLUMN arrays BLOB;"}
+"""Steps from an older schema version to the next, applied before the CREATE IF NOT EXISTS script."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,18 @@ class StoredResult:
     created_at: float
     summary: dict[str, Any]
     embedding: bytes | None
+    arrays: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """One DICOM object written for a job, in the outbox (path relative to the storage root)."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -122,13 +161,21 @@ class JobStore(Protocol):
     def claim(self, limit: int) -> list[Job]: ...
     def requeue_running(self, reason: str) -> int: ...
     def save_result(
-        self, job_id: int, model: tuple[str, str], summary: dict[str, Any], embedding: bytes | None
+        self,
+        job_id: int,
+        model: tuple[str, str],
+        summary: dict[str, Any],
+        embedding: bytes | None,
+        arrays: bytes | None = None,
     ) -> Job: ...
     def result(self, job_id: int) -> StoredResult | None: ...
+    def save_outputs(self, job_id: int, outputs: list[Output], destinations: list[str]) -> Job: ...
+    def outputs(self, job_id: int) -> list[Output]: ...
+    def jobs(self, state: JobState | None = None, limit: int = 1000) -> list[Job]: ...
     def close(self) -> None: ...
 
 
-class SqliteJobStore:
+class SqliteJobStore(DeliveryQueries):
     """The embedded jobs store; safe to share between threads and between processes.
 
     Parameters
@@ -165,8 +212,17 @@ class SqliteJobStore:
                 f"{self.path}: jobs database schema {version} is newer than this cxr-node ({SCHEMA_VERSION})"
             )
         if version < SCHEMA_VERSION:
+            has_jobs = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is not None
+            steps = "".join(_MIGRATIONS.get(v, "") for v in range(version, SCHEMA_VERSION)) if has_jobs else ""
             with self._lock:
-                self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {steps} {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -220,7 +276,14 @@ class SqliteJobStore:
         with self._transaction() as db:
             return self._move(db, job_id, target, reason)
 
-    def save_result(self, job_id: int, model: tuple[str, str], summary: dict[str, Any], embedding: bytes | None) -> Job:
+    def save_result(
+        self,
+        job_id: int,
+        model: tuple[str, str],
+        summary: dict[str, Any],
+        embedding: bytes | None,
+        arrays: bytes | None = None,
+    ) -> Job:
         """Store a running job's inference result and move it to inferred, in one transaction.
 
         Parameters
@@ -233,27 +296,60 @@ class SqliteJobStore:
             JSON-serialisable findings (probabilities, decision, threshold, mask quality, timings).
         embedding : bytes or None
             The L2-normalised retrieval embedding as float32 bytes.
+        arrays : bytes or None
+            What the output writers need and the summary cannot hold (lung mask, heatmap), as opaque bytes;
+            kept until the outputs are written.
         """
         text = json.dumps(summary, sort_keys=True, allow_nan=False)
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO results (job_id, model_name, model_version, created_at, summary, embedding)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, model[0], model[1], time.time(), text, embedding),
+                "INSERT OR REPLACE INTO results"
+                " (job_id, model_name, model_version, created_at, summary, embedding, arrays)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, model[0], model[1], time.time(), text, embedding, arrays),
             )
             return self._move(db, job_id, JobState.INFERRED, None)
+
+    def save_outputs(self, job_id: int, outputs: list[Output], destinations: list[str]) -> Job:
+        """Record an inferred job's written outputs, one pending delivery per destination and output,
+        and move it to written, in one transaction; the result's arrays are dropped (no longer needed)."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+            db.executemany(
+                "INSERT INTO outputs (job_id, kind, sop_class_uid, sop_instance_uid, path, size_bytes, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job_id, o.kind, o.sop_class_uid, o.sop_instance_uid, o.path, o.size_bytes, now) for o in outputs],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, kind, state, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, 'pending', ?, ?)",
+                [(job_id, name, o.kind, now, now) for name in destinations for o in outputs],
+            )
+            db.execute("UPDATE results SET arrays = NULL WHERE job_id = ?", (job_id,))
+            return self._move(db, job_id, JobState.WRITTEN, None)
+
+    def outputs(self, job_id: int) -> list[Output]:
+        """Return the outputs written for ``job_id``, in kind order (sr, sc, seg, pr)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, sop_class_uid, sop_instance_uid, path, size_bytes FROM outputs WHERE job_id = ?"
+                " ORDER BY CASE kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 WHEN 'seg' THEN 2 ELSE 3 END",
+                (job_id,),
+            ).fetchall()
+        return [Output(*row) for row in rows]
 
     def result(self, job_id: int) -> StoredResult | None:
         """Return the inference result of ``job_id``, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT job_id, model_name, model_version, created_at, summary, embedding"
+                "SELECT job_id, model_name, model_version, created_at, summary, embedding, arrays"
                 " FROM results WHERE job_id = ?",
                 (job_id,),
             ).fetchone()
         if row is None:
             return None
-        return StoredResult(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        return StoredResult(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
 
     def _move(self, db: sqlite3.Connection, job_id: int, target: JobState, reason: str | None) -> Job:
         now = time.time()

@@ -37,19 +37,20 @@ def broken_j2k(wg04: Path) -> object:
     return ds
 
 
-def test_worker_records_results_and_quarantines_a_broken_image(
+def test_worker_records_results_and_an_undecodable_image_as_not_analysed(
     receiver: Receiver, engine: Engine, chest_cr: Path, wg04: Path
 ) -> None:
-    """Queued images end inferred with a summary; an undecodable one ends quarantined; the worker goes on."""
+    """Queued images end inferred with a summary; an undecodable one is recorded not analysed, with the reason."""
     good = [small_cr(chest_cr, f"w{i}", size=256) for i in range(3)]
     assert store_all(receiver.port, good) == [status.SUCCESS] * 3
     store_broken(receiver, wg04)
     worker = Worker(receiver.settings.storage.root, receiver.store, engine, receiver.settings.worker)
     worker.process(worker.take_batch(threading.Event()))
     counts = receiver.store.counts()
-    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (3, 1)
-    broken = receiver.store.jobs(JobState.QUARANTINED)[0]
-    assert broken.reason.startswith("pixels cannot be decoded")
+    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (4, 0)
+    broken = receiver.store.result(receiver.store.jobs(JobState.INFERRED)[-1].id).summary
+    assert broken["status"] == "not_analysed"
+    assert broken["reason"].startswith("pixels cannot be decoded")
     summary = receiver.store.result(receiver.store.jobs(JobState.INFERRED)[0].id).summary
     assert summary["model"] == {"name": "tiny-test", "version": "0.0.1"}
     assert summary["image"]["analysed_shape"] == [256, 256]

@@ -1,0 +1,38 @@
+"""Deterministic UIDs of the node's outputs: the same source, model version and output kind always give the same UIDs.
+
+A retry after a crash therefore re-creates byte-for-byte the same identifiers, and a PACS that already
+stored the object keeps one copy (DESIGN.md §6). UIDs are of the ``2.25.<integer>`` form (PS3.5 §B.2):
+the integer is the first 128 bits of a SHA-256 over the inputs, so no organisation root is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final, Literal
+
+UID_ROOT: Final = "2.25."
+Part = Literal["series", "instance", "tracking", "device"]
+
+
+def derived_uid(*parts: str) -> str:
+    """Return a ``2.25.`` UID derived from ``parts`` (each a non-empty string without NUL).
+
+    Raises
+    ------
+    ValueError
+        When no part is given, or a part is empty or holds a NUL character.
+    """
+    if not parts or any(not part or "\0" in part for part in parts):
+        raise ValueError(f"parts must be non-empty strings without NUL, found {parts!r}")
+    digest = hashlib.sha256("\0".join(("cxr-node", *parts)).encode("utf-8")).digest()
+    return UID_ROOT + str(int.from_bytes(digest[:16], "big"))
+
+
+def output_uid(source_sop_instance_uid: str, model_version: str, kind: str, part: Part) -> str:
+    """Return the UID of ``part`` of the ``kind`` output (sr, sc, seg, pr) made from one source image."""
+    return derived_uid(source_sop_instance_uid, model_version, kind, part)
+
+
+def device_uid(ae_title: str) -> str:
+    """Return the UID that identifies this node as a device (SR observer, contributing equipment)."""
+    return derived_uid("device", ae_title)

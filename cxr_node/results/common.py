@@ -1,0 +1,210 @@
+"""What every output shares: its kind, series, provenance, character set, and strict encoding.
+
+:class:`OutputOptions` carries the site's choices (series numbers, descriptions); :func:`encode`
+writes a dataset with pydicom's writing validation raising, so an invalid object is never produced.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
+
+from cxr_node.dicom.uids import output_uid
+from cxr_node.results.findings import Findings, Provenance
+
+Kind = Literal["sr", "sc", "seg", "pr"]
+KINDS: Final[tuple[Kind, ...]] = ("sr", "sc", "seg", "pr")
+KIND_NAMES: Final[Mapping[str, str]] = {
+    "sr": "structured report",
+    "sc": "overlay",
+    "seg": "lung segmentation",
+    "pr": "presentation state",
+}
+DEFAULT_SERIES_NUMBERS: Final[Mapping[str, int]] = {"sr": 9901, "sc": 9902, "seg": 9903, "pr": 9904}
+UTF8: Final = "ISO_IR 192"
+
+
+class OutputError(ValueError):
+    """An output could not be built or failed validation; it is never sent."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The site's choices for the outputs.
+
+    Parameters
+    ----------
+    series_numbers : Mapping[str, int]
+        A fixed Series Number per output kind (viewers match SR thumbnails by it).
+    series_description : str
+        The start of every output series' description; must start with "AI".
+    institution_name : str
+        Written as the contributing equipment's institution, when set.
+    """
+
+    series_numbers: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_SERIES_NUMBERS))
+    series_description: str = "AI CXR analysis"
+    institution_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.series_description.startswith("AI"):
+            raise ValueError(f"series_description must start with 'AI', found {self.series_description!r}")
+        missing = [kind for kind in KINDS if kind not in self.series_numbers]
+        if missing:
+            raise ValueError(f"series_numbers must name every output kind, missing {missing}")
+
+    def description(self, kind: Kind) -> str:
+        """The SeriesDescription of an output kind, e.g. ``AI CXR analysis - overlay`` (at most 64 characters)."""
+        return f"{self.series_description} - {KIND_NAMES[kind]}"[:64]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The deterministic UIDs and numbers of one output."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    instance_number: int = 1
+
+
+def identity(source: Dataset, findings: Findings, kind: Kind, options: OutputOptions) -> Identity:
+    """Return the UIDs of the ``kind`` output of ``source``: the same inputs always give the same UIDs."""
+    sop = str(source.SOPInstanceUID)
+    version = findings.provenance.model_version
+    return Identity(
+        series_instance_uid=output_uid(sop, version, kind, "series"),
+        sop_instance_uid=output_uid(sop, version, kind, "instance"),
+        series_number=int(options.series_numbers[kind]),
+    )
+
+
+def contributing_equipment(provenance: Provenance, options: OutputOptions) -> list[hd.ContributingEquipment]:
+    """The Contributing Equipment Sequence entry that names the algorithm (IHE AI Results)."""
+    return [
+        hd.ContributingEquipment(
+            manufacturer=provenance.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=provenance.algorithm[:64],
+            software_versions=[f"cxr-node {provenance.software_version}"[:64], provenance.model_version[:64]],
+            device_serial_number=provenance.device_uid[:64],
+            institution_name=options.institution_name or None,
+            contribution_description=f"AI analysis; {provenance.intended_use}"[:64],
+        )
+    ]
+
+
+def copy_character_set(source: Dataset, output: Dataset, own_texts: tuple[str, ...]) -> None:
+    """Give ``output`` a SpecificCharacterSet that can hold the source's names and the node's own texts.
+
+    The source's character set is kept when it can encode everything; otherwise UTF-8 (ISO_IR 192).
+    """
+    charset = source.get("SpecificCharacterSet")
+    ascii_only = all(text.isascii() for text in own_texts)
+    if charset is None and ascii_only:
+        output.pop("SpecificCharacterSet", None)
+        return
+    if charset is not None and (ascii_only or _encodes(own_texts, charset)):
+        output.SpecificCharacterSet = charset
+        return
+    output.SpecificCharacterSet = UTF8
+
+
+def _encodes(texts: tuple[str, ...], charset: str | list[str]) -> bool:
+    """Whether every text encodes, without replacement, in one of the character set's encodings."""
+    try:
+        encodings = pydicom.charset.convert_encodings(list(charset) if not isinstance(charset, str) else [charset])
+    except (LookupError, ValueError):
+        return False
+    return all(any(_strictly_encodes(text, encoding) for encoding in encodings) for text in texts)
+
+
+def _strictly_encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (LookupError, UnicodeError):
+        return False
+    return True
+
+
+def copy_series_context(source: Dataset, output: Dataset) -> None:
+    """Copy BodyPartExamined; give Laterality (General Series, Type 2C) an empty value only without one.
+
+    dciodvfy wants Laterality absent for an unpaired body part (CHEST) and present, possibly empty,
+    when the body part is unknown (TRAPS.md).
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    if body_part:
+        output.BodyPartExamined = body_part
+        output.pop("Laterality", None)
+    elif "Laterality" not in output:
+        output.Laterality = ""
+
+
+@contextmanager
+def _strict_writing() -> Iterator[None]:
+    settings = pydicom.config.settings
+    previous = settings.writing_validation_mode
+    settings.writing_validation_mode = pydicom.config.RAISE
+    try:
+        yield
+    finally:
+        settings.writing_validation_mode = previous
+
+
+_TEXT_VRS: Final = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+
+
+def validate_values(dataset: Dataset) -> None:
+    """Check every element's value against its VR (length, characters, format), nested sequences included.
+
+    pydicom checks a value when it is assigned, and only warns by default; this checks them all again,
+    raising, just before an output is written.
+
+    Raises
+    ------
+    ValueError
+        Naming the first element whose value its VR does not allow.
+    """
+    for element in dataset.iterall():
+        if element.VR not in _TEXT_VRS or element.value is None:
+            continue
+        values = element.value if isinstance(element.value, (list, tuple, MultiValue)) else [element.value]
+        for value in values:
+            if value is None or not isinstance(value, (str, IS, DSfloat, DSdecimal, PersonName)):
+                continue
+            try:
+                validate_value(element.VR, str(value), pydicom.config.RAISE)
+            except ValueError as exc:
+                raise ValueError(f"{element.keyword or element.tag}: {exc}") from exc
+
+
+def encode(dataset: Dataset) -> bytes:
+    """Return the Part 10 bytes of an output, written with pydicom's validation raising.
+
+    Raises
+    ------
+    OutputError
+        When pydicom refuses a value (too long, wrong VR format, missing file meta).
+    """
+    if dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        raise OutputError(f"outputs are written Explicit VR Little Endian, found {dataset.file_meta.TransferSyntaxUID}")
+    buffer = io.BytesIO()
+    try:
+        validate_values(dataset)
+        with _strict_writing():
+            pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise OutputError(f"{dataset.get('SOPClassUID', 'output')} failed validation: {exc}") from exc
+    return buffer.getvalue()

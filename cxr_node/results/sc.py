@@ -1,0 +1,130 @@
+"""The Secondary Capture overlay: the source image with the lung contour, the heatmap and a banner burnt in.
+
+The one output every viewer shows. It is an RGB image at the analysed resolution (the source reduced to
+at most ``worker.max_side``), in the source's patient and study, in a new series. It carries no Pixel
+Spacing: it is a picture of a result, not an image to measure on (DerivationDescription says so).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from cxr_node.results.common import (
+    OutputError,
+    OutputOptions,
+    contributing_equipment,
+    copy_character_set,
+    copy_series_context,
+    identity,
+)
+from cxr_node.results.findings import Findings
+from cxr_node.results.render import Banner, render_overlay, window_to_uint8
+
+TITLE = "AI RESULT"
+NEIGHBOURS_ON_BANNER = 3
+
+
+def banner(findings: Findings) -> Banner:
+    """The banner's text: decision and probability, model, nearest neighbours, intended use."""
+    provenance = findings.provenance
+    if findings.analysed:
+        first = (
+            f"{findings.decision.upper()}   p = {findings.probability:.2f}  (operating point {findings.threshold:.2f})"
+        )
+    else:
+        first = f"NOT ANALYSED: {findings.reason}"
+    lines = [
+        first,
+        f"model {provenance.algorithm} ({len(provenance.members)} networks), cxr-node {provenance.software_version}",
+    ]
+    if findings.similar:
+        shown = findings.similar[:NEIGHBOURS_ON_BANNER]
+        lines.append(
+            "similar cases: "
+            + ";  ".join(
+                f"{case.display_id} {case.similarity:.2f}" + (f" {case.label}" if case.label else "") for case in shown
+            )
+        )
+    lines.append(provenance.intended_use)
+    return Banner(title=TITLE, lines=tuple(lines), alert=bool(findings.positive))
+
+
+def overlay_pixels(findings: Findings) -> np.ndarray:
+    """Render the overlay of ``findings`` as uint8 (H, W, 3) RGB."""
+    if findings.image is None:
+        raise OutputError("an overlay needs the decoded image; findings have none")
+    heatmap = findings.heatmap if findings.analysed else None
+    mask = findings.lung_mask if findings.analysed else None
+    return render_overlay(window_to_uint8(findings.image), mask, heatmap, banner(findings))
+
+
+def build_sc(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+    """Return the Secondary Capture overlay of ``findings`` in the ``source`` image's study.
+
+    Raises
+    ------
+    OutputError
+        When the findings have no image or highdicom refuses the content.
+    """
+    pixels = overlay_pixels(findings)
+    ids = identity(source, findings, "sc", options)
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=ids.series_instance_uid,
+            series_number=ids.series_number,
+            sop_instance_uid=ids.sop_instance_uid,
+            instance_number=ids.instance_number,
+            manufacturer=findings.provenance.manufacturer,
+            patient_orientation=_orientation(source),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=contributing_equipment(findings.provenance, options),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"overlay cannot be built: {exc}") from exc
+    _describe(sc, source, findings, options)
+    copy_series_context(source, sc)
+    copy_character_set(source, sc, (findings.provenance.intended_use, findings.reason))
+    return sc
+
+
+def _describe(sc: Dataset, source: Dataset, findings: Findings, options: OutputOptions) -> None:
+    sc.SeriesDescription = options.description("sc")
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (
+        f"AI overlay by {findings.provenance.algorithm}: source reduced to {findings.image.shape[1]}x"
+        f"{findings.image.shape[0]}, lung contour and Grad-CAM heatmap drawn, banner added; no pixel spacing"
+    )[:1024]
+    sc.SourceImageSequence = DicomSequence([_source_reference(source)])
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = dcm_codes.DCM.SourceImageForImageProcessingOperation
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
+        purpose.value,
+        purpose.scheme_designator,
+        purpose.meaning,
+    )
+    item.PurposeOfReferenceCodeSequence = DicomSequence([code])
+    return item
+
+
+def _orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2 or not all(value):
+        return None
+    return (str(value[0]), str(value[1]))

@@ -1,0 +1,294 @@
+"""The Structured Report: a TID 1500 Measurement Report of one analysed (or not analysed) chest radiograph.
+
+Why TID 1500 in a Comprehensive SR: common web viewers (OHIF) display only TID 1500, and only its
+measurement groups with an image region, so the probability sits in a planar-ROI group (TID 1410)
+whose region is the lung outline. TID 1500 is extensible; what it has no row for (the neighbours'
+UIDs, the intended-use text, the reason an image was not analysed) is added as UIDREF, DATE and TEXT
+items, and Comprehensive SR is the SR class that allows them with the SCOORD region. docs/outputs.md
+shows the tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Sequence
+
+import highdicom.sr as hsr
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from cxr_node.dicom import codes
+from cxr_node.dicom.uids import derived_uid
+from cxr_node.results.common import (
+    OutputError,
+    OutputOptions,
+    contributing_equipment,
+    copy_character_set,
+    identity,
+)
+from cxr_node.results.findings import Findings, SimilarCase
+from cxr_node.results.geometry import convex_hull, lung_outlines
+
+_LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
+
+
+def build_sr(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+    """Return the Comprehensive SR (TID 1500) of ``findings`` on the ``source`` image.
+
+    Parameters
+    ----------
+    source : pydicom.dataset.Dataset
+        The source image's header (pixel data not needed).
+    findings : Findings
+        What was found, or why the image was not analysed.
+    options : OutputOptions
+        Series numbers and descriptions.
+
+    Raises
+    ------
+    OutputError
+        When highdicom refuses the content.
+    """
+    evidence = usable_evidence(source)
+    ids = identity(source, findings, "sr", options)
+    try:
+        report = hsr.MeasurementReport(
+            observation_context=_observation_context(findings),
+            procedure_reported=codes.PLAIN_CHEST_XRAY,
+            imaging_measurements=_groups(evidence, findings),
+            title=dcm_codes.DCM.ImagingMeasurementReport,
+            referenced_images=[evidence] if _library_ready(evidence) else None,
+        )
+        report[0].ContentSequence.append(_evaluations(findings))
+        sr = hsr.ComprehensiveSR(
+            evidence=[evidence],
+            content=report[0],
+            series_instance_uid=ids.series_instance_uid,
+            series_number=ids.series_number,
+            sop_instance_uid=ids.sop_instance_uid,
+            instance_number=ids.instance_number,
+            manufacturer=findings.provenance.manufacturer,
+            is_complete=True,
+            contributing_equipment=contributing_equipment(findings.provenance, options),
+            series_description=options.description("sr"),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"structured report cannot be built: {exc}") from exc
+    copy_character_set(source, sr, _own_texts(findings))
+    return sr
+
+
+def usable_evidence(source: Dataset) -> Dataset:
+    """Return a header copy of the source without pixel data and without invalid spacing values.
+
+    A spacing of ``0\\0`` is treated as unknown (TRAPS.md): highdicom and viewers would divide by it.
+    """
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    header.file_meta = copy.deepcopy(getattr(source, "file_meta", Dataset()))
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = header.get(keyword)
+        if value is not None and (len(value) != 2 or any(float(v) <= 0 for v in value)):
+            del header[keyword]
+    return header
+
+
+def _library_ready(evidence: Dataset) -> bool:
+    """Whether highdicom can describe the image in the Image Library: for a radiograph it needs Patient
+    Orientation and a valid Imager Pixel Spacing, which real CRs often lack (the library is then left empty)."""
+    orientation = evidence.get("PatientOrientation")
+    spacing = evidence.get("ImagerPixelSpacing")
+    return bool(orientation and len(orientation) == 2 and spacing and len(spacing) == 2)
+
+
+def _observation_context(findings: Findings) -> hsr.ObservationContext:
+    provenance = findings.provenance
+    device = hsr.DeviceObserverIdentifyingAttributes(
+        uid=provenance.device_uid,
+        name="cxr-node",
+        manufacturer_name=provenance.manufacturer,
+        model_name=provenance.algorithm[:64],
+    )
+    return hsr.ObservationContext(
+        observer_device_context=hsr.ObserverContext(
+            observer_type=dcm_codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _groups(evidence: Dataset, findings: Findings) -> list[hsr.MeasurementsAndQualitativeEvaluations]:
+    groups: list = []
+    if findings.analysed:
+        groups.append(_finding_group(evidence, findings))
+    else:
+        groups.append(_not_analysed_group(evidence, findings))
+    groups += [_neighbour_group(evidence, findings, case) for case in findings.similar]
+    return groups
+
+
+def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The planar-ROI group a viewer draws: the lung region, the probabilities and the decision."""
+    provenance = findings.provenance
+    ensemble = hsr.AlgorithmIdentification(name=provenance.model_name, version=provenance.model_version)
+    measurements = [
+        hsr.Measurement(codes.PROBABILITY, _round(findings.probability), codes.UNIT_PROBABILITY, algorithm_id=ensemble)
+    ]
+    measurements += [
+        hsr.Measurement(
+            codes.PROBABILITY,
+            _round(probability),
+            codes.UNIT_PROBABILITY,
+            algorithm_id=hsr.AlgorithmIdentification(name=name, version=provenance.model_version),
+        )
+        for name, probability in findings.members
+    ]
+    measurements.append(hsr.Measurement(codes.OPERATING_POINT, _round(findings.threshold), codes.UNIT_PROBABILITY))
+    return hsr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hsr.TrackingIdentifier(
+            uid=derived_uid(str(evidence.SOPInstanceUID), provenance.model_version, "sr", "lung-region"),
+            identifier="AI lung region",
+        ),
+        referenced_region=hsr.ImageRegion(
+            graphic_type=hsr.GraphicTypeValues.POLYLINE,
+            graphic_data=lung_region(findings),
+            source_image=hsr.SourceImageForRegion.from_source_image(evidence),
+        ),
+        finding_type=codes.COVID19,
+        algorithm_id=ensemble,
+        finding_sites=[hsr.FindingSite(codes.LUNG)],
+        measurements=measurements,
+        qualitative_evaluations=[
+            hsr.QualitativeEvaluation(codes.COVID19, codes.PRESENT if findings.positive else codes.ABSENT),
+            hsr.QualitativeEvaluation(
+                codes.LUNG_MASK_QUALITY, codes.PLAUSIBLE if findings.mask_plausible else codes.IMPLAUSIBLE
+            ),
+        ],
+    )
+
+
+def _not_analysed_group(evidence: Dataset, findings: Findings) -> hsr.MeasurementsAndQualitativeEvaluations:
+    """TID 1500 needs one group: for an image not analysed it holds the processing summary (and mask verdict)."""
+    evaluations = [hsr.QualitativeEvaluation(codes.PROCESSING_SUMMARY, codes.NONE_SUCCEEDED)]
+    if findings.mask_plausible is False:
+        evaluations.append(hsr.QualitativeEvaluation(codes.LUNG_MASK_QUALITY, codes.IMPLAUSIBLE))
+    return hsr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hsr.TrackingIdentifier(
+            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_version, "sr", "not-analysed"),
+            identifier="AI analysis: not analysed",
+        ),
+        qualitative_evaluations=evaluations,
+    )
+
+
+def lung_region(findings: Findings) -> np.ndarray:
+    """The closed polyline around both lungs (convex hull of their outlines), in source pixel coordinates.
+
+    Falls back to the image border when the mask has no outline (an implausible mask is not analysed).
+    """
+    rows, cols = findings.source_shape
+    border = np.array([[0, 0], [cols - 1, 0], [cols - 1, rows - 1], [0, rows - 1], [0, 0]], dtype=np.float64)
+    if findings.lung_mask is None:
+        return border.astype(np.float32)
+    outlines = lung_outlines(findings.lung_mask, findings.source_shape)
+    if not outlines:
+        return border.astype(np.float32)
+    return np.round(convex_hull(np.vstack(outlines)), 1).astype(np.float32)
+
+
+def _neighbour_group(
+    evidence: Dataset, findings: Findings, case: SimilarCase
+) -> hsr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group per similar past case: similarity, known label and identifiers the site allows."""
+    qualitative = [hsr.QualitativeEvaluation(codes.COVID19, _LABEL_VALUES[case.label])] if case.label else None
+    group = hsr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hsr.TrackingIdentifier(
+            uid=derived_uid(
+                str(evidence.SOPInstanceUID), findings.provenance.model_version, "sr", f"similar-{case.rank}"
+            ),
+            identifier=_case_title(case),
+        ),
+        measurements=[hsr.Measurement(codes.SIMILARITY, _round(case.similarity), codes.UNIT_RATIO)],
+        qualitative_evaluations=qualitative,
+    )
+    group[0].ContentSequence.extend(_case_identifiers(case))
+    return group
+
+
+def _case_title(case: SimilarCase) -> str:
+    label = f", {case.label}" if case.label else ""
+    date = f", {_iso_date(case.study_date)}" if case.study_date else ""
+    return f"Similar case {case.rank}: {case.display_id}{date}{label}"[:64]
+
+
+def _case_identifiers(case: SimilarCase) -> list[hsr.ContentItem]:
+    contains = hsr.RelationshipTypeValues.CONTAINS
+    items: list[hsr.ContentItem] = [hsr.TextContentItem(codes.CASE_NUMBER, case.case_number, contains)]
+    if case.accession_number:
+        items.append(hsr.TextContentItem(codes.ACCESSION_NUMBER, case.accession_number, contains))
+    study_date = _date(case.study_date)
+    if study_date is not None:
+        items.append(hsr.DateContentItem(codes.STUDY_DATE, study_date, contains))
+    if case.study_instance_uid:
+        items.append(hsr.UIDRefContentItem(codes.STUDY_INSTANCE_UID, case.study_instance_uid, contains))
+    if case.sop_instance_uid:
+        items.append(hsr.UIDRefContentItem(codes.SIMILAR_CASE_SOP_INSTANCE_UID, case.sop_instance_uid, contains))
+    return items
+
+
+def _evaluations(findings: Findings) -> hsr.ContainerContentItem:
+    """The report-level Qualitative Evaluations container: processing summary, impression, intended use."""
+    contains = hsr.RelationshipTypeValues.CONTAINS
+    items: list[hsr.ContentItem] = [hsr.CodeContentItem(codes.PROCESSING_SUMMARY, _summary(findings), contains)]
+    items.append(hsr.TextContentItem(codes.IMPRESSION, impression(findings), contains))
+    if not findings.analysed:
+        items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.reason, contains))
+    items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))
+    container = hsr.ContainerContentItem(codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hsr.ContentSequence(items)
+    return container
+
+
+def _summary(findings: Findings) -> object:
+    if not findings.analysed:
+        return codes.NONE_SUCCEEDED
+    return codes.SUCCEEDED_WITH_FINDINGS if findings.positive else codes.SUCCEEDED_WITHOUT_FINDINGS
+
+
+def impression(findings: Findings) -> str:
+    """The one-sentence result, as the SR's Impression and the overlay's first line say it."""
+    algorithm = findings.provenance.algorithm
+    if not findings.analysed:
+        return f"Not analysed by {algorithm}: {findings.reason}"
+    return (
+        f"{findings.decision} by {algorithm} (probability {findings.probability:.2f}, "
+        f"operating point {findings.threshold:.2f})"
+    )
+
+
+def _own_texts(findings: Findings) -> tuple[str, ...]:
+    cases: Sequence[SimilarCase] = findings.similar
+    return (
+        impression(findings),
+        findings.provenance.intended_use,
+        findings.reason,
+        *(_case_title(case) for case in cases),
+    )
+
+
+def _date(value: str | None) -> datetime.date | None:
+    try:
+        return datetime.datetime.strptime(value or "", "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _iso_date(value: str) -> str:
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 else value
+
+
+def _round(value: float | None) -> float:
+    return round(float(value or 0.0), 4)
