@@ -172,6 +172,21 @@ def run_worker(settings: Settings, ready: Any = None) -> int:
     return 0
 
 
+def run_sender(settings: Settings, ready: Any = None) -> int:
+    """Run the sender (deliveries to the destinations, probes, retention) until SIGTERM or SIGINT."""
+    from cxr_node.scheduler import run_sender as run
+
+    stop = _stop_event()
+    store = open_store(settings)
+    if ready is not None:
+        ready.set()
+    try:
+        run(settings, store, stop, heartbeat=settings.storage.root / "run" / "sender.heartbeat")
+    finally:
+        store.close()
+    return 0
+
+
 def provenance(settings: Settings, manifest: Any) -> Any:
     """Who makes the outputs: the manifest's model and this node (name, version, intended use, device UID)."""
     from cxr_node import __version__
@@ -205,6 +220,8 @@ def _child_main(role: str, settings: Settings, ready: Any, parent: int) -> None:
     try:
         if role == "worker":
             code = run_worker(settings, ready=ready)
+        elif role == "sender":
+            code = run_sender(settings, ready=ready)
         else:
             code = run_receiver(settings, reuse_port=True, ready=ready)
     except CxrNodeError as exc:
@@ -265,7 +282,7 @@ class Supervisor:
     def _names(self) -> list[str]:
         count = self.settings.node.receiver_processes
         names = [f"receiver-{i}" for i in range(count)] if "receiver" in self.roles else []
-        return names + (["worker"] if "worker" in self.roles else [])
+        return names + [role for role in ("worker", "sender") if role in self.roles]
 
     def _spawn(self, name: str) -> None:
         role = name.split("-")[0]
@@ -336,8 +353,8 @@ def _is_our_process(pid: int) -> bool:
 def serve(settings: Settings, role: str = "all") -> int:
     """Run the node in the foreground: every role (``all``) or one, as supervised child processes.
 
-    ``receiver`` runs ``node.receiver_processes`` receivers; ``worker`` the inference worker. Two units,
-    one per role, make a split deployment on one storage root.
+    ``receiver`` runs ``node.receiver_processes`` receivers; ``worker`` the inference worker; ``sender``
+    the deliveries and housekeeping. One unit per role makes a split deployment on one storage root.
     """
-    roles = ["receiver", "worker"] if role == "all" else [role]
+    roles = ["receiver", "worker", "sender"] if role == "all" else [role]
     return Supervisor(settings, roles).run()

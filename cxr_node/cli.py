@@ -297,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
         "role",
         nargs="?",
         default="all",
-        choices=["all", "receiver", "worker"],
+        choices=["all", "receiver", "worker", "sender"],
         help="all: every role as supervised child processes (default); receiver: the receiver processes only; "
-        "worker: the inference worker only (two units on one storage.root make a split deployment)",
+        "worker: the inference worker only; sender: deliveries to the destinations and housekeeping "
+        "(one unit per role on one storage.root makes a split deployment)",
     )
     p.set_defaults(func=cmd_serve)
 

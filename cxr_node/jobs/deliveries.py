@@ -269,6 +269,28 @@ class DeliveryQueries:
             for r in rows
         }
 
+    def delete_jobs(self, job_ids: list[int]) -> int:
+        """Delete jobs and everything recorded about them; return how many jobs were deleted."""
+        with self._transaction() as db:
+            for table in ("job_events", "results", "outputs", "deliveries"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in job_ids])
+            return sum(db.execute("DELETE FROM jobs WHERE id = ?", (i,)).rowcount for i in job_ids)
+
+    def finished_before(self, cutoff: float, states: tuple[str, ...]) -> list[int]:
+        """Ids of jobs in ``states`` last updated before ``cutoff``."""
+        marks = ", ".join("?" * len(states))
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({marks}) AND updated_at < ? ORDER BY id", (*states, cutoff)
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def study_jobs(self, study_instance_uid: str) -> list[int]:
+        """Ids of every job of one study."""
+        with self._read() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE study_instance_uid = ?", (study_instance_uid,)).fetchall()
+        return [row[0] for row in rows]
+
     def iter_reasons(self, state: JobState) -> Iterator[tuple[str, int]]:
         """Jobs in ``state`` counted by reason (for skipped-by-reason metrics)."""
         with self._read() as db:

@@ -15,8 +15,8 @@ from typing import Final, Literal
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
@@ -163,7 +163,7 @@ def _strict_writing() -> Iterator[None]:
         settings.writing_validation_mode = previous
 
 
-_TEXT_VRS: Final = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+_TEXT_VRS: Final = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"])
 
 
 def validate_values(dataset: Dataset) -> None:

@@ -29,7 +29,7 @@ def start_node(config: Path, settings: Settings, log: Path) -> subprocess.Popen[
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"cxr-node serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        ready = (settings.storage.root / "run/receiver+worker.ready").exists()
+        ready = (settings.storage.root / "run/receiver+worker+sender.ready").exists()
         if ready and echo(settings.node.port) == status.SUCCESS:
             return proc
         time.sleep(0.2)
@@ -49,7 +49,7 @@ def test_kill_9_after_success_loses_nothing(settings: Settings, chest_cr: Path, 
     config = write_config(settings.with_overrides({"logging.format": "json"}), tmp_path / "node.yaml")
     log = tmp_path / "serve.log"
     node = start_node(config, settings, log)
-    children = [int(p) for p in (settings.storage.root / "run/receiver+worker.pids").read_text().split()]
+    children = [int(p) for p in (settings.storage.root / "run/receiver+worker+sender.pids").read_text().split()]
     datasets = [small_cr(chest_cr, f"kill-{i}", size=256) for i in range(20)]
     assert store_all(settings.node.port, datasets) == [status.SUCCESS] * 20
     os.killpg(node.pid, signal.SIGKILL)  # the whole process group, right after the last Success
@@ -80,7 +80,7 @@ def test_children_die_with_a_killed_supervisor(settings: Settings, tmp_path: Pat
     """SIGKILL of the supervisor alone takes its receiver children down, so no stale process keeps the port."""
     config = write_config(settings, tmp_path / "node.yaml")
     node = start_node(config, settings, tmp_path / "serve.log")
-    children = [int(p) for p in (settings.storage.root / "run/receiver+worker.pids").read_text().split()]
+    children = [int(p) for p in (settings.storage.root / "run/receiver+worker+sender.pids").read_text().split()]
     node.kill()
     node.wait(10)
     deadline = time.monotonic() + 20

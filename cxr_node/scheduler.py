@@ -1,0 +1,135 @@
+"""The sender process's timetable (the only apscheduler importer): deliveries, probes, retention, reports.
+
+Each job is a thin call of a plain method; apscheduler runs one instance of each at a time and
+coalesces missed runs, so a slow PACS never piles up delivery rounds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from cxr_node.config import Settings
+from cxr_node.jobs import retention
+from cxr_node.jobs.states import JobState
+from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.send.deliver import Dispatcher
+
+log = structlog.get_logger("cxr_node.scheduler")
+
+
+class Housekeeper:
+    """Retention, delivery age limits and the dead-letter report, as plain methods."""
+
+    def __init__(self, settings: Settings, store: SqliteJobStore, on_purge: Callable[[list[str]], Any] | None = None):
+        self.settings = settings
+        self.store = store
+        self.on_purge = on_purge
+
+    def settle(self) -> None:
+        """Give up on deliveries past the age limit; finish written jobs with nothing left to send."""
+        expired = self.store.expire(self.settings.delivery.max_age_hours * 3600)
+        settled = self.store.settle_written()
+        if expired or settled:
+            log.info("housekeeping.settled", expired_deliveries=expired, finished_jobs=settled)
+
+    def purge(self) -> int:
+        """Purge finished jobs older than ``storage.retention_days`` (files, rows, index entries)."""
+        ids = retention.expired(self.store, self.settings.storage.retention_days)
+        if not ids:
+            return 0
+        studies = sorted({job.study_instance_uid for job in map(self.store.get, ids) if job is not None})
+        count = retention.purge_jobs(self.store, self.settings.storage.root, ids)
+        if self.on_purge is not None:
+            self.on_purge(studies)
+        log.info(
+            "housekeeping.purged", jobs=count, studies=len(studies), retention_days=self.settings.storage.retention_days
+        )
+        return count
+
+    def dead_letter_report(self) -> int:
+        """Log the dead jobs (reason counts) so they are seen; ``cxr-node resend --dead`` re-queues them."""
+        reasons = dict(self.store.iter_reasons(JobState.DEAD))
+        if reasons:
+            log.warning(
+                "housekeeping.dead_letters",
+                total=sum(reasons.values()),
+                reasons={reason[:80]: n for reason, n in reasons.items()},
+            )
+        return sum(reasons.values())
+
+
+def build(
+    settings: Settings,
+    dispatcher: Dispatcher,
+    housekeeper: Housekeeper,
+    extra: list[tuple[Callable[[], Any], float, str]] = (),
+) -> BackgroundScheduler:  # type: ignore[assignment]
+    """The sender's scheduler, not started: delivery rounds, probes, settling, retention, dead-letter report."""
+    scheduler = BackgroundScheduler(
+        timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60}
+    )
+    delivery = settings.delivery
+    jobs: list[tuple[Callable[[], Any], float, str]] = [
+        (dispatcher.round, delivery.poll_interval_ms / 1000, "deliver"),
+        (lambda: [dispatcher.probe(d) for d in dispatcher.destinations], delivery.probe_interval_s, "probe"),
+        (housekeeper.settle, 30.0, "settle"),
+        (housekeeper.purge, 3600.0, "retention"),
+        (housekeeper.dead_letter_report, 3600.0, "dead_letters"),
+        *extra,
+    ]
+    for function, seconds, name in jobs:
+        scheduler.add_job(_logged(function, name), "interval", seconds=seconds, id=name, name=name)
+    return scheduler
+
+
+def _logged(function: Callable[[], Any], name: str) -> Callable[[], None]:
+    """A job that logs its exceptions and never lets one stop the scheduler."""
+
+    def run() -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("scheduler.job_failed", job=name)
+
+    return run
+
+
+def run_sender(
+    settings: Settings,
+    store: SqliteJobStore,
+    stop: threading.Event,
+    heartbeat: Path | None = None,
+    on_purge: Callable[[list[str]], Any] | None = None,
+) -> None:
+    """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
+    kinds = [
+        kind
+        for kind, on in (
+            ("sr", settings.results.structured_report),
+            ("sc", settings.results.secondary_capture),
+            ("seg", settings.results.segmentation),
+            ("pr", settings.results.presentation_state),
+        )
+        if on
+    ]
+    dispatcher = Dispatcher(store, settings.storage.root, settings.destinations, settings.delivery, kinds)
+    housekeeper = Housekeeper(settings, store, on_purge)
+    for destination in settings.destinations:
+        dispatcher.probe(destination)
+    housekeeper.settle()
+    scheduler = build(settings, dispatcher, housekeeper)
+    scheduler.start()
+    log.info("sender.started", destinations=[d.name for d in settings.destinations])
+    try:
+        while not stop.wait(1.0):
+            if heartbeat is not None:
+                heartbeat.touch()
+    finally:
+        scheduler.shutdown(wait=True)
+        log.info("sender.stopped")

@@ -1,0 +1,259 @@
+"""Delivering the outputs to every destination: probe, send in order of arrival, back off, give up, alarm.
+
+One round (:meth:`Dispatcher.round`) opens at most one association per destination and sends the due
+outputs of up to ``delivery.jobs_per_association`` jobs, oldest job first. A Success or warning status is
+delivered; a failure status is retried with exponential backoff and jitter up to ``delivery.max_attempts``;
+no association or no response backs off the whole destination (its deliveries keep their order and their
+attempt counts), so a PACS that was down for an hour gets the backlog in order of arrival.
+Output kinds a destination does not accept (seen when probing) are recorded as refused and raise an alarm.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
+from cxr_node.config import DeliverySettings, Destination
+from cxr_node.dicom import status
+from cxr_node.jobs.deliveries import DEAD, DELIVERED, FAILED, DestinationState, Due
+from cxr_node.jobs.store import SqliteJobStore
+
+log = structlog.get_logger("cxr_node.send")
+
+OUTPUT_CLASSES: Final = {
+    "sr": str(ComprehensiveSRStorage),
+    "sc": str(SecondaryCaptureImageStorage),
+    "seg": str(SegmentationStorage),
+    "pr": str(GrayscaleSoftcopyPresentationStateStorage),
+}
+"""The SOP class of each output kind; proposed in the syntaxes of :data:`OUTPUT_SYNTAXES`."""
+OUTPUT_SYNTAXES: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Seconds to wait after ``failures`` consecutive failures: doubling from ``initial`` up to ``maximum``,
+    with "equal jitter" (between half and all of it) so many nodes do not retry in step."""
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, found {failures}")
+    delay = min(maximum, initial * 2 ** min(failures - 1, 30))
+    return delay / 2 + rng.random() * delay / 2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one send of one output got."""
+
+    status: int | None
+    error: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        """Success or a warning status (PS3.4 B.2.3)."""
+        return self.status is not None and not status.is_failure(self.status)
+
+
+def client_tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """The TLS arguments of an association to ``destination``, or None when it is plain TCP."""
+    if not destination.tls:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(destination.ca_file) if destination.ca_file else None
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if destination.cert_file and destination.key_file:
+        context.load_cert_chain(str(destination.cert_file), str(destination.key_file))
+    return context, destination.host
+
+
+class Dispatcher:
+    """Sends written outputs to the configured destinations and records every outcome in the jobs store."""
+
+    def __init__(
+        self,
+        store: SqliteJobStore,
+        root: Path,
+        destinations: Sequence[Destination],
+        settings: DeliverySettings,
+        kinds: Sequence[str] = ("sr", "sc", "seg", "pr"),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.destinations = list(destinations)
+        self.settings = settings
+        self.kinds = [kind for kind in kinds if kind in OUTPUT_CLASSES]
+        self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not cryptography
+
+    def _ae(self, kinds: Sequence[str]) -> AE:
+        ae = AE(ae_title=self.settings.calling_ae_title)
+        for kind in kinds:
+            ae.add_requested_context(OUTPUT_CLASSES[kind], list(OUTPUT_SYNTAXES))
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
+        return ae
+
+    def _associate(self, destination: Destination, kinds: Sequence[str]) -> tuple[Association | None, str]:
+        try:
+            assoc = self._ae(kinds).associate(
+                destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
+            )
+        except (OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
+            return None, f"cannot associate: {exc}"
+        if assoc.is_established:
+            return assoc, ""
+        why = "rejected the association" if assoc.is_rejected else "no association (down or unreachable)"
+        return None, why
+
+    def probe(self, destination: Destination, now: float | None = None) -> DestinationState:
+        """Negotiate the output SOP classes with ``destination`` and record which it accepts."""
+        now = time.time() if now is None else now
+        previous = self.store.destinations().get(destination.name)
+        assoc, error = self._associate(destination, self.kinds)
+        if assoc is None:
+            return self._down(destination, previous, now, error, probed=True)
+        accepted = sorted(
+            {
+                kind
+                for kind in self.kinds
+                for cx in assoc.accepted_contexts
+                if str(cx.abstract_syntax) == OUTPUT_CLASSES[kind]
+            }
+        )
+        assoc.release()
+        refused = [kind for kind in self.kinds if kind not in accepted]
+        state = DestinationState(destination.name, True, accepted, refused, None, now, None, 0.0, 0)
+        self.store.save_destination(state)
+        if refused:
+            log.warning("destination.unmet", destination=destination.name, refused=refused, accepted=accepted)
+            self.store.refuse(destination.name, refused)
+        else:
+            log.info("destination.probed", destination=destination.name, accepted=accepted)
+        return state
+
+    def _down(
+        self, destination: Destination, previous: DestinationState | None, now: float, error: str, probed: bool = False
+    ) -> DestinationState:
+        failures = (previous.failures if previous else 0) + 1
+        delay = backoff(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s, self.rng)
+        state = DestinationState(
+            destination.name,
+            False,
+            previous.accepted if previous else [],
+            previous.refused if previous else [],
+            error,
+            now if probed or previous is None else previous.probed_at,
+            previous.down_since if previous and previous.down_since else now,
+            now + delay,
+            failures,
+        )
+        self.store.save_destination(state)
+        log.warning(
+            "destination.down", destination=destination.name, error=error, retry_in_s=round(delay, 1), failures=failures
+        )
+        return state
+
+    def round(self, now: float | None = None) -> int:
+        """Send what is due to every destination; return how many outputs were delivered."""
+        now = time.time() if now is None else now
+        return sum(self._round_one(destination, now) for destination in self.destinations)
+
+    def _round_one(self, destination: Destination, now: float) -> int:
+        state = self.store.destinations().get(destination.name)
+        if state is not None and state.retry_at > now:
+            return 0
+        if state is None or not state.probed_at or (state.reachable is False and state.down_since is not None):
+            state = self.probe(destination, now)
+            if not state.reachable:
+                return 0
+        due = self.store.due(destination.name, now, self.settings.jobs_per_association)
+        if not due:
+            return 0
+        return self._send(destination, state, due, now)
+
+    def _send(self, destination: Destination, state: DestinationState, due: list[Due], now: float) -> int:
+        kinds = sorted({item.kind for item in due})
+        assoc, error = self._associate(destination, kinds)
+        if assoc is None:
+            self._down(destination, state, now, error)
+            return 0
+        delivered = 0
+        try:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            refused = [kind for kind in kinds if OUTPUT_CLASSES[kind] not in accepted]
+            if refused:
+                log.warning("destination.unmet", destination=destination.name, refused=refused)
+                self.store.refuse(destination.name, refused)
+            for item in due:
+                if item.kind in refused:
+                    continue
+                outcome = self._store_one(assoc, item)
+                if outcome.status is None and not assoc.is_established:
+                    self._down(destination, state, time.time(), outcome.error)
+                    break
+                delivered += self._record(destination, item, outcome)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if delivered and state.failures:
+            self.store.save_destination(
+                replace(state, reachable=True, down_since=None, retry_at=0.0, failures=0, error=None)
+            )
+            log.info("destination.up", destination=destination.name)
+        return delivered
+
+    def _store_one(self, assoc: Association, item: Due) -> Outcome:
+        try:
+            ds = dcmread(self.root / item.path)
+        except (InvalidDicomError, OSError) as exc:
+            return Outcome(None, f"output file unreadable: {exc}")
+        try:
+            reply = assoc.send_c_store(ds)
+        except (ValueError, RuntimeError, AttributeError) as exc:
+            return Outcome(None, str(exc).splitlines()[0][:200])
+        if "Status" not in reply:
+            return Outcome(None, "no response (association lost or timed out)")
+        return Outcome(int(reply.Status), str(reply.get("ErrorComment", ""))[:200])
+
+    def _record(self, destination: Destination, item: Due, outcome: Outcome) -> int:
+        fields = {"destination": destination.name, "job_id": item.job_id, "kind": item.kind}
+        if outcome.delivered:
+            if outcome.status is not None and status.is_warning(outcome.status):
+                log.warning("send.warning", status=f"0x{outcome.status:04X}", comment=outcome.error, **fields)
+            finished = self.store.record_delivery(
+                item.job_id, destination.name, item.kind, DELIVERED, outcome.status, outcome.error or None
+            )
+            log.info("send.delivered", status=f"0x{outcome.status:04X}", **fields)
+            if finished is not None:
+                log.info(f"job.{finished.value}", job_id=item.job_id)
+            return 1
+        attempts = item.attempts + 1
+        error = outcome.error or f"status 0x{(outcome.status or 0):04X}"
+        if attempts >= self.settings.max_attempts:
+            finished = self.store.record_delivery(item.job_id, destination.name, item.kind, DEAD, outcome.status, error)
+            log.error("send.dead", attempts=attempts, error=error, **fields)
+            if finished is not None:
+                log.error(f"job.{finished.value}", job_id=item.job_id)
+            return 0
+        delay = backoff(attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s, self.rng)
+        self.store.record_delivery(
+            item.job_id, destination.name, item.kind, FAILED, outcome.status, error, next_attempt_at=time.time() + delay
+        )
+        log.warning("send.retry_scheduled", attempts=attempts, retry_in_s=round(delay, 1), error=error, **fields)
+        return 0
