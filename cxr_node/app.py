@@ -143,7 +143,7 @@ def run_worker(settings: Settings, ready: Any = None) -> int:
     from cxr_node.infer.device import resolve_device
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import load_manifest
-    from cxr_node.pipeline import OutputWriter, Worker
+    from cxr_node.pipeline import IndexRetriever, OutputWriter, Worker
 
     stop = _stop_event()
     options = RuntimeOptions(
@@ -163,13 +163,36 @@ def run_worker(settings: Settings, ready: Any = None) -> int:
         destinations=[destination.name for destination in settings.destinations],
         fsync=settings.storage.fsync,
     )
+    index = open_index(settings) if settings.neighbours.k else None
+    retriever = IndexRetriever(index, settings.neighbours) if index is not None else None
     if ready is not None:
         ready.set()
     try:
-        Worker(settings.storage.root, store, engine, settings.worker, writer=writer).run(stop)
+        Worker(settings.storage.root, store, engine, settings.worker, writer=writer, retriever=retriever).run(stop)
     finally:
         store.close()
+        if index is not None:
+            index.checkpoint()
+            index.close()
     return 0
+
+
+def open_index(settings: Settings) -> Any:
+    """The persistent neighbour index under ``storage.root/index``."""
+    from cxr_node.neighbours import SqliteNeighbourIndex
+
+    return SqliteNeighbourIndex(settings.storage.root / "index", fsync=settings.storage.fsync)
+
+
+def purge_index(settings: Settings, studies: Sequence[str]) -> int:
+    """Remove studies from the neighbour index (retention, ``cxr-node purge``); return the entries removed."""
+    if not (settings.storage.root / "index").exists():
+        return 0
+    index = open_index(settings)
+    try:
+        return sum(index.purge_study(study) for study in studies)
+    finally:
+        index.close()
 
 
 def run_sender(settings: Settings, ready: Any = None) -> int:
@@ -181,7 +204,13 @@ def run_sender(settings: Settings, ready: Any = None) -> int:
     if ready is not None:
         ready.set()
     try:
-        run(settings, store, stop, heartbeat=settings.storage.root / "run" / "sender.heartbeat")
+        run(
+            settings,
+            store,
+            stop,
+            heartbeat=settings.storage.root / "run" / "sender.heartbeat",
+            on_purge=lambda studies: purge_index(settings, studies),
+        )
     finally:
         store.close()
     return 0
@@ -258,17 +287,36 @@ class Supervisor:
             )
         self._kill_leftovers()
         recover(self.settings, self.roles)
+        metrics = self._start_metrics()
         try:
             for name in self._names():
                 self._spawn(name)
         except CxrNodeError:
+            if metrics is not None:
+                metrics.stop()
             self._stop_all()
             raise
         self._ready_file.write_text(f"{os.getpid()}\n")
         log.info("node.ready", children=len(self.children), port=self.settings.node.port)
         while not self.stopping.wait(0.5):
             self._restart_dead()
+        if metrics is not None:
+            metrics.stop()
         return self._stop_all()
+
+    def _start_metrics(self) -> Any:
+        """The /metrics and /healthz endpoint (when enabled and this supervisor runs the receivers or all)."""
+        if not self.settings.metrics.enabled or "receiver" not in self.roles:
+            return None
+        from cxr_node.metrics import MetricsServer
+
+        try:
+            return MetricsServer(self.settings, open_store(self.settings)).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.settings.source}: metrics.port: cannot listen on {self.settings.metrics.host}:"
+                f"{self.settings.metrics.port}: {exc.strerror}"
+            ) from exc
 
     @property
     def _pids_file(self) -> Path:

@@ -31,28 +31,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print job counts by state."""
+    """Print the node at a glance: jobs by state, queue, deliveries per destination, disk, model."""
     from cxr_node.app import open_store
+    from cxr_node.metrics import snapshot
 
     settings = _settings(args)
     store = open_store(settings, readonly=True)
     try:
-        counts = store.counts()
+        snap = snapshot(settings, store)
     finally:
         store.close()
     report = {
         "storage_root": str(settings.storage.root),
-        "jobs": {state.value: n for state, n in counts.items()},
-        "total": sum(counts.values()),
+        "model_manifest": str(settings.models.manifest),
+        "jobs": snap.jobs,
+        "total": sum(snap.jobs.values()),
+        "queue_depth": snap.queue_depth,
+        "queue_limit": settings.node.max_queue_depth,
+        "oldest_pending_s": round(snap.oldest_pending_s, 1),
+        "disk_used_percent": round(snap.disk_used * 100, 1),
+        "disk_limit_percent": settings.storage.max_disk_percent,
+        "deliveries": {f"{dest}/{state}": n for (dest, state), n in sorted(snap.deliveries.items())},
+        "destinations": {
+            name: {k: state[k] for k in ("reachable", "accepted", "refused", "error")}
+            for name, state in snap.destinations.items()
+        },
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"storage root  {report['storage_root']}")
+    print(f"storage root  {report['storage_root']}   model {report['model_manifest']}")
+    print(
+        f"queue         {report['queue_depth']} waiting (limit {report['queue_limit']}), oldest pending "
+        f"{report['oldest_pending_s']:.0f} s, disk {report['disk_used_percent']}% (limit "
+        f"{report['disk_limit_percent']:g}%)"
+    )
     print(f"jobs          {report['total']}")
     for state, count in report["jobs"].items():
         print(f"  {state:<12}{count:>8}")
+    for name, state in report["destinations"].items():
+        up = "up" if state["reachable"] else f"DOWN ({state['error']})"
+        unmet = f", REFUSES {', '.join(state['refused'])}" if state["refused"] else ""
+        counts = ", ".join(
+            f"{k.split('/')[1]} {n}" for k, n in report["deliveries"].items() if k.startswith(name + "/")
+        )
+        print(f"destination   {name}: {up}{unmet}; deliveries: {counts or 'none'}")
     return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """Re-queue the deliveries of one job, or of every dead job."""
+    from cxr_node.app import open_store
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        try:
+            ids = store.resend(job_id=args.job, dead=args.dead)
+        except ValueError as exc:
+            raise CxrNodeError(f"{exc}; see cxr-node status") from exc
+    finally:
+        store.close()
+    print(f"re-queued {len(ids)} job(s){': ' + ', '.join(map(str, ids)) if ids else ''}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Remove every trace of one study: inputs, outputs, jobs and their index entries."""
+    from cxr_node.app import open_store
+    from cxr_node.jobs.retention import purge_jobs
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        ids = store.study_jobs(args.study)
+        count = purge_jobs(store, settings.storage.root, ids)
+    finally:
+        store.close()
+    removed = _purge_index(settings, [args.study])
+    print(f"purged study {args.study}: {count} job(s), {removed} index entr{'y' if removed == 1 else 'ies'}")
+    return 0
+
+
+def _purge_index(settings: Settings, studies: list[str]) -> int:
+    """Remove the studies from the neighbour index, when there is one."""
+    from cxr_node.app import purge_index
+
+    return purge_index(settings, studies)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -304,9 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", parents=[common], help="show jobs by state")
+    p = sub.add_parser("status", parents=[common], help="jobs by state, queue, deliveries, destinations, disk")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resend", parents=[common], help="re-queue deliveries (one job, or every dead job)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--job", type=int, help="the job id (see cxr-node status / the logs)")
+    group.add_argument("--dead", action="store_true", help="every dead job")
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("purge", parents=[common], help="remove a study: files, jobs and neighbour-index entries")
+    p.add_argument("--study", required=True, help="the Study Instance UID")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

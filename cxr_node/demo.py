@@ -8,6 +8,7 @@ jobs store. Output (config, inputs, node log, state) goes to one folder that is 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydicom import dcmread
@@ -49,21 +51,26 @@ def run_demo(out: Path, phantoms: int = 6, manifest: Path = DEMO_MANIFEST) -> in
     if out.exists():
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
-    port = _free_port()
-    config = _write_config(out, port, manifest.resolve())
+    port, pacs_port = _free_port(), _free_port()
+    config = _write_config(out, port, manifest.resolve(), pacs_port)
     print(f"cxr-node demo: working folder {out}")
     inputs = _phantom_inputs(out / "inputs", phantoms) + _real_inputs(out / "inputs")
     print(f"  prepared {len(inputs)} images ({phantoms} synthetic phantoms, {len(inputs) - phantoms} real radiographs)")
+    pacs = DemoPacs(out / "pacs", pacs_port).start()
+    print(f"  demo PACS (a Storage SCP) listening on 127.0.0.1:{pacs_port} for the results")
     node = _start_node(config, port, out / "node.log")
     try:
         results = _send(inputs, port)
-        _wait_for_inference(out, sum(1 for code, _ in results.values() if code is not None))
-        _print_table(inputs, results, out)
+        _wait_for_delivery(out, sum(1 for code, _ in results.values() if code is not None))
+        _print_table(inputs, results, out, pacs)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
+        pacs.stop()
+    previews = _previews(out / "pacs", out / "previews")
     print("  node stopped cleanly" if node.returncode == 0 else f"  node exited with {node.returncode}")
-    print("  results are recorded in the jobs store; the SR and overlay writers are not part of this version")
+    print(f"  results received by the demo PACS (SR, SC, SEG, GSPS): {out / 'pacs'}")
+    print(f"  overlay previews (PNG): {', '.join(str(p) for p in previews[:3])}{' ...' if len(previews) > 3 else ''}")
     print(f"  node log: {out / 'node.log'}   state: {out / 'state'}   config: {config}")
     return 0 if node.returncode == 0 else 1
 
@@ -74,12 +81,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_config(out: Path, port: int, manifest: Path) -> Path:
+def _write_config(out: Path, port: int, manifest: Path, pacs_port: int) -> Path:
     config = {
-        "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port},
+        "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port, "receiver_processes": 1},
         "storage": {"root": str(out / "state")},
         "models": {"manifest": str(manifest)},
-        "destinations": [],
+        "destinations": [{"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port}],
+        "delivery": {"poll_interval_ms": 200},
+        "results": {"segmentation": True, "presentation_state": True},
+        "metrics": {"port": _free_port()},
+        "worker": {"batch_wait_ms": 50},
         "logging": {"level": "info", "format": "json"},
     }
     path = out / "node.yaml"
@@ -151,28 +162,78 @@ def _send(inputs: list[DemoInput], port: int) -> dict[Path, tuple[int | None, st
     return results
 
 
-def _wait_for_inference(out: Path, expected: int) -> None:
-    """Wait (bounded) until the ``expected`` jobs exist and none is queued or running, showing progress."""
+class DemoPacs:
+    """The PACS side of the demo: a real Storage SCP (pynetdicom) on loopback that keeps what it receives."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.arrived: dict[str, float] = {}
+        self.server: Any = None
+
+    def start(self) -> DemoPacs:
+        """Listen for the node's results."""
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import Verification
+
+        from cxr_node.send.deliver import OUTPUT_CLASSES
+
+        ae = AE(ae_title="DEMO_PACS")
+        ae.add_supported_context(Verification)
+        for sop_class in OUTPUT_CLASSES.values():
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+        return self
+
+    def _store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        kind = {"SR": "sr", "OT": "sc", "SEG": "seg", "PR": "pr"}.get(str(ds.get("Modality", "")), "other")
+        ds.save_as(self.folder / f"{kind}-{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        source = ds.get("CurrentRequestedProcedureEvidenceSequence") or ds.get("SourceImageSequence")
+        if kind == "sr" and source:
+            uid = source[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            self.arrived[str(uid)] = time.time()
+        return 0
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def _wait_for_delivery(out: Path, expected: int) -> None:
+    """Wait (bounded) until every job is finished (delivered, skipped, dead…), showing progress on one line."""
     deadline = time.monotonic() + INFERENCE_TIMEOUT_S
     store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
-    shown = ""
+    open_states = (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.WRITTEN)
+    tty, shown = sys.stdout.isatty(), ""
     try:
         while time.monotonic() < deadline:
             counts = store.counts()
-            pending = counts[JobState.QUEUED] + counts[JobState.RUNNING]
-            line = f"  inference: {counts[JobState.INFERRED]} done, {pending} pending"
+            pending = sum(counts[state] for state in open_states)
+            done = counts[JobState.DELIVERED]
+            bar = "#" * int(20 * done / max(expected, 1))
+            line = f"  progress [{bar:<20}] {done} delivered, {pending} in progress, {counts[JobState.SKIPPED]} skipped"
             if line != shown:
-                print(line, flush=True)
+                print(f"\r{line}   " if tty else line, end="" if tty else "\n", flush=True)
                 shown = line
             if pending == 0 and sum(counts.values()) >= expected:
+                if tty:
+                    print()
                 return
             time.sleep(0.5)
     finally:
         store.close()
-    print(f"  inference: still pending after {INFERENCE_TIMEOUT_S:.0f} s; see the node log")
+    print(f"\n  still in progress after {INFERENCE_TIMEOUT_S:.0f} s; see the node log")
 
 
-def _print_table(inputs: list[DemoInput], results: dict[Path, tuple[int | None, str]], out: Path) -> None:
+def _print_table(
+    inputs: list[DemoInput], results: dict[Path, tuple[int | None, str]], out: Path, pacs: DemoPacs
+) -> None:
     store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
     try:
         jobs = {job.sop_instance_uid: job for job in store.jobs()}
@@ -180,27 +241,52 @@ def _print_table(inputs: list[DemoInput], results: dict[Path, tuple[int | None, 
     finally:
         store.close()
     print()
-    print(f"  {'image':<44} {'C-STORE':<8} {'job':<13} {'score':>6}  {'decision':<10} {'time':>6}  note")
+    print(
+        f"  {'image':<40} {'C-STORE':<7} {'job':<13} {'score':>5}  {'decision':<9} {'similar (top 2)':<30} "
+        f"{'turnaround':>10}  note"
+    )
     for item in inputs:
         uid = str(dcmread(item.path, stop_before_pixels=True).SOPInstanceUID)
         job = jobs.get(uid)
         code = results[item.path][0]
         shown = "----" if code is None else f"{code:04X}"
         state = f"{job.id}:{job.state}" if job else "-"
-        score, decision, took, note = _outcome(job, found.get(job.id) if job else None)
-        print(f"  {item.description:<44} {shown:<8} {state:<13} {score:>6}  {decision:<10} {took:>6}  {note}")
+        score, decision, similar, note = _outcome(job, found.get(job.id) if job else None)
+        took = f"{pacs.arrived[uid] - job.received_at:.1f}s" if job and uid in pacs.arrived else ""
+        print(
+            f"  {item.description:<40} {shown:<7} {state:<13} {score:>5}  {decision:<9} {similar:<30} "
+            f"{took:>10}  {note}"
+        )
+    print("  (turnaround: from the node's receipt of the image to the SR stored at the demo PACS)")
     print()
 
 
 def _outcome(job: Job | None, result: StoredResult | None) -> tuple[str, str, str, str]:
-    """Score, decision, turnaround and a note for one row of the table."""
+    """Score, decision, similar cases and a note for one row of the table."""
     if job is None:
         return "", "", "", "not stored"
     if result is None:
         return "", "", "", job.reason or ""
     summary = result.summary
-    took = f"{result.created_at - job.received_at:.1f}s"
     if summary["status"] != "analysed":
-        return "", "not anal.", took, summary["reason"]
+        return "", "not anal.", "", summary["reason"][:60]
     decision = "POSITIVE" if summary["positive"] else "negative"
-    return f"{summary['probability']:.3f}", decision, took, f"threshold {summary['threshold']:.2f}"
+    similar = "; ".join(
+        f"{c['accession_number'] or c['case_number']} {c['similarity']:.2f}" for c in summary.get("similar", [])[:2]
+    )
+    return f"{summary['probability']:.2f}", decision, similar, f"threshold {summary['threshold']:.2f}"
+
+
+def _previews(pacs: Path, folder: Path) -> list[Path]:
+    """PNG previews of the overlays the demo PACS received (what a viewer would show)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for number, path in enumerate(sorted(pacs.glob("sc-*.dcm")), start=1):
+        ds = dcmread(path)
+        accession = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(ds.get("AccessionNumber", "") or "no-accession"))
+        target = folder / f"overlay-{number:02d}-{accession}.png"
+        Image.fromarray(ds.pixel_array).save(target)
+        written.append(target)
+    return written

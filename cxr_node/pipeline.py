@@ -9,7 +9,9 @@ worker keeps going.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from cxr_node.config import ResultsSettings, WorkerSettings
+from cxr_node.config import NeighbourSettings, ResultsSettings, WorkerSettings
 from cxr_node.dicom.pixels import DecodedImage, decode
 from cxr_node.errors import PixelDecodeError
 from cxr_node.infer import preprocess
@@ -31,6 +33,7 @@ from cxr_node.infer.engine import Analysis
 from cxr_node.jobs.spool import output_path, write_durably
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import Job, JobStore, Output
+from cxr_node.neighbours import Neighbour, NeighbourIndex, NewCase
 from cxr_node.results.common import OutputError, OutputOptions
 from cxr_node.results.findings import Findings, Provenance, SimilarCase
 from cxr_node.results.outputs import Built, Enabled, build_outputs, kinds_for
@@ -74,6 +77,58 @@ class NoRetrieval:
 
     def add(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> None:
         return None
+
+
+class IndexRetriever:
+    """The persistent neighbour index as the worker's retriever, with the site's identifier policy.
+
+    ``identifiers="uids"`` names each neighbour's Study/SOP Instance UID, accession number and study date;
+    ``"case_number"`` only its de-identified case number (for sites that forbid other patients' identifiers).
+    """
+
+    def __init__(self, index: NeighbourIndex, settings: NeighbourSettings) -> None:
+        self.index = index
+        self.settings = settings
+
+    def similar(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> tuple[SimilarCase, ...]:
+        found = self.index.query(
+            model_version,
+            embedding,
+            self.settings.k,
+            patient_hash=case.patient_hash,
+            study_instance_uid=case.study_instance_uid,
+            library_only=self.settings.library_only,
+        )
+        return tuple(self._shown(n) for n in found)
+
+    def _shown(self, neighbour: Neighbour) -> SimilarCase:
+        case = neighbour.case
+        similarity = float(min(1.0, max(-1.0, neighbour.similarity)))
+        if self.settings.identifiers == "case_number":
+            return SimilarCase(neighbour.rank, similarity, case.case_number, case.label)
+        return SimilarCase(
+            neighbour.rank,
+            similarity,
+            case.case_number,
+            case.label,
+            case.study_instance_uid,
+            case.sop_instance_uid,
+            case.accession_number or None,
+            case.study_date or None,
+        )
+
+    def add(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> None:
+        self.index.add(
+            model_version,
+            embedding,
+            NewCase(
+                case.sop_instance_uid,
+                case.study_instance_uid,
+                case.accession_number[:64],
+                case.study_date,
+                case.patient_hash,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -184,8 +239,12 @@ def undecodable_summary(header: Dataset, reason: str, model: tuple[str, str]) ->
         "threshold": None,
         "members": {},
         "lung_mask": None,
-        "image": {"original_shape": shape, "analysed_shape": None, "pixel_spacing_mm": None,
-                  "photometric": str(header.get("PhotometricInterpretation", ""))},
+        "image": {
+            "original_shape": shape,
+            "analysed_shape": None,
+            "pixel_spacing_mm": None,
+            "photometric": str(header.get("PhotometricInterpretation", "")),
+        },
         "similar": [],
         "timings_ms": {},
     }
@@ -320,6 +379,43 @@ class OutputWriter:
         return self.write(job, loaded.header, findings)
 
 
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds of the per-image inference seconds histogram (the same as cxr_node.metrics)."""
+
+
+class WorkerStats:
+    """Cumulative inference timings and batch sizes, and a heartbeat, written where /metrics reads them."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.buckets = [0] * (len(SECONDS_BUCKETS) + 1)
+        self.seconds_sum = 0.0
+        self.batch_sizes: dict[str, int] = {}
+
+    def beat(self) -> None:
+        """Touch the heartbeat file (the worker loop is alive)."""
+        with contextlib.suppress(OSError):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "worker.heartbeat").touch()
+
+    def batch(self, size: int, seconds: float) -> None:
+        """Count one batch of ``size`` images that took ``seconds``, and publish the totals."""
+        per_image = seconds / max(size, 1)
+        index = next((i for i, bound in enumerate(SECONDS_BUCKETS) if per_image <= bound), len(SECONDS_BUCKETS))
+        self.buckets[index] += size
+        self.seconds_sum += seconds
+        self.batch_sizes[str(size)] = self.batch_sizes.get(str(size), 0) + 1
+        data = {
+            "seconds_buckets": self.buckets,
+            "seconds_sum": round(self.seconds_sum, 3),
+            "batch_sizes": self.batch_sizes,
+        }
+        with contextlib.suppress(OSError):
+            tmp = self.run_dir / "worker.stats.json.tmp"
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.run_dir / "worker.stats.json")
+
+
 class Worker:
     """Takes queued jobs in batches, analyses them, records the results and writes the outputs.
 
@@ -354,12 +450,14 @@ class Worker:
         self.settings = settings
         self.writer = writer
         self.retriever = retriever or NoRetrieval()
+        self.stats = WorkerStats(root / "run")
 
     def run(self, stop: threading.Event) -> None:
         """Process batches until ``stop`` is set; the batch in hand is finished first."""
         log.info("worker.started", model=self.analyser.model[0], version=self.analyser.model[1])
         self.finish_inferred()
         while not stop.is_set():
+            self.stats.beat()
             jobs = self.take_batch(stop)
             if jobs:
                 self.process(jobs)
@@ -400,7 +498,9 @@ class Worker:
         except Exception:
             log.exception("worker.batch_failed", batch=len(decoded))
             analyses = [self._analyse_alone(item) for item in decoded]
-        log.info("worker.batch", batch=len(decoded), seconds=round(time.perf_counter() - clock, 3))
+        seconds = time.perf_counter() - clock
+        log.info("worker.batch", batch=len(decoded), seconds=round(seconds, 3))
+        self.stats.batch(len(decoded), seconds)
         for item, analysis in zip(decoded, analyses, strict=True):
             if analysis is not None:
                 self._record(item, analysis)

@@ -108,7 +108,8 @@ def run_sender(
     on_purge: Callable[[list[str]], Any] | None = None,
 ) -> None:
     """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
-    kinds = [
+    kinds = ["sr"] if settings.results.not_analysed_report else []
+    kinds += [
         kind
         for kind, on in (
             ("sr", settings.results.structured_report),
@@ -118,6 +119,7 @@ def run_sender(
         )
         if on
     ]
+    kinds = list(dict.fromkeys(kinds))  # the not-analysed SR is sent even with structured_report off
     dispatcher = Dispatcher(store, settings.storage.root, settings.destinations, settings.delivery, kinds)
     housekeeper = Housekeeper(settings, store, on_purge)
     for destination in settings.destinations:

@@ -54,6 +54,7 @@ def make_settings(tmp_path: Path, tiny_manifest: Path) -> Callable[..., Settings
             "storage.root": str(tmp_path / "state"),
             "models.manifest": str(tiny_manifest),
             "worker.batch_wait_ms": 20,
+            "metrics.port": free_port(),
             "logging.format": "console",
         }
         return Settings().with_overrides({**base, **overrides})

@@ -1,6 +1,6 @@
 """Deterministic UIDs of the node's outputs: the same source, model version and output kind always give the same UIDs.
 
-A retry after a crash therefore re-creates byte-for-byte the same identifiers, and a PACS that already
+A retry after a crash therefore re-creates the same identifiers, and a PACS that already
 stored the object keeps one copy (DESIGN.md §6). UIDs are of the ``2.25.<integer>`` form (PS3.5 §B.2):
 the integer is the first 128 bits of a SHA-256 over the inputs, so no organisation root is needed.
 """
@@ -28,9 +28,10 @@ def derived_uid(*parts: str) -> str:
     return UID_ROOT + str(int.from_bytes(digest[:16], "big"))
 
 
-def output_uid(source_sop_instance_uid: str, model_version: str, kind: str, part: Part) -> str:
-    """Return the UID of ``part`` of the ``kind`` output (sr, sc, seg, pr) made from one source image."""
-    return derived_uid(source_sop_instance_uid, model_version, kind, part)
+def output_uid(source_sop_instance_uid: str, model: str, kind: str, part: Part) -> str:
+    """Return the UID of ``part`` of the ``kind`` output (sr, sc, seg, pr) made from one source image by
+    ``model`` (its name and version, e.g. ``cxr-node-demo/1``)."""
+    return derived_uid(source_sop_instance_uid, model, kind, part)
 
 
 def device_uid(ae_title: str) -> str:

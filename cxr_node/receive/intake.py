@@ -26,6 +26,7 @@ from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import JobStore, NewJob
 from cxr_node.logs import hash_identifier
 from cxr_node.receive.filters import Verdict, triage
+from cxr_node.receive.pressure import Pressure
 
 log = structlog.get_logger("cxr_node.receive")
 
@@ -77,6 +78,7 @@ class Intake:
         self.rules = settings.triage
         self.max_bytes = settings.node.max_instance_bytes
         self.store = store
+        self.pressure = Pressure(store, self.root, settings.node.max_queue_depth, settings.storage.max_disk_percent)
 
     def accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
         """Handle one C-STORE data set; never raises.
@@ -108,6 +110,9 @@ class Intake:
             )
 
     def _accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
+        full = self.pressure.reason()
+        if full:
+            raise RejectedInstance(status.OUT_OF_RESOURCES, full)
         size = encoded.stat().st_size if isinstance(encoded, Path) else len(encoded)
         if size > self.max_bytes:
             raise RejectedInstance(status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds node.max_instance_mb")

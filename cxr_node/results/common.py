@@ -82,10 +82,10 @@ class Identity:
 def identity(source: Dataset, findings: Findings, kind: Kind, options: OutputOptions) -> Identity:
     """Return the UIDs of the ``kind`` output of ``source``: the same inputs always give the same UIDs."""
     sop = str(source.SOPInstanceUID)
-    version = findings.provenance.model_version
+    model = findings.provenance.model_key
     return Identity(
-        series_instance_uid=output_uid(sop, version, kind, "series"),
-        sop_instance_uid=output_uid(sop, version, kind, "instance"),
+        series_instance_uid=output_uid(sop, model, kind, "series"),
+        sop_instance_uid=output_uid(sop, model, kind, "instance"),
         series_number=int(options.series_numbers[kind]),
     )
 
@@ -163,7 +163,9 @@ def _strict_writing() -> Iterator[None]:
         settings.writing_validation_mode = previous
 
 
-_TEXT_VRS: Final = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"])
+_TEXT_VRS: Final = frozenset(
+    ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"]
+)
 
 
 def validate_values(dataset: Dataset) -> None:

@@ -28,6 +28,11 @@ class Provenance:
     manufacturer: str = "cxr-node"
 
     @property
+    def model_key(self) -> str:
+        """The model as output UIDs are derived from it: name and version (two models never share UIDs)."""
+        return f"{self.model_name}/{self.model_version}"
+
+    @property
     def algorithm(self) -> str:
         """The model as one short string, e.g. ``cxr-demo 1.0.0``."""
         return f"{self.model_name} {self.model_version}"

@@ -99,6 +99,8 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
 
 def _describe(sc: Dataset, source: Dataset, findings: Findings, options: OutputOptions) -> None:
     sc.SeriesDescription = options.description("sc")
+    if source.get("StudyDescription"):
+        sc.StudyDescription = source.StudyDescription
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (

@@ -4,7 +4,7 @@ Why TID 1500 in a Comprehensive SR: common web viewers (OHIF) display only TID 1
 measurement groups with an image region, so the probability sits in a planar-ROI group (TID 1410)
 whose region is the lung outline. TID 1500 is extensible; what it has no row for (the neighbours'
 UIDs, the intended-use text, the reason an image was not analysed) is added as UIDREF, DATE and TEXT
-items, and Comprehensive SR is the SR class that allows them with the SCOORD region. docs/outputs.md
+items; Comprehensive SR holds them with the SCOORD region and is the SR class viewers handle most widely. docs/outputs.md
 shows the tree.
 """
 
@@ -149,7 +149,7 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
     measurements.append(hsr.Measurement(codes.OPERATING_POINT, _round(findings.threshold), codes.UNIT_PROBABILITY))
     return hsr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(str(evidence.SOPInstanceUID), provenance.model_version, "sr", "lung-region"),
+            uid=derived_uid(str(evidence.SOPInstanceUID), provenance.model_key, "sr", "lung-region"),
             identifier="AI lung region",
         ),
         referenced_region=hsr.ImageRegion(
@@ -177,7 +177,7 @@ def _not_analysed_group(evidence: Dataset, findings: Findings) -> hsr.Measuremen
         evaluations.append(hsr.QualitativeEvaluation(codes.LUNG_MASK_QUALITY, codes.IMPLAUSIBLE))
     return hsr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_version, "sr", "not-analysed"),
+            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", "not-analysed"),
             identifier="AI analysis: not analysed",
         ),
         qualitative_evaluations=evaluations,
@@ -207,7 +207,7 @@ def _neighbour_group(
     group = hsr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
             uid=derived_uid(
-                str(evidence.SOPInstanceUID), findings.provenance.model_version, "sr", f"similar-{case.rank}"
+                str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", f"similar-{case.rank}"
             ),
             identifier=_case_title(case),
         ),

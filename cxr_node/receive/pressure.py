@@ -1,0 +1,56 @@
+"""Back-pressure: refuse new instances (0xA700, the PACS retries later) when the queue or the disk is too full."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from cxr_node.jobs.states import JobState
+from cxr_node.jobs.store import JobStore
+
+WAITING: Final = (JobState.QUEUED, JobState.RUNNING)
+"""The states that make up the queue depth."""
+
+
+def disk_used_fraction(root: Path) -> float:
+    """Used share of the filesystem holding ``root`` (0-1)."""
+    usage = shutil.disk_usage(root)
+    return (usage.total - usage.free) / usage.total if usage.total else 1.0
+
+
+class Pressure:
+    """Answers "too full?" at most once per ``ttl_s`` (a C-STORE must not wait on a COUNT query each time)."""
+
+    def __init__(self, store: JobStore, root: Path, max_depth: int, max_disk_percent: float, ttl_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.root = root
+        self.max_depth = max_depth
+        self.max_disk = max_disk_percent / 100
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._reason = ""
+
+    def reason(self) -> str:
+        """Why new instances must be refused now, or '' when they may be accepted."""
+        with self._lock:
+            now = self.clock()
+            if now - self._checked >= self.ttl_s:
+                self._reason, self._checked = self._measure(), now
+            return self._reason
+
+    def _measure(self) -> str:
+        counts = self.store.counts()
+        depth = sum(counts[state] for state in WAITING)
+        if depth >= self.max_depth:
+            return f"queue full ({depth} waiting, node.max_queue_depth {self.max_depth}); retry later"
+        used = disk_used_fraction(self.root)
+        if used >= self.max_disk:
+            return f"disk {used:.0%} full (storage.max_disk_percent {self.max_disk:.0%}); retry later"
+        return ""
