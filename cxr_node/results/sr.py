@@ -4,7 +4,8 @@ Why TID 1500 in a Comprehensive SR: common web viewers (OHIF) display only TID 1
 measurement groups with an image region, so the probability sits in a planar-ROI group (TID 1410)
 whose region is the lung outline. TID 1500 is extensible; what it has no row for (the neighbours'
 UIDs, the intended-use text, the reason an image was not analysed) is added as UIDREF, DATE and TEXT
-items; Comprehensive SR holds them with the SCOORD region and is the SR class viewers handle most widely. docs/outputs.md
+items; Comprehensive SR holds them with the SCOORD region and is the SR class viewers handle most
+widely. docs/outputs.md
 shows the tree.
 """
 

@@ -14,8 +14,14 @@ from cxr_node.results.outputs import Enabled, build_outputs, kinds_for
 from cxr_node.results.sr import build_sr, impression
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
 
-PROVENANCE = Provenance("cxr-demo", "1.0.0", "demo: synthetic training data, not for clinical use",
-                        ("mobilenet", "shufflenet"), "0.1.0", "2.25.42")
+PROVENANCE = Provenance(
+    "cxr-demo",
+    "1.0.0",
+    "demo: synthetic training data, not for clinical use",
+    ("mobilenet", "shufflenet"),
+    "0.1.0",
+    "2.25.42",
+)
 CASES = (
     SimilarCase(1, 0.93, "C0000012", "covid", "1.2.3", "1.2.3.4", "ACC123", "20200301"),
     SimilarCase(2, 0.88, "C0000040", None, None, None, None, None),
@@ -26,10 +32,17 @@ def source_and_findings(name: str = "Doe^Jane", **changes: object) -> tuple[Data
     """A phantom source header and analysed findings on it."""
     phantom = make_phantom(5, 1, 256)
     source = phantom_to_dataset(phantom, patient_id="P9", patient_name=name, photometric="MONOCHROME1")
-    values = dict(probability=0.81, threshold=0.5, members=(("mobilenet", 0.7), ("shufflenet", 0.92)),
-                  mask_plausible=True, mask_verdict="plausible", similar=CASES,
-                  image=phantom.image.astype(np.float32), lung_mask=phantom.lung_mask.astype(bool),
-                  heatmap=np.zeros((256, 256), np.float32))
+    values = dict(
+        probability=0.81,
+        threshold=0.5,
+        members=(("mobilenet", 0.7), ("shufflenet", 0.92)),
+        mask_plausible=True,
+        mask_verdict="plausible",
+        similar=CASES,
+        image=phantom.image.astype(np.float32),
+        lung_mask=phantom.lung_mask.astype(bool),
+        heatmap=np.zeros((256, 256), np.float32),
+    )
     values.update(changes)
     return source, Findings(PROVENANCE, True, (256, 256), **values)  # type: ignore[arg-type]
 
@@ -67,8 +80,11 @@ def test_sr_holds_probabilities_threshold_neighbours_and_intended_use() -> None:
     source, findings = source_and_findings()
     sr = build_sr(source, findings, OutputOptions())
     content = items(sr)
-    numbers = [(i.ConceptNameCodeSequence[0].CodeMeaning, float(i.MeasuredValueSequence[0].NumericValue))
-               for i in content if i.ValueType == "NUM"]
+    numbers = [
+        (i.ConceptNameCodeSequence[0].CodeMeaning, float(i.MeasuredValueSequence[0].NumericValue))
+        for i in content
+        if i.ValueType == "NUM"
+    ]
     assert ("Probability", 0.81) in numbers and ("Probability", 0.92) in numbers
     assert ("CAD Operating Point", 0.5) in numbers and ("Embedding similarity", 0.93) in numbers
     texts = [i.TextValue for i in content if i.ValueType == "TEXT"]
@@ -78,15 +94,21 @@ def test_sr_holds_probabilities_threshold_neighbours_and_intended_use() -> None:
     assert {i.UID for i in content if i.ValueType == "UIDREF"} >= {"1.2.3", "1.2.3.4"}
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    region = [i for i in content if i.ValueType == "SCOORD"][0]
+    region = next(i for i in content if i.ValueType == "SCOORD")
     assert region.GraphicType == "POLYLINE" and len(region.GraphicData) >= 8
 
 
 def test_not_analysed_findings_get_a_short_sr_and_an_overlay() -> None:
     """An image that was not analysed gets the SR (and the overlay when there is an image), saying why."""
     source, analysed = source_and_findings()
-    findings = Findings(PROVENANCE, False, (256, 256), reason="lung mask implausible: 1 component",
-                        mask_plausible=False, image=analysed.image)
+    findings = Findings(
+        PROVENANCE,
+        False,
+        (256, 256),
+        reason="lung mask implausible: 1 component",
+        mask_plausible=False,
+        image=analysed.image,
+    )
     assert kinds_for(findings, Enabled(segmentation=True, presentation_state=True)) == ("sr", "sc")
     assert kinds_for(findings, Enabled(not_analysed_report=False)) == ()
     built = build_outputs(source, findings, OutputOptions(), ("sr", "sc"))
@@ -114,10 +136,12 @@ def test_invalid_values_are_refused_before_anything_is_written() -> None:
         encode(sr)
 
 
-@pytest.mark.parametrize("bad", [{"probability": 1.5}, {"lung_mask": np.zeros((5, 5), bool)}])
-def test_findings_check_their_values(bad: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    ("bad", "message"), [({"probability": 1.5}, "probability"), ({"lung_mask": np.zeros((5, 5), bool)}, "lung_mask")]
+)
+def test_findings_check_their_values(bad: dict[str, object], message: str) -> None:
     """Findings refuse out-of-range probabilities and arrays that do not match the image."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         source_and_findings(**bad)
 
 
