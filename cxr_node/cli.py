@@ -120,6 +120,40 @@ def _purge_index(settings: Settings, studies: list[str]) -> int:
     return purge_index(settings, studies)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """The neighbour index: import the labelled library, label a study, query a file, rebuild."""
+    from cxr_node import library
+    from cxr_node.app import open_index, open_store
+
+    settings = _settings(args)
+    index = open_index(settings)
+    try:
+        if args.index_command == "import":
+            count, problems = library.import_library(settings, index, args.labels, args.folder)
+            for problem in problems:
+                print(f"  skipped {problem}")
+            print(f"imported {count} reference case(s) into the library ({len(problems)} skipped)")
+        elif args.index_command == "label":
+            count = index.label(args.study, None if args.label == "none" else args.label)
+            library.relabel_library(settings, args.study, None if args.label == "none" else args.label)
+            if not count:
+                raise CxrNodeError(f"study {args.study} is not in the index (cxr-node status; index import)")
+            print(f"labelled {count} image(s) of study {args.study} {args.label}")
+        elif args.index_command == "query":
+            print("\n".join(library.format_neighbours(library.query_file(settings, index, args.file, args.k))))
+        else:
+            store = open_store(settings, readonly=True) if (settings.storage.root / "jobs.sqlite3").exists() else None
+            try:
+                count, version, problems = library.rebuild(settings, index, store)
+            finally:
+                if store is not None:
+                    store.close()
+            print(f"rebuilt the index of model version {version}: {count} embedding(s), {len(problems)} skipped")
+    finally:
+        index.close()
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate the configuration and print where it came from."""
     settings = _settings(args)
@@ -382,6 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purge", parents=[common], help="remove a study: files, jobs and neighbour-index entries")
     p.add_argument("--study", required=True, help="the Study Instance UID")
     p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("index", help="the neighbour index: reference library, labels, queries, rebuild")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
+    i = isub.add_parser("import", parents=[common], help="embed labelled reference cases (DICOM) as the library")
+    i.add_argument("--labels", type=Path, required=True, help="CSV with columns path (relative to FOLDER), label")
+    i.add_argument("folder", type=Path, help="folder the CSV's paths are relative to")
+    i = isub.add_parser("label", parents=[common], help="set the confirmed label of a stored study")
+    i.add_argument("--study", required=True, help="Study Instance UID")
+    i.add_argument("--label", required=True, choices=["covid", "non-covid", "none"])
+    i = isub.add_parser("query", parents=[common], help="print the nearest stored cases of a DICOM file")
+    i.add_argument("file", type=Path)
+    i.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
+    isub.add_parser("rebuild", parents=[common], help="re-embed every stored case with the current model")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
