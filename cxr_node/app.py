@@ -22,10 +22,11 @@ from typing import Any, Final
 import structlog
 
 from cxr_node import logs
-from cxr_node.config import Settings
+from cxr_node.config import Settings, systemd_environment
 from cxr_node.errors import ConfigError, CxrNodeError, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.notify import Notifier
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
 from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
@@ -275,6 +276,15 @@ class Supervisor:
         self.children: dict[str, Any] = {}
         self.restarts: dict[str, int] = {}
         self.stopping = threading.Event()
+        self.notifier = Notifier.from_environ(systemd_environment())
+        self._last_watchdog = 0.0
+
+    def _watchdog(self) -> None:
+        """Ping systemd's watchdog (``WatchdogSec=``) every half interval while the supervisor loop runs."""
+        interval = self.notifier.watchdog_interval()
+        if interval is not None and time.monotonic() - self._last_watchdog >= interval:
+            self.notifier.watchdog()
+            self._last_watchdog = time.monotonic()
 
     def run(self) -> int:
         """Recover, start every child, restart crashed ones, stop all on SIGTERM; return the exit code."""
@@ -298,8 +308,13 @@ class Supervisor:
             raise
         self._ready_file.write_text(f"{os.getpid()}\n")
         log.info("node.ready", children=len(self.children), port=self.settings.node.port)
+        self.notifier.ready(
+            f"{self.settings.node.ae_title} on port {self.settings.node.port}; {', '.join(self.children)}"
+        )
         while not self.stopping.wait(0.5):
             self._restart_dead()
+            self._watchdog()
+        self.notifier.stopping("stopping: finishing work in hand")
         if metrics is not None:
             metrics.stop()
         return self._stop_all()

@@ -224,6 +224,14 @@ class Settings(_Section):
         return _validate(data, self.source)
 
 
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def systemd_environment() -> dict[str, str]:
+    """The variables systemd passes a ``Type=notify`` service (for :mod:`cxr_node.notify`)."""
+    return {name: os.environ[name] for name in SYSTEMD_VARIABLES if name in os.environ}
+
+
 def config_path(explicit: str | Path | None = None) -> Path:
     """Return the config file to read: ``explicit``, else ``$CXR_NODE_CONFIG``, else config/node.yaml."""
     if explicit is not None:
