@@ -11,6 +11,7 @@ minute over the whole burst. Bounded: at most ``--n`` images and ``--timeout`` s
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import statistics
 import sys
@@ -64,12 +65,81 @@ def run(n: int, timeout: float) -> dict[str, float]:
         }
 
 
+def rss_mib(pid: int) -> float:
+    """Resident set size of one process, MiB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def soak(n: int, chunk: int, timeout: float) -> list[dict[str, float]]:
+    """Send ``n`` images in chunks of ``chunk`` (fresh UIDs per send, one patient and study each) and sample the
+    RSS of the supervisor and each child after every chunk is delivered."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    curve = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        port, pacs_port = _free_port(), _free_port()
+        config = _write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port)
+        labels = write_phantom_set(out / "inputs", n=chunk, seed=5, size=512)
+        base = [dcmread(p) for p in sorted(labels.parent.rglob("*.dcm"))]
+        pacs = DemoPacs(out / "pacs", pacs_port).start()
+        node = _start_node(config, port, out / "node.log")
+        pids_file = out / "state" / "run" / "receiver+worker+sender.pids"
+        while not pids_file.with_suffix(".ready").exists() and node.poll() is None:
+            time.sleep(0.2)
+        children = [int(p) for p in pids_file.read_text().split()]
+        names = ["receiver", "worker", "sender"]
+        deadline = time.monotonic() + timeout
+        try:
+            sent = 0
+            while sent < n and time.monotonic() < deadline:
+                batch = out / "batch"
+                shutil.rmtree(batch, ignore_errors=True)
+                batch.mkdir()
+                for i, ds in enumerate(base[: n - sent]):
+                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                    ds.StudyInstanceUID, ds.PatientID = generate_uid(), f"SOAK-{sent + i}"
+                    ds.save_as(batch / f"{i}.dcm", enforce_file_format=True)
+                results = send_files(
+                    sorted(batch.glob("*.dcm")), PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="SOAK"
+                )
+                sent += sum(r.ok for r in results)
+                while len(pacs.arrived) < sent and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                point = {"images": len(pacs.arrived), "supervisor": rss_mib(node.pid)}
+                point.update({name: rss_mib(pid) for name, pid in zip(names, children, strict=False)})
+                curve.append(point)
+                print("  " + "  ".join(f"{k} {v:.0f}" for k, v in point.items()), flush=True)
+        finally:
+            node.send_signal(signal.SIGTERM)
+            node.wait(60)
+            pacs.stop()
+    return curve
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--write-docs", action="store_true", help="print a Markdown table row for docs/benchmarks.md")
+    parser.add_argument("--soak", type=int, default=0, help="instead: send this many images in chunks, sample RSS")
+    parser.add_argument("--chunk", type=int, default=50)
     args = parser.parse_args()
+    if args.soak:
+        curve = soak(args.soak, args.chunk, args.timeout)
+        first, last = curve[0], curve[-1]
+        print(
+            "RSS MiB first -> last chunk: "
+            + ", ".join(f"{k} {first[k]:.0f} -> {last[k]:.0f}" for k in first if k != "images")
+        )
+        return 0 if last["images"] >= args.soak else 1
     r = run(args.n, args.timeout)
     print(f"{r['delivered']}/{r['images']} SRs delivered; burst sent in {r['send_s']:.1f} s")
     print(
