@@ -55,7 +55,7 @@ def triage(ds: Dataset, rules: TriageSettings) -> Verdict:
     Verdict
         Skips are checked first (a lateral with broken pixels is simply skipped), then integrity.
     """
-    for check in (_own_output, _sop_class, _modality, _body_part, _view_position, _frames, _grayscale):
+    for check in (_own_output, _sop_class, _modality, _body_part, _view_position, _frames):
         reason = check(ds, rules)
         if reason:
             return Verdict("skipped", reason)
@@ -109,12 +109,11 @@ def _frames(ds: Dataset, _rules: TriageSettings) -> str:
     return "" if frames == 1 else f"multi-frame ({frames} frames)"
 
 
-def _grayscale(ds: Dataset, _rules: TriageSettings) -> str:
+def _grayscale(ds: Dataset) -> bool:
+    """Whether the image is single-sample greyscale; a colour chest radiograph is still queued, so that the
+    radiologist gets a "not analysed" report saying why, instead of silence."""
     photometric = _text(ds, "PhotometricInterpretation")
-    samples = ds.get("SamplesPerPixel", 1)
-    if photometric and (photometric not in GRAYSCALE or samples != 1):
-        return f"not grayscale ({photometric}, {samples} samples per pixel)"
-    return ""
+    return photometric in GRAYSCALE and ds.get("SamplesPerPixel", 1) == 1
 
 
 def _integrity(ds: Dataset, rules: TriageSettings) -> str:
@@ -127,6 +126,9 @@ def _integrity(ds: Dataset, rules: TriageSettings) -> str:
     if rows > rules.max_dimension or cols > rules.max_dimension:
         return f"image dimensions {rows}x{cols} exceed triage.max_dimension {rules.max_dimension}"
     allocated, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    if not _grayscale(ds):
+        samples = ds.get("SamplesPerPixel", 1) or 1
+        return _pixel_length(ds, rows * cols * samples * int(allocated or 8) // 8)
     if allocated not in (8, 16) or not stored or not 1 <= stored <= allocated:
         return f"bits allocated/stored {allocated}/{stored} are not a valid grayscale layout"
     return _pixel_length(ds, rows * cols * allocated // 8)

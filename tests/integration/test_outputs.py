@@ -166,3 +166,29 @@ def test_orthanc_stores_every_output(written: dict[str, dict[str, Path]], tmp_pa
     stored = {item["SOPInstanceUID"] for item in report["stored"]}
     assert stored == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert PATIENT in {item["PatientName"] for item in report["stored"]}
+
+
+def test_a_colour_chest_image_gets_a_not_analysed_report(node: Receiver, demo_engine: Engine) -> None:
+    """A chest CR stored in RGB is acknowledged, queued and answered with an SR saying why it was not analysed."""
+    import numpy as np
+
+    ds = phantom_to_dataset(
+        make_phantom(91_003, label=0, size=256), patient_id="P3", patient_name="Rgb^Test", bits_stored=10
+    )
+    grey = (ds.pixel_array >> 2).astype(np.uint8)
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+    assert store_all(node.port, [ds]) == [status.SUCCESS]
+    run_worker_once(node, demo_engine)
+    [job] = node.store.jobs()
+    assert job.state is JobState.WRITTEN
+    [sr] = node.store.outputs(job.id)
+    html = subprocess.run(
+        [require_tool("dsr2html"), str(node.settings.storage.root / sr.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "not greyscale" in html and "No algorithms succeeded" in html

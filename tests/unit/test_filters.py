@@ -66,7 +66,6 @@ def test_eligible_variants(changes: dict[str, object]) -> None:
         ({"ViewPosition": "LATERAL"}, "not frontal"),
         ({"BodyPartExamined": "HAND"}, "body part HAND"),
         ({"NumberOfFrames": 3}, "multi-frame (3 frames)"),
-        ({"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, "not grayscale"),
     ],
 )
 def test_skipped_with_reason(changes: dict[str, object], reason: str) -> None:
@@ -74,6 +73,13 @@ def test_skipped_with_reason(changes: dict[str, object], reason: str) -> None:
     verdict = triage(chest(**changes), RULES)
     assert verdict.kind == "skipped"
     assert reason in verdict.reason
+
+
+def test_a_colour_chest_radiograph_is_queued_to_be_reported_not_analysed() -> None:
+    """A chest CR in RGB is not skipped silently: it is queued, and the worker reports it as not analysed."""
+    ds = chest(PhotometricInterpretation="RGB", SamplesPerPixel=3, BitsStored=8, BitsAllocated=8)
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+    assert triage(ds, RULES).kind == "eligible"
 
 
 @pytest.mark.parametrize(
