@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +86,14 @@ def _jobs(config: Path) -> dict[str, int]:
     return json.loads(done.stdout)["jobs"] if done.returncode == 0 else {}
 
 
+def _real_chest() -> Path | None:
+    try:
+        import data_store
+    except ImportError:
+        return None
+    return Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+
+
 def e2e(folder: str, count: str, kills: str) -> dict[str, Any]:
     """DCMTK storescu sends ``count`` phantom chest images to ``cxr-node serve``, whose destination is a real
     Orthanc; the service is killed with SIGKILL ``kills`` times while it works and restarted, and Orthanc is
@@ -110,6 +119,10 @@ def e2e(folder: str, count: str, kills: str) -> dict[str, Any]:
         check=True,
         capture_output=True,
     )
+    real = _real_chest()
+    if real is not None:  # a real CR chest PA (NEMA WG04) besides the phantoms
+        shutil.copy(real, images / "real-cr-chest.dcm")
+        n += 1
     root, port = base / "state", free_port()
     config = base / "node.yaml"
     config.write_text(

@@ -12,7 +12,9 @@ from tests.orthanc import netns_available, run_in_netns
 
 
 def check(report: dict, count: int) -> None:
-    """Every source study holds exactly one SR and one SC; every job ended delivered."""
+    """Every source study holds exactly one SR and one SC; every job ended delivered (``count`` phantoms and
+    the real WG04 CR chest)."""
+    count += 1
     assert report["sources"] == count
     assert report["jobs"]["delivered"] == count, report
     assert len(report["per_study"]) == count, report
@@ -21,7 +23,8 @@ def check(report: dict, count: int) -> None:
 
 @pytest.mark.parametrize(("count", "kills"), [(8, 2)])
 def test_results_reach_orthanc_exactly_once_across_kills_and_an_outage(tmp_path: Path, count: int, kills: int) -> None:
-    """Eight phantoms, two SIGKILLs of the service while it works, Orthanc down then up: one SR and one SC each."""
+    """Eight phantoms and a real CR, two SIGKILLs of the service while it works, Orthanc down then up: one SR
+    and one SC each."""
     require_tool("storescu")
     reason = netns_available()
     if reason:
