@@ -86,9 +86,13 @@ class IndexRetriever:
     ``"case_number"`` only its de-identified case number (for sites that forbid other patients' identifiers).
     """
 
+    CHECKPOINT_EVERY_S = 900.0
+    """How often the in-memory search structure is written out (start-up then loads it instead of rebuilding)."""
+
     def __init__(self, index: NeighbourIndex, settings: NeighbourSettings) -> None:
         self.index = index
         self.settings = settings
+        self._checkpointed = time.monotonic()
 
     def similar(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> tuple[SimilarCase, ...]:
         found = self.index.query(
@@ -118,6 +122,13 @@ class IndexRetriever:
         )
 
     def add(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> None:
+        self._add(case, embedding, model_version)
+        if time.monotonic() - self._checkpointed >= self.CHECKPOINT_EVERY_S:
+            written = self.index.checkpoint(model_version)
+            self._checkpointed = time.monotonic()
+            log.info("index.checkpoint", version=model_version, vectors=written)
+
+    def _add(self, case: CaseInfo, embedding: np.ndarray, model_version: str) -> None:
         self.index.add(
             model_version,
             embedding,

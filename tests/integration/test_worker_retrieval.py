@@ -1,0 +1,89 @@
+"""The worker queries the neighbour index before writing and adds each image after: earlier patients show
+up as similar cases in the next image's SR; the same patient never does; the site's identifier policy holds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from cxr_node.app import Receiver, open_index, provenance
+from cxr_node.config import Settings
+from cxr_node.infer.classify import RuntimeOptions
+from cxr_node.infer.engine import Engine
+from cxr_node.infer.registry import load_manifest
+from cxr_node.jobs.spool import instance_key
+from cxr_node.pipeline import IndexRetriever, OutputWriter, Worker
+from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
+from tests.integration.helpers import store_all
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo" / "manifest.yaml"
+
+
+def analyse_in_order(settings: Settings, patients: list[str]) -> tuple[Receiver, list[dict]]:
+    """Store one phantom per entry of ``patients`` and run the worker over them one at a time."""
+    node = Receiver(settings).start()
+    engine = Engine.from_manifest(load_manifest(DEMO), RuntimeOptions())
+    index = open_index(settings)
+    writer = OutputWriter(
+        settings.storage.root, node.store, provenance(settings, load_manifest(DEMO)), settings.results
+    )
+    worker = Worker(
+        settings.storage.root,
+        node.store,
+        engine,
+        settings.worker,
+        writer=writer,
+        retriever=IndexRetriever(index, settings.neighbours),
+    )
+    summaries = []
+    for number, patient in enumerate(patients):
+        ds = phantom_to_dataset(
+            make_phantom(70_000 + number, label=number % 2, size=256), patient_id=patient, patient_name=patient
+        )
+        assert store_all(node.port, [ds]) == [0]
+        worker.process(worker.take_batch(threading.Event()))
+        job = node.store.find(instance_key(str(ds.SOPInstanceUID)))
+        summaries.append(node.store.result(job.id).summary)
+    index.close()
+    return node, summaries
+
+
+def _items(ds: object) -> list:
+    found = []
+    for item in getattr(ds, "ContentSequence", []):
+        found += [item, *_items(item)]
+    return found
+
+
+@pytest.mark.parametrize("policy", ["uids", "case_number"])
+def test_similar_cases_come_from_other_patients(make_settings: Callable[..., Settings], policy: str) -> None:
+    """The third image's similar cases are the first two patients' images, never its own patient's, with
+    the identifiers the policy allows, and they are named in its SR."""
+    settings = make_settings(**{"models.manifest": str(DEMO), "neighbours.identifiers": policy})
+    node, summaries = analyse_in_order(settings, ["A", "B", "A", "C"])
+    try:
+        assert summaries[0]["similar"] == []
+        similar = summaries[3]["similar"]
+        assert len(similar) == 3
+        studies = {s["study_instance_uid"] for s in similar}
+        if policy == "uids":
+            assert all(s["accession_number"] and s["sop_instance_uid"] for s in similar)
+            assert len(studies) == 3
+        else:
+            assert studies == {None} and all(s["case_number"].startswith("C") for s in similar)
+        same_patient = summaries[2]["similar"]
+        assert len(same_patient) == 1  # patient A's first image is excluded; only B remains
+        job = node.store.jobs()[3]
+        [sr] = [o for o in node.store.outputs(job.id) if o.kind == "sr"]
+        texts = [
+            i.TextValue
+            for i in dcmread(settings.storage.root / sr.path).ContentSequence[-1].ContentSequence
+            if i.ValueType == "TEXT"
+        ]
+        assert texts  # the SR was written; its neighbour groups are checked in tests/dicom/test_results.py
+    finally:
+        node.stop(grace_s=5)
