@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -66,7 +67,10 @@ def build_outputs(source: Dataset, findings: Findings, options: OutputOptions, k
         When an output cannot be built or fails pydicom's writing validation.
     """
     built = []
-    for kind in kinds:
-        dataset = BUILDERS[kind](source, findings, options)
-        built.append(Built(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), encode(dataset)))
+    with warnings.catch_warnings():
+        # the source's names are copied as they are: a one-component name is valid DICOM, not our error
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        for kind in kinds:
+            dataset = BUILDERS[kind](source, findings, options)
+            built.append(Built(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), encode(dataset)))
     return built
