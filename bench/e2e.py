@@ -52,6 +52,7 @@ def run(n: int, timeout: float) -> dict[str, float]:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
             pacs.stop()
+        shutil.copy(out / "node.log", Path(tempfile.gettempdir()) / "cxr-node-e2e.log")
         turnaround = sorted(pacs.arrived[uid] - received[uid] for uid in pacs.arrived if uid in received)
         return {
             "images": n,

@@ -137,16 +137,18 @@ def _start_node(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
     )
     peer = PeerAddress("CXR_NODE", "127.0.0.1", port)
+    ready = config.parent / "state" / "run" / "receiver+worker+sender.ready"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if node.poll() is not None:
             raise CxrNodeError(f"the node exited with code {node.returncode} at start-up; see {log}")
         try:
-            if echo(peer, calling_aet="DEMO_PACS", timeout_s=2) == 0:
-                print("  node answers C-ECHO")
+            if ready.exists() and echo(peer, calling_aet="DEMO_PACS", timeout_s=2) == 0:
+                print("  node ready (models loaded) and answers C-ECHO")
                 return node
         except CxrNodeError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     node.kill()
     raise CxrNodeError(f"the node did not answer C-ECHO within {START_TIMEOUT_S:.0f} s; see {log}")
 
