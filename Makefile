@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo bench clean install-service
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,6 @@ bench: install  ## receive throughput against DCMTK storescp, and inference thro
 
 clean:
 	rm -rf $(VENV) demo-output bench/out .pytest_cache
+
+install-service:  ## as root: install the systemd service (/opt/cxr-node, /etc/cxr-node); GPU=1 adds the NVIDIA drop-in
+	GPU='$(GPU)' DESTDIR='$(DESTDIR)' bash systemd/install.sh

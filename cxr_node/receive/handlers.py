@@ -76,7 +76,7 @@ def on_rejected(event: Event) -> None:
     log.warning(
         "assoc.rejected",
         calling_aet=str(requestor.ae_title).strip(),
-        called_aet=str(event.assoc.acceptor.ae_title).strip(),
+        called_aet=_requested_called_aet(event),
         peer=f"{requestor.address}:{requestor.port}",
     )
 
@@ -91,3 +91,10 @@ def event_handlers(intake: Intake) -> list[Any]:
         (evt.EVT_ABORTED, on_aborted),
         (evt.EVT_REJECTED, on_rejected),
     ]
+
+
+def _requested_called_aet(event: Any) -> str:
+    """The called AE title the peer asked for (which may be wrong), not the node's own."""
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", None)
+    return str(called if called is not None else event.assoc.acceptor.ae_title).strip()

@@ -283,11 +283,13 @@ def test_dcmtk_unknown_calling_aet_is_rejected(start_node: StartNode, small_cr: 
 
 
 def test_wrong_called_aet_is_rejected(start_node: StartNode) -> None:
-    """With node.require_called_aet, an association addressed to another AE title is rejected."""
+    """With node.require_called_aet, an association addressed to another AE title is rejected, and the log
+    names the AE title the peer called (what the admin must fix)."""
     node = start_node(**{"node.require_called_aet": True})
-    with associated(node, called="NOT_THE_NODE") as assoc:
+    with capture_logs() as logs, associated(node, called="NOT_THE_NODE") as assoc:
         assert assoc.is_rejected
         assert rejection(assoc) == (REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLED_AET_NOT_RECOGNISED)
+    assert [e["called_aet"] for e in logs if e["event"] == "assoc.rejected"] == ["NOT_THE_NODE"]
     assert echo(node) == status.SUCCESS
 
 
