@@ -29,9 +29,10 @@ lint: install  ## ruff and the layer contracts of DESIGN.md §3
 demo: install  ## start the node on loopback, send it chest images as a PACS would, print what happened
 	$(BIN)/python -m cxr_node demo
 
-bench: install  ## receive throughput against DCMTK storescp, and inference throughput (tables on stdout)
+bench: install  ## receive vs DCMTK storescp, inference throughput, end-to-end turnaround (tables on stdout)
 	$(BIN)/python bench/receive.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/e2e.py --n 100
 
 clean:
 	rm -rf $(VENV) demo-output bench/out .pytest_cache
