@@ -244,7 +244,7 @@ def _print_table(
         store.close()
     print()
     print(
-        f"  {'image':<40} {'C-STORE':<7} {'job':<13} {'score':>5}  {'decision':<9} {'similar (top 2)':<30} "
+        f"  {'image':<40} {'C-STORE':<7} {'job':<13} {'score':>5}  {'decision':<9} {'similar (top 2)':<34} "
         f"{'turnaround':>10}  note"
     )
     for item in inputs:
@@ -256,7 +256,7 @@ def _print_table(
         score, decision, similar, note = _outcome(job, found.get(job.id) if job else None)
         took = f"{pacs.arrived[uid] - job.received_at:.1f}s" if job and uid in pacs.arrived else ""
         print(
-            f"  {item.description:<40} {shown:<7} {state:<13} {score:>5}  {decision:<9} {similar:<30} "
+            f"  {item.description:<40} {shown:<7} {state:<13} {score:>5}  {decision:<9} {similar:<34} "
             f"{took:>10}  {note}"
         )
     print("  (turnaround: from the node's receipt of the image to the SR stored at the demo PACS)")
