@@ -90,6 +90,20 @@ def identity(source: Dataset, findings: Findings, kind: Kind, options: OutputOpt
     )
 
 
+def equipment(provenance: Provenance, ids: Identity) -> dict[str, object]:
+    """The series, instance and equipment arguments highdicom's SEG and GSPS constructors share."""
+    return {
+        "series_instance_uid": ids.series_instance_uid,
+        "series_number": ids.series_number,
+        "sop_instance_uid": ids.sop_instance_uid,
+        "instance_number": ids.instance_number,
+        "manufacturer": provenance.manufacturer,
+        "manufacturer_model_name": provenance.algorithm[:64],
+        "software_versions": provenance.model_version[:64],
+        "device_serial_number": provenance.device_uid[:64],
+    }
+
+
 def contributing_equipment(provenance: Provenance, options: OutputOptions) -> list[hd.ContributingEquipment]:
     """The Contributing Equipment Sequence entry that names the algorithm (IHE AI Results)."""
     return [

@@ -17,6 +17,7 @@ from cxr_node.results.common import (
     contributing_equipment,
     copy_character_set,
     copy_series_context,
+    equipment,
     identity,
 )
 from cxr_node.results.findings import Findings
@@ -51,14 +52,7 @@ def build_pr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
     try:
         pr = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=[referenced],
-            series_instance_uid=ids.series_instance_uid,
-            series_number=ids.series_number,
-            sop_instance_uid=ids.sop_instance_uid,
-            instance_number=ids.instance_number,
-            manufacturer=provenance.manufacturer,
-            manufacturer_model_name=provenance.algorithm[:64],
-            software_versions=provenance.model_version[:64],
-            device_serial_number=provenance.device_uid[:64],
+            **equipment(provenance, ids),  # type: ignore[arg-type]
             content_label=CONTENT_LABEL,
             content_description=f"AI result, {provenance.intended_use}"[:64],
             graphic_layers=[layer],

@@ -14,6 +14,7 @@ from cxr_node.results.common import (
     contributing_equipment,
     copy_character_set,
     copy_series_context,
+    equipment,
     identity,
 )
 from cxr_node.results.findings import Findings
@@ -52,14 +53,7 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions) -> Da
             pixel_array=mask[None].astype("uint8"),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=ids.series_instance_uid,
-            series_number=ids.series_number,
-            sop_instance_uid=ids.sop_instance_uid,
-            instance_number=ids.instance_number,
-            manufacturer=provenance.manufacturer,
-            manufacturer_model_name=provenance.algorithm[:64],
-            software_versions=provenance.model_version[:64],
-            device_serial_number=provenance.device_uid[:64],
+            **equipment(provenance, ids),  # type: ignore[arg-type]
             content_label="AI_LUNGS",
             content_description=f"AI lung segmentation, {provenance.intended_use}"[:64],
             transfer_syntax_uid=ExplicitVRLittleEndian,

@@ -207,9 +207,7 @@ def _neighbour_group(
     qualitative = [hsr.QualitativeEvaluation(codes.COVID19, _LABEL_VALUES[case.label])] if case.label else None
     group = hsr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(
-                str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", f"similar-{case.rank}"
-            ),
+            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", f"similar-{case.rank}"),
             identifier=_case_title(case),
         ),
         measurements=[hsr.Measurement(codes.SIMILARITY, _round(case.similarity), codes.UNIT_RATIO)],
