@@ -158,9 +158,15 @@ class Loaded:
             sop_instance_uid=self.job.sop_instance_uid,
             study_instance_uid=self.job.study_instance_uid,
             accession_number=self.job.accession_number,
-            study_date=str(self.header.get("StudyDate", "") or ""),
+            study_date=_study_date(self.header),
             patient_hash=self.job.patient_hash,
         )
+
+
+def _study_date(header: Dataset) -> str:
+    """The StudyDate as ``YYYYMMDD``, or "" when it is absent or malformed (values from the wire vary)."""
+    value = str(header.get("StudyDate", "") or "").strip()
+    return value if len(value) == 8 and value.isdigit() else ""
 
 
 def read_header(root: Path, job: Job) -> Dataset:

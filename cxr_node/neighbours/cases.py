@@ -69,20 +69,30 @@ class NewCase:
 class Case(NewCase):
     """A stored case as retrieval returns it: the image's metadata, its model version and its case number.
 
+    The index builds cases from its own rows, which passed NewCase's checks on the way in (and the database's
+    CHECK constraints), so construction checks only what a Case adds: re-checking every text on each read
+    would cost more than the search.
+
     Parameters
     ----------
     case_id : int
         The internal id (stable while the image stays in the index, never reused).
-    case_number : str
-        A de-identified name derived from ``case_id`` (e.g. ``C0000123``), for sites that forbid showing
-        other patients' identifiers.
     model_version : str
         The model version whose embedding matched.
     """
 
     case_id: int
-    case_number: str
     model_version: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.case_id, bool) or not isinstance(self.case_id, int) or self.case_id < 1:
+            raise ValueError(f"case_id must be a positive integer, found {self.case_id!r}")
+
+    @property
+    def case_number(self) -> str:
+        """The de-identified name derived from ``case_id`` (e.g. ``C0000123``), for sites that forbid showing
+        other patients' identifiers."""
+        return case_number(self.case_id)
 
 
 @dataclass(frozen=True)

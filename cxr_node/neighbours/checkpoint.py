@@ -30,6 +30,7 @@ from cxr_node.neighbours.engine import Block, EngineParams, Partition
 MAGIC: Final = b"CXRNBR01"
 FORMAT: Final = 1
 SUFFIX: Final = ".ckpt"
+PARTIAL: Final = ".partial"
 _TAIL: Final = struct.Struct("<Q8s")
 _SECTIONS: Final = (("vectors", np.float32), ("ids", np.int64), ("patients", np.int64), ("studies", np.int64))
 
@@ -57,7 +58,8 @@ def path_for(folder: Path, version: str) -> Path:
 def write(path: Path, snapshot: Snapshot) -> int:
     """Write ``snapshot`` to ``path`` durably and atomically; return the file size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    remove_stale(path)
+    temp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
     try:
         with temp.open("wb") as handle:
             handle.write(MAGIC)
@@ -91,6 +93,31 @@ def read(path: Path, params: EngineParams) -> Snapshot:
     except (OSError, KeyError, TypeError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     return Snapshot(trailer["version"], int(trailer["generation"]), int(trailer["watermark"]), dim, partitions)
+
+
+def remove_stale(path: Path) -> int:
+    """Delete the temporary files of ``path`` left by writers that died (kill -9); return how many.
+
+    A temporary file is named after its writer's process id; one whose process still runs is left alone.
+    """
+    removed = 0
+    for temp in path.parent.glob(f"{path.name}.*{PARTIAL}"):
+        pid = temp.name[len(path.name) + 1 : -len(PARTIAL)]
+        if pid.isdigit() and not _alive(int(pid)):
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Return whether process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove(path: Path) -> None:

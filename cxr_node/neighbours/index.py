@@ -56,7 +56,7 @@ _QUERY_ATTEMPTS: Final = 3  # a case purged by another process between search an
 
 
 class NeighbourIndex(Protocol):
-    """What the pipeline and the CLI need from the neighbour index."""
+    """What the pipeline and the CLI need from the neighbour index (contracts: :class:`SqliteNeighbourIndex`)."""
 
     def add(self, version: str, vector: ArrayLike, case: NewCase) -> Case: ...
     def add_many(self, version: str, vectors: ArrayLike, cases: Sequence[NewCase]) -> list[Case]: ...
@@ -158,17 +158,22 @@ class SqliteNeighbourIndex:
         """
         if np.ndim(vector) != 1:
             raise ValueError(f"vector must be 1-D (one embedding), found shape {np.shape(vector)}")
-        return self.add_many(version, [vector], [case])[0]
+        if not isinstance(case, NewCase):
+            raise ValueError(f"case must be a NewCase, found {type(case).__name__}")
+        return self._add(version, [vector], [case], "vector")[0]
 
     def add_many(self, version: str, vectors: ArrayLike, cases: Sequence[NewCase]) -> list[Case]:
         """Store several embeddings in one transaction (``vectors`` is ``(N, D)``); see :meth:`add`."""
+        return self._add(version, vectors, _check_cases("cases", cases), "vectors")
+
+    def _add(self, version: str, vectors: ArrayLike, cases: list[NewCase], name: str) -> list[Case]:
+        """Check, then store, then follow in memory (versions held there) once committed."""
         version = check_version(version)
-        cases = _check_cases("cases", cases)
         with self._lock:
             with self._store.transaction() as db:
                 self._sync()
                 info = self._store.version_info(version)
-                units = unit_vectors("vectors", vectors, info[0] if info else None)
+                units = unit_vectors(name, vectors, info[0] if info else None)
                 if len(units) != len(cases):
                     raise ValueError(f"cases must number as many as vectors ({len(units)}), found {len(cases)}")
                 stored, changes = self._store.insert(db, version, units, cases)
@@ -190,8 +195,7 @@ class SqliteNeighbourIndex:
         """
         version = check_version(version)
         with self._lock:
-            self._loaded.pop(version, None)
-            checkpoint.remove(self._checkpoint_path(version))
+            self._loaded.pop(version, None)  # its memory goes before the new rows arrive
             with self._store.transaction() as db:
                 self._sync()
                 pairs = iter(items)
@@ -200,8 +204,8 @@ class SqliteNeighbourIndex:
                 if first is None and info is None:
                     return 0
                 dim = _item(first)[1].shape[0] if first is not None else info[0]  # type: ignore[index]
-                validated = _validated_items(first, pairs, dim)
-                count, changes = self._store.replace(db, version, dim, validated)
+                count, changes = self._store.replace(db, version, dim, _validated_items(first, pairs, dim))
+                checkpoint.remove(self._checkpoint_path(version))  # before the commit: never a stale one
             self._apply(changes)
             self._store.truncate_wal()
             self.checkpoint(version)
@@ -236,13 +240,19 @@ class SqliteNeighbourIndex:
     def checkpoint(self, version: str | None = None) -> int:
         """Write the search structure of ``version`` (loading it first), or of every version held in memory.
 
-        Versions unchanged since their last checkpoint are skipped. Also truncates the database's WAL.
-        Returns how many checkpoint files were written.
+        Versions unchanged since their last checkpoint are skipped. The files are written under the
+        database's write lock, so a purge by another process waits and then deletes the fresh file: a
+        checkpoint never keeps a purged vector. Also truncates the database's WAL. Returns how many
+        checkpoint files were written.
         """
         with self._lock:
             self._sync()
             targets = [check_version(version)] if version is not None else sorted(self._loaded)
-            written = sum(self._write_checkpoint(v) for v in targets)
+            for target in targets:
+                self._get(target)  # loading (maybe long) happens outside the write lock
+            with self._store.transaction():  # holds off other writers: a purge can't commit mid-write
+                self._sync()
+                written = sum(self._write_checkpoint(v) for v in targets)
             self._store.truncate_wal()
         return written
 
@@ -355,10 +365,7 @@ class SqliteNeighbourIndex:
     ) -> list[Neighbour] | None:
         """Search the partitions, read the hits' cases; None when a hit has vanished from the database."""
         parts = [p for lib, p in loaded.partitions.items() if lib or not library_only]
-        hits = [p.search(query, k, exclusion, nprobe) for p in parts if p.size]
-        if not hits:
-            return []
-        merged = _merge(hits, k)
+        merged = _merge([p.search(query, k, exclusion, nprobe) for p in parts], k)
         ids = merged.ids.tolist()
         cases = self._store.cases(ids)
         if len(cases) != len(ids):

@@ -17,12 +17,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 
 from cxr_node.errors import StorageError
-from cxr_node.neighbours.cases import Case, Label, NewCase, case_number
+from cxr_node.neighbours.cases import Case, Label, NewCase, Source
 from cxr_node.neighbours.engine import Floats, Int64s, Rows, empty_rows, key_of
 
 SCHEMA_VERSION: Final = 1
@@ -65,7 +65,7 @@ _CASE_COLUMNS: Final = (
     " c.label, c.source"
 )
 
-Partition = tuple[str, bool]
+PartKey = tuple[str, bool]
 """A partition of the index: (model version, library?)."""
 
 
@@ -80,7 +80,9 @@ class _Added:
 
     def rows(self, dim: int) -> Rows:
         """Return the gathered rows as one batch."""
-        vectors = np.stack(self.vectors).astype(np.float32, copy=False) if self.vectors else np.empty((0, dim))
+        vectors = (
+            np.stack(self.vectors).astype(np.float32, copy=False) if self.vectors else np.empty((0, dim), np.float32)
+        )
         return Rows(vectors, *(np.array(v, np.int64) for v in (self.ids, self.patients, self.studies)))
 
 
@@ -88,11 +90,11 @@ class _Added:
 class Changes:
     """What one write did to the embeddings, for the in-memory partitions to follow once it commits."""
 
-    added: dict[Partition, _Added] = field(default_factory=dict)
+    added: dict[PartKey, _Added] = field(default_factory=dict)
     removed: dict[str, list[int]] = field(default_factory=dict)
     max_id: dict[str, int] = field(default_factory=dict)
 
-    def add(self, part: Partition, row_id: int, vector: Floats, patient: int, study: int) -> None:
+    def add(self, part: PartKey, row_id: int, vector: Floats, patient: int, study: int) -> None:
         """Record one inserted embedding."""
         added = self.added.setdefault(part, _Added())
         added.ids.append(row_id)
@@ -153,15 +155,24 @@ class CaseStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the write lock (``BEGIN IMMEDIATE``) for the block; commit at its end, roll back on error."""
+        """Hold the write lock (``BEGIN IMMEDIATE``) for the block; commit at its end, roll back on error.
+
+        Raises
+        ------
+        StorageError
+            When SQLite fails (disk full, database locked past the busy timeout, I/O error).
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"{self.path}: neighbour index write failed: {exc}") from exc
                 raise
-            self._db.execute("COMMIT")
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -505,10 +516,9 @@ def _case(
         accession_number=accession,
         study_date=date,
         patient_hash=patient,
-        label=label,
-        source=source,
+        label=cast("Label | None", label),
+        source=cast("Source", source),
         case_id=case_id,
-        case_number=case_number(case_id),  # type: ignore[arg-type]
         model_version=version,
     )
 

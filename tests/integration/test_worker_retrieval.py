@@ -87,3 +87,15 @@ def test_similar_cases_come_from_other_patients(make_settings: Callable[..., Set
         assert texts  # the SR was written; its neighbour groups are checked in tests/dicom/test_results.py
     finally:
         node.stop(grace_s=5)
+
+
+def test_a_malformed_study_date_does_not_stop_retrieval(make_settings: Callable[..., Settings]) -> None:
+    """An image whose StudyDate is not YYYYMMDD is indexed with no date instead of failing the job."""
+    from cxr_node.pipeline import Loaded
+
+    ds = phantom_to_dataset(make_phantom(1, label=0, size=128), patient_id="X", patient_name="X^Y")
+    ds.StudyDate = "2020-03-01"
+    job = type(
+        "J", (), {"sop_instance_uid": "1.2", "study_instance_uid": "1.3", "accession_number": "", "patient_hash": "h"}
+    )()
+    assert Loaded(job, ds, None).case.study_date == ""  # type: ignore[arg-type]
