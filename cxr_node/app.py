@@ -198,6 +198,7 @@ def purge_index(settings: Settings, studies: Sequence[str]) -> int:
 
 def run_sender(settings: Settings, ready: Any = None) -> int:
     """Run the sender (deliveries to the destinations, probes, retention) until SIGTERM or SIGINT."""
+    from cxr_node.metrics import SENDER_HEARTBEAT
     from cxr_node.scheduler import run_sender as run
 
     stop = _stop_event()
@@ -209,7 +210,7 @@ def run_sender(settings: Settings, ready: Any = None) -> int:
             settings,
             store,
             stop,
-            heartbeat=settings.storage.root / "run" / "sender.heartbeat",
+            heartbeat=settings.storage.root / SENDER_HEARTBEAT,
             on_purge=lambda studies: purge_index(settings, studies),
         )
     finally:

@@ -98,7 +98,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Remove every trace of one study: inputs, outputs, jobs and their index entries."""
-    from cxr_node.app import open_store
+    from cxr_node.app import open_store, purge_index
     from cxr_node.jobs.retention import purge_jobs
 
     settings = _settings(args)
@@ -108,16 +108,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         count = purge_jobs(store, settings.storage.root, ids)
     finally:
         store.close()
-    removed = _purge_index(settings, [args.study])
+    removed = purge_index(settings, [args.study])
     print(f"purged study {args.study}: {count} job(s), {removed} index entr{'y' if removed == 1 else 'ies'}")
     return 0
-
-
-def _purge_index(settings: Settings, studies: list[str]) -> int:
-    """Remove the studies from the neighbour index, when there is one."""
-    from cxr_node.app import purge_index
-
-    return purge_index(settings, studies)
 
 
 def cmd_index(args: argparse.Namespace) -> int:

@@ -24,11 +24,12 @@ from cxr_node.receive.pressure import WAITING, disk_used_fraction
 
 log = structlog.get_logger("cxr_node.metrics")
 
-WORKER_STATS: Final = "run/worker.stats.json"
-WORKER_HEARTBEAT: Final = "run/worker.heartbeat"
-SENDER_HEARTBEAT: Final = "run/sender.heartbeat"
+WORKER_STATS: Final = Path("run/worker.stats.json")
+WORKER_HEARTBEAT: Final = Path("run/worker.heartbeat")
+SENDER_HEARTBEAT: Final = Path("run/sender.heartbeat")
+"""Run files, relative to ``storage.root``, that the worker and sender write and /metrics, /healthz read."""
 SECONDS_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Upper bounds of the per-image inference seconds histogram (the worker counts with the same bounds)."""
+"""Upper bounds of the per-image inference seconds histogram (the worker counts into these)."""
 
 
 @dataclass(frozen=True)

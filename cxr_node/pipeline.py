@@ -1,10 +1,11 @@
 """One job end to end, and the worker loop that runs jobs in batches.
 
 Each step is a named function with a typed input and output:
-``claim`` (queued → running) → :func:`load_image` (file → DecodedImage) → ``Analyser.analyse`` (arrays →
-Analysis) → :func:`summarise` (Analysis → JSON-able findings) → ``save_result`` (running → inferred).
-An image that cannot be decoded, or whose analysis raises, ends ``quarantined`` with the reason; the
-worker keeps going.
+``claim`` (queued → running) → :func:`load` (file → header + DecodedImage) → ``Analyser.analyse`` (arrays →
+Analysis) → ``Retriever.similar`` / ``add`` (neighbours) → :func:`summarise` (Analysis → JSON-able findings)
+→ ``save_result`` (running → inferred) → :class:`OutputWriter` (inferred → written).
+An image whose pixels cannot be decoded is recorded as not analysed (it gets a short SR); a file that cannot
+be read, or an analysis that raises, ends ``quarantined`` with the reason. The worker keeps going.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cxr_node.infer.engine import Analysis
 from cxr_node.jobs.spool import output_path, write_durably
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import Job, JobStore, Output
+from cxr_node.metrics import SECONDS_BUCKETS, WORKER_HEARTBEAT, WORKER_STATS
 from cxr_node.neighbours import Neighbour, NeighbourIndex, NewCase
 from cxr_node.results.common import OutputError, OutputOptions
 from cxr_node.results.findings import Findings, Provenance, SimilarCase
@@ -201,17 +203,6 @@ def load(root: Path, job: Job, max_side: int) -> Loaded:
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         ds.pop(keyword, None)
     return Loaded(job, ds, image, reason)
-
-
-def load_image(root: Path, job: Job, max_side: int) -> DecodedImage:
-    """Read and decode the job's stored instance.
-
-    Raises
-    ------
-    PixelDecodeError
-        When the file is missing, is not DICOM, or its pixels cannot be decoded.
-    """
-    return decode(read_header(root, job), max_side=max_side)
 
 
 def summarise(
@@ -396,10 +387,6 @@ class OutputWriter:
         return self.write(job, loaded.header, findings)
 
 
-SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Upper bounds of the per-image inference seconds histogram (the same as cxr_node.metrics)."""
-
-
 class WorkerStats:
     """Cumulative inference timings and batch sizes, and a heartbeat, written where /metrics reads them."""
 
@@ -413,7 +400,7 @@ class WorkerStats:
         """Touch the heartbeat file (the worker loop is alive)."""
         with contextlib.suppress(OSError):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "worker.heartbeat").touch()
+            (self.run_dir / WORKER_HEARTBEAT.name).touch()
 
     def batch(self, size: int, seconds: float) -> None:
         """Count one batch of ``size`` images that took ``seconds``, and publish the totals."""
@@ -428,9 +415,10 @@ class WorkerStats:
             "batch_sizes": self.batch_sizes,
         }
         with contextlib.suppress(OSError):
-            tmp = self.run_dir / "worker.stats.json.tmp"
+            target = self.run_dir / WORKER_STATS.name
+            tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
-            tmp.replace(self.run_dir / "worker.stats.json")
+            tmp.replace(target)
 
 
 class Worker:

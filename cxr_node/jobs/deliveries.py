@@ -24,6 +24,8 @@ REFUSED: Final = "refused"
 DEAD: Final = "dead"
 OPEN: Final = (PENDING, FAILED)
 DELIVERY_STATES: Final = (PENDING, FAILED, DELIVERED, REFUSED, DEAD)
+KIND_ORDER: Final = "CASE kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 WHEN 'seg' THEN 2 ELSE 3 END"
+"""SQL ordering outputs as they are sent: the SR first, then the overlay, the SEG and the GSPS."""
 
 DESTINATIONS_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS destinations (
@@ -50,7 +52,6 @@ class Due:
     sop_class_uid: str
     sop_instance_uid: str
     attempts: int
-    created_at: float
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,12 @@ class DeliveryQueries:
         for at most ``max_jobs`` jobs."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts, o.created_at"
+                "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts"
                 " FROM deliveries d JOIN outputs o ON o.job_id = d.job_id AND o.kind = d.kind"
                 " WHERE d.destination = ? AND d.state IN ('pending', 'failed') AND d.next_attempt_at <= ?"
                 " AND d.job_id IN (SELECT DISTINCT job_id FROM deliveries WHERE destination = ?"
                 "   AND state IN ('pending', 'failed') AND next_attempt_at <= ? ORDER BY job_id LIMIT ?)"
-                " ORDER BY d.job_id, CASE d.kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 WHEN 'seg' THEN 2 ELSE 3 END",
+                f" ORDER BY d.job_id, {KIND_ORDER.replace('kind', 'd.kind')}",
                 (destination, now, destination, now, max_jobs),
             ).fetchall()
         return [Due(*row) for row in rows]

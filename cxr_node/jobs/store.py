@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from cxr_node.errors import InvalidTransition, StorageError
-from cxr_node.jobs.deliveries import DESTINATIONS_SCHEMA, DeliveryQueries
+from cxr_node.jobs.deliveries import DESTINATIONS_SCHEMA, KIND_ORDER, DeliveryQueries
 from cxr_node.jobs.states import JobState, can_move, sources_of
 
 SCHEMA_VERSION: Final = 3
@@ -334,7 +334,7 @@ class SqliteJobStore(DeliveryQueries):
         with self._lock:
             rows = self._db.execute(
                 "SELECT kind, sop_class_uid, sop_instance_uid, path, size_bytes FROM outputs WHERE job_id = ?"
-                " ORDER BY CASE kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 WHEN 'seg' THEN 2 ELSE 3 END",
+                f" ORDER BY {KIND_ORDER}",
                 (job_id,),
             ).fetchall()
         return [Output(*row) for row in rows]
