@@ -1,26 +1,24 @@
 """Pure image maths around a network: robust normalisation, fitting to a square input and back, lung crops.
 
 Every function takes and returns numpy arrays, checks them on entry (``ValueError`` naming the argument, the
-expected and the found dtype, ndim or shape) and does no I/O and no logging. Resampling is separable and done
-here in numpy: an area average when a side shrinks (each output pixel is the exact mean of the source area it
-covers), bilinear interpolation with pixel centres aligned when it grows, or nearest neighbour for labels.
+expected and the found dtype, ndim or shape) and does no I/O and no logging. Resampling is
+:func:`cxr_node.imaging.resample.resize`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 
-Order = Literal["linear", "nearest"]
+from cxr_node.imaging.resample import FLOAT, REAL, Order, check_array, check_finite, check_order, resize
+
+__all__ = ["Box", "Fit", "Order", "crop_to_mask", "fit", "mask_outside", "normalise", "resize", "unfit"]
 
 SAMPLE_PIXELS: Final = 1 << 18
 """Percentiles are computed on a regular subsample of about this many pixels (exact below it)."""
-REAL: Final = "iuf"
-"""dtype kinds of real numbers: signed and unsigned integers, floats."""
-FLOAT: Final = "f"
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class Box:
         numpy.ndarray
             :attr:`source_shape`, dtype of ``arr``.
         """
-        _check_array("arr", arr, REAL + "b", "a real or bool array", shape=self.shape)
+        check_array("arr", arr, REAL + "b", "a real or bool array", shape=self.shape)
         out = np.full(self.source_shape, fill, dtype=arr.dtype)
         out[self.slices] = arr
         return out
@@ -112,8 +110,8 @@ def normalise(img: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarr
     numpy.ndarray
         (H, W) float32 in ``[0, 1]``; all zeros when the two percentiles are equal (a constant image).
     """
-    _check_array("img", img, REAL, "a real (integer or float) array")
-    _check_finite("img", img)
+    check_array("img", img, REAL, "a real (integer or float) array")
+    check_finite("img", img)
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"low and high must satisfy 0 <= low < high <= 100; found low={low!r}, high={high!r}")
     lo, hi = np.percentile(_subsample(img), [low, high])
@@ -142,8 +140,8 @@ def fit(img: np.ndarray, size: int) -> tuple[np.ndarray, Fit]:
     placement : Fit
         What :func:`unfit` needs to map a canvas-sized map back to (H, W).
     """
-    _check_array("img", img, FLOAT, "a float32 or float64 array")
-    _check_finite("img", img)
+    check_array("img", img, FLOAT, "a float32 or float64 array")
+    check_finite("img", img)
     _check_size(size)
     rows, cols = img.shape
     scale = size / max(rows, cols)
@@ -181,43 +179,14 @@ def unfit(arr: np.ndarray, fit: Fit, order: Order = "linear") -> np.ndarray:
     """
     if not isinstance(fit, Fit):
         raise TypeError(f"fit must be a Fit; found {type(fit).__name__}")
-    _check_order(order)
+    check_order(order)
     square = (fit.size, fit.size)
     if order == "linear":
-        _check_array("arr", arr, FLOAT, "a float32 or float64 array for order='linear'", shape=square)
-        _check_finite("arr", arr)
+        check_array("arr", arr, FLOAT, "a float32 or float64 array for order='linear'", shape=square)
+        check_finite("arr", arr)
     else:
-        _check_array("arr", arr, REAL + "b", "a real or bool array", shape=square)
+        check_array("arr", arr, REAL + "b", "a real or bool array", shape=square)
     return resize(arr[fit.slices], fit.source_shape, order)
-
-
-def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> np.ndarray:
-    """Resample ``img`` to ``shape``, one axis at a time.
-
-    Parameters
-    ----------
-    img : numpy.ndarray
-        (H, W); float for ``order="linear"``, any real or bool dtype for ``"nearest"``.
-    shape : tuple[int, int]
-        (rows, cols) wanted, each >= 1.
-    order : {"linear", "nearest"}
-        ``"linear"``: area average along a shrinking axis, bilinear (pixel centres aligned) along a growing one.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``shape``; float32 for ``"linear"``, the dtype of ``img`` for ``"nearest"``.
-    """
-    _check_order(order)
-    kinds, expected = (FLOAT, "a float32 or float64 array") if order == "linear" else (REAL + "b", "a real array")
-    _check_array("img", img, kinds, expected)
-    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
-        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
-    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
-    first = 0 if ratios[0] <= ratios[1] else 1  # shrink most first: the second pass works on less
-    out = _resample_axis(img, int(shape[first]), first, order)
-    out = _resample_axis(out, int(shape[1 - first]), 1 - first, order)
-    return out.astype(np.float32, copy=False) if order == "linear" else out
 
 
 def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> tuple[np.ndarray, Box]:
@@ -240,8 +209,8 @@ def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> tup
     box : Box
         Where the crop lies; :meth:`Box.paste` puts a map on the crop back on the (H, W) grid.
     """
-    _check_array("img", img, REAL + "b", "a real or bool array")
-    _check_array("mask", mask, "b", "a bool array", shape=img.shape)
+    check_array("img", img, REAL + "b", "a real or bool array")
+    check_array("mask", mask, "b", "a bool array", shape=img.shape)
     if not (isinstance(margin, int | float) and 0.0 <= margin <= 1.0):
         raise ValueError(f"margin must be a number in [0, 1]; found {margin!r}")
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -270,54 +239,13 @@ def mask_outside(img: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.nda
     numpy.ndarray
         (H, W), dtype of ``img``.
     """
-    _check_array("img", img, REAL, "a real (integer or float) array")
-    _check_array("mask", mask, "b", "a bool array", shape=img.shape)
+    check_array("img", img, REAL, "a real (integer or float) array")
+    check_array("mask", mask, "b", "a bool array", shape=img.shape)
     if not math.isfinite(fill):
         raise ValueError(f"fill must be a finite number; found {fill!r}")
     out = img.copy()
     out[~mask] = fill
     return out
-
-
-def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order) -> np.ndarray:
-    """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns."""
-    n_in = arr.shape[axis]
-    if n_out == n_in:
-        return arr
-    if order == "nearest":
-        return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
-    index, weight = _area_taps(n_in, n_out) if n_out < n_in else _linear_taps(n_in, n_out)
-    out: np.ndarray | None = None
-    for taps, weights in zip(index, weight, strict=True):
-        term = np.take(arr, taps, axis=axis)
-        term *= weights[:, None] if axis == 0 else weights[None, :]
-        out = term if out is None else np.add(out, term, out=out)
-    assert out is not None  # at least one tap
-    return out
-
-
-def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (taps, n_out) source indices and weights: each output averages the span ``[i s, (i + 1) s)``."""
-    step = n_in / n_out
-    starts = np.arange(n_out) * step
-    ends = np.minimum(starts + step, n_in)
-    index = np.floor(starts).astype(np.intp)[None, :] + np.arange(math.ceil(step) + 1)[:, None]
-    overlap = np.clip(np.minimum(index + 1, ends) - np.maximum(index, starts), 0.0, None)
-    weight = overlap / overlap.sum(axis=0, keepdims=True)
-    return np.minimum(index, n_in - 1), weight.astype(np.float32)
-
-
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (2, n_out) source indices and weights of bilinear interpolation with aligned pixel centres."""
-    position = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    below = np.floor(position).astype(np.intp)
-    frac = (position - below).astype(np.float32)
-    return np.stack([below, np.minimum(below + 1, n_in - 1)]), np.stack([1.0 - frac, frac])
-
-
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    """Return the source index whose pixel contains each output pixel's centre."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
 
 
 def _subsample(img: np.ndarray) -> np.ndarray:
@@ -332,33 +260,8 @@ def _widen(start: int, stop: int, margin: float, limit: int) -> tuple[int, int]:
     return max(0, start - pad), min(limit, stop + pad)
 
 
-def _check_array(name: str, arr: object, kinds: str, expected: str, shape: tuple[int, ...] | None = None) -> None:
-    """Raise unless ``arr`` is a non-empty 2-D array of one of the dtype ``kinds`` (and ``shape`` when given)."""
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; found {type(arr).__name__}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (H, W); found ndim {arr.ndim}, shape {arr.shape}")
-    if arr.dtype.kind not in kinds:
-        raise ValueError(f"{name} must be {expected}; found dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty; found shape {arr.shape}")
-    if shape is not None and arr.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}; found {arr.shape}")
-
-
-def _check_finite(name: str, arr: np.ndarray) -> None:
-    """Raise ValueError if a float ``arr`` holds NaN or infinity (one float64 sum; exact check only if it fails)."""
-    if arr.dtype.kind == "f" and not math.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite; found {np.count_nonzero(~np.isfinite(arr))} NaN or infinite pixels")
-
-
 def _check_size(size: object) -> None:
     """Raise ValueError unless ``size`` is an int >= 1."""
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise ValueError(f"size must be an int >= 1; found {size!r}")
 
-
-def _check_order(order: object) -> None:
-    """Raise ValueError unless ``order`` is "linear" or "nearest"."""
-    if order not in ("linear", "nearest"):
-        raise ValueError(f"order must be 'linear' or 'nearest'; found {order!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -11,6 +10,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from cxr_node.imaging.masks import check_mask, reduce_to_grid, run_labels, runs
 from cxr_node.infer.registry import Manifest, StateDict, load_into, load_weights
 from cxr_node.infer.unet import UNet
 
@@ -144,7 +144,7 @@ def mask_quality(mask: np.ndarray) -> MaskQuality:
     MaskQuality
         The verdict; ``reason`` names the first failed check.
     """
-    _check_mask(mask)
+    check_mask(mask)
     height, width = mask.shape
     area = float(mask.mean())
     parts = _components(mask)
@@ -152,13 +152,6 @@ def mask_quality(mask: np.ndarray) -> MaskQuality:
     count = int(sizeable.sum())
     reason = _area_problem(area) or _centroid_problem(mask) or _lungs_problem(parts, count, width)
     return MaskQuality(ok=reason is None, reason=reason or "plausible", area_fraction=area, components=count)
-
-
-def _check_mask(mask: object) -> None:
-    """Raise ValueError unless ``mask`` is a non-empty 2-D bool array."""
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2 or mask.size == 0:
-        found = f"{mask.dtype} {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise ValueError(f"mask must be a non-empty (H, W) bool array; found {found}")
 
 
 def _area_problem(area: float) -> str | None:
@@ -196,10 +189,10 @@ def _lungs_problem(parts: _Components, count: int, width: int) -> str | None:
 
 def _components(mask: NDArray[np.bool_]) -> _Components:
     """Return the 4-connected components of ``mask`` (found on a downsampled copy), largest first."""
-    factor = max(1, math.ceil(max(mask.shape) / LABEL_GRID))
-    small = _downsample(mask, factor)
-    rows, starts, ends = _runs(small)
-    roots = _run_roots(rows, starts, ends, small.shape[1])
+    small, factor = reduce_to_grid(mask, LABEL_GRID, "majority")
+    found = runs(small)
+    rows, starts, ends = found
+    roots = run_labels(found, small.shape[1])
     lengths = (ends - starts).astype(np.float64)
     areas = np.bincount(roots, weights=lengths)
     sum_x = np.bincount(roots, weights=(starts + ends - 1) * lengths / 2)
@@ -211,91 +204,3 @@ def _components(mask: NDArray[np.bool_]) -> _Components:
         cx = (sum_x[order] / areas + 0.5) * factor
         cy = (sum_y[order] / areas + 0.5) * factor
     return _Components(areas=areas * scale, cx=cx, cy=cy)
-
-
-def _downsample(mask: NDArray[np.bool_], factor: int) -> NDArray[np.bool_]:
-    """Return ``mask`` reduced by ``factor`` in each direction, a pixel set where most of its block is."""
-    if factor == 1:
-        return mask
-    height = -(-mask.shape[0] // factor) * factor
-    width = -(-mask.shape[1] // factor) * factor
-    padded = mask
-    if (height, width) != mask.shape:
-        padded = np.zeros((height, width), dtype=bool)
-        padded[: mask.shape[0], : mask.shape[1]] = mask
-    counts = padded.view(np.uint8).reshape(height // factor, factor, width // factor, factor).sum(axis=(1, 3))
-    return counts * 2 >= factor * factor
-
-
-def _runs(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """Return the horizontal runs of set pixels as ``(row, start, end)`` arrays (end exclusive), row-major."""
-    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    steps = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(steps == 1)
-    _, ends = np.nonzero(steps == -1)
-    return rows.astype(np.int64), starts.astype(np.int64), ends.astype(np.int64)
-
-
-def _run_roots(
-    rows: NDArray[np.int64], starts: NDArray[np.int64], ends: NDArray[np.int64], width: int
-) -> NDArray[np.int64]:
-    """Return, for each run, a component index ``0..k-1``: runs joined when they overlap in adjacent rows."""
-    if rows.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    stride = width + 1
-    start_keys = rows * stride + starts
-    end_keys = rows * stride + ends
-    above = (rows - 1) * stride
-    first = np.searchsorted(end_keys, above + starts, side="right")
-    stop = np.searchsorted(start_keys, above + ends, side="left")
-    counts = np.clip(stop - first, 0, None)
-    upper = np.repeat(first, counts) + _ramps(counts)
-    lower = np.repeat(np.arange(rows.size), counts)
-    roots = _union_find(rows.size, lower, upper)
-    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
-
-
-def _ramps(counts: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Return ``0..c-1`` for each ``c`` in ``counts``, concatenated."""
-    total = int(counts.sum())
-    offsets = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.arange(total, dtype=np.int64) - offsets
-
-
-def _union_find(size: int, left: NDArray[np.int64], right: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Return each node's root after joining every ``(left[i], right[i])`` pair (smallest index wins)."""
-    parent = list(range(size))
-
-    def find(node: int) -> int:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for a, b in zip(left.tolist(), right.tolist(), strict=True):
-        root_a, root_b = find(a), find(b)
-        if root_a != root_b:
-            parent[max(root_a, root_b)] = min(root_a, root_b)
-    return np.array([find(node) for node in range(size)], dtype=np.int64)
-
-
-def label_components(mask: np.ndarray) -> tuple[NDArray[np.int32], int]:
-    """Return 4-connected component labels of a ``(H, W)`` bool mask at full resolution.
-
-    Returns
-    -------
-    labels : numpy.ndarray
-        ``(H, W)`` int32: 0 for background, ``1..count`` for the components (in row-major order of
-        their first run).
-    count : int
-        Number of components.
-    """
-    _check_mask(mask)
-    rows, starts, ends = _runs(mask)
-    roots = _run_roots(rows, starts, ends, mask.shape[1])
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    lengths = ends - starts
-    flat = np.repeat(rows * mask.shape[1] + starts, lengths) + _ramps(lengths)
-    labels.reshape(-1)[flat] = np.repeat(roots + 1, lengths)
-    return labels, int(roots.max() + 1) if roots.size else 0

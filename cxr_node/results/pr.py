@@ -11,6 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cxr_node.imaging.masks import lung_outlines
 from cxr_node.results.common import (
     OutputError,
     OutputOptions,
@@ -21,7 +22,6 @@ from cxr_node.results.common import (
     identity,
 )
 from cxr_node.results.findings import Findings
-from cxr_node.results.geometry import lung_outlines
 from cxr_node.results.sc import banner
 from cxr_node.results.sr import usable_evidence
 

@@ -8,6 +8,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxr_node.dicom import codes
+from cxr_node.imaging.masks import resize_nearest
 from cxr_node.results.common import (
     OutputError,
     OutputOptions,
@@ -18,7 +19,6 @@ from cxr_node.results.common import (
     identity,
 )
 from cxr_node.results.findings import Findings
-from cxr_node.results.geometry import resize_nearest
 from cxr_node.results.sr import usable_evidence
 
 

@@ -22,6 +22,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from cxr_node.dicom import codes
 from cxr_node.dicom.uids import derived_uid
+from cxr_node.imaging.masks import convex_hull, lung_outlines
 from cxr_node.results.common import (
     OutputError,
     OutputOptions,
@@ -30,7 +31,6 @@ from cxr_node.results.common import (
     identity,
 )
 from cxr_node.results.findings import Findings, SimilarCase
-from cxr_node.results.geometry import convex_hull, lung_outlines
 
 _LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
 

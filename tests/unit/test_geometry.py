@@ -7,7 +7,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from cxr_node.results.geometry import components, convex_hull, lung_outlines, resize_nearest, simplify, trace
+from cxr_node.imaging.masks import components, convex_hull, lung_outlines, resize_nearest, simplify, trace
 from cxr_node.training.phantoms import make_phantom
 
 
@@ -83,5 +83,5 @@ def test_resize_nearest_and_bad_masks() -> None:
     """Nearest-neighbour resizing keeps the values; a non-bool mask is refused naming the argument."""
     mask = np.array([[True, False], [False, True]])
     assert resize_nearest(mask, (4, 4)).tolist()[0] == [True, True, False, False]
-    with pytest.raises(ValueError, match="mask must be a bool"):
+    with pytest.raises(ValueError, match="mask must be a non-empty"):
         components(np.zeros((4, 4), np.uint8))

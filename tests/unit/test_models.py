@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from cxr_node.errors import ModelError
+from cxr_node.imaging.masks import label_components
 from cxr_node.infer import registry
 from cxr_node.infer.classify import Ensemble, FeatureHook, RuntimeOptions
 from cxr_node.infer.device import resolve_device
@@ -33,7 +34,7 @@ from cxr_node.infer.registry import (
     save_manifest,
     sha256_file,
 )
-from cxr_node.infer.segment import LungSegmenter, label_components, mask_quality
+from cxr_node.infer.segment import LungSegmenter, mask_quality
 from cxr_node.infer.unet import UNet, parameter_bytes
 
 SIZE = 64

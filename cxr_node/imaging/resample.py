@@ -1,0 +1,115 @@
+"""Resampling of 2-D arrays, one axis at a time, in numpy.
+
+An area average when a side shrinks (each output pixel is the exact mean of the source area it covers),
+bilinear interpolation with pixel centres aligned when it grows, or nearest neighbour for labels and masks.
+Arrays are checked on entry (``ValueError`` naming the argument, the expected and the found dtype, ndim or shape).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, Literal
+
+import numpy as np
+
+Order = Literal["linear", "nearest"]
+
+REAL: Final = "iuf"
+"""dtype kinds of real numbers: signed and unsigned integers, floats."""
+FLOAT: Final = "f"
+
+
+def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> np.ndarray:
+    """Resample ``img`` to ``shape``, one axis at a time.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W); float for ``order="linear"``, any real or bool dtype for ``"nearest"``.
+    shape : tuple[int, int]
+        (rows, cols) wanted, each >= 1.
+    order : {"linear", "nearest"}
+        ``"linear"``: area average along a shrinking axis, bilinear (pixel centres aligned) along a growing one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``shape``; float32 for ``"linear"``, the dtype of ``img`` for ``"nearest"``.
+    """
+    check_order(order)
+    kinds, expected = (FLOAT, "a float32 or float64 array") if order == "linear" else (REAL + "b", "a real array")
+    check_array("img", img, kinds, expected)
+    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
+    first = 0 if ratios[0] <= ratios[1] else 1  # shrink most first: the second pass works on less
+    out = _resample_axis(img, int(shape[first]), first, order)
+    out = _resample_axis(out, int(shape[1 - first]), 1 - first, order)
+    return out.astype(np.float32, copy=False) if order == "linear" else out
+
+
+def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order) -> np.ndarray:
+    """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns."""
+    n_in = arr.shape[axis]
+    if n_out == n_in:
+        return arr
+    if order == "nearest":
+        return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
+    index, weight = _area_taps(n_in, n_out) if n_out < n_in else _linear_taps(n_in, n_out)
+    out: np.ndarray | None = None
+    for taps, weights in zip(index, weight, strict=True):
+        term = np.take(arr, taps, axis=axis)
+        term *= weights[:, None] if axis == 0 else weights[None, :]
+        out = term if out is None else np.add(out, term, out=out)
+    assert out is not None  # at least one tap
+    return out
+
+
+def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (taps, n_out) source indices and weights: each output averages the span ``[i s, (i + 1) s)``."""
+    step = n_in / n_out
+    starts = np.arange(n_out) * step
+    ends = np.minimum(starts + step, n_in)
+    index = np.floor(starts).astype(np.intp)[None, :] + np.arange(math.ceil(step) + 1)[:, None]
+    overlap = np.clip(np.minimum(index + 1, ends) - np.maximum(index, starts), 0.0, None)
+    weight = overlap / overlap.sum(axis=0, keepdims=True)
+    return np.minimum(index, n_in - 1), weight.astype(np.float32)
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (2, n_out) source indices and weights of bilinear interpolation with aligned pixel centres."""
+    position = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    below = np.floor(position).astype(np.intp)
+    frac = (position - below).astype(np.float32)
+    return np.stack([below, np.minimum(below + 1, n_in - 1)]), np.stack([1.0 - frac, frac])
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Return the source index whose pixel contains each output pixel's centre."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
+
+
+def check_array(name: str, arr: object, kinds: str, expected: str, shape: tuple[int, ...] | None = None) -> None:
+    """Raise unless ``arr`` is a non-empty 2-D array of one of the dtype ``kinds`` (and ``shape`` when given)."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; found {type(arr).__name__}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (H, W); found ndim {arr.ndim}, shape {arr.shape}")
+    if arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} must be {expected}; found dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty; found shape {arr.shape}")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; found {arr.shape}")
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+    """Raise ValueError if a float ``arr`` holds NaN or infinity (one float64 sum; exact check only if it fails)."""
+    if arr.dtype.kind == "f" and not math.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite; found {np.count_nonzero(~np.isfinite(arr))} NaN or infinite pixels")
+
+
+def check_order(order: object) -> None:
+    """Raise ValueError unless ``order`` is "linear" or "nearest"."""
+    if order not in ("linear", "nearest"):
+        raise ValueError(f"order must be 'linear' or 'nearest'; found {order!r}")
