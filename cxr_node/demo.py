@@ -27,6 +27,7 @@ from cxr_node.errors import CxrNodeError
 from cxr_node.jobs import spool
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import Job, SqliteJobStore, StoredResult
+from cxr_node.results.kinds import REGISTRY
 from cxr_node.send.scu import PeerAddress, echo, send_files
 
 START_TIMEOUT_S = 90.0
@@ -178,12 +179,10 @@ class DemoPacs:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.sop_class import Verification
 
-        from cxr_node.send.deliver import OUTPUT_CLASSES
-
         ae = AE(ae_title="DEMO_PACS")
         ae.add_supported_context(Verification)
-        for sop_class in OUTPUT_CLASSES.values():
-            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        for kind in REGISTRY:
+            ae.add_supported_context(kind.sop_class_uid, ALL_TRANSFER_SYNTAXES)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
@@ -193,7 +192,7 @@ class DemoPacs:
     def _store(self, event: Any) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        kind = {"SR": "sr", "OT": "sc", "SEG": "seg", "PR": "pr"}.get(str(ds.get("Modality", "")), "other")
+        kind = next((k.name for k in REGISTRY if k.sop_class_uid == ds.SOPClassUID), "other")
         ds.save_as(self.folder / f"{kind}-{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         source = ds.get("CurrentRequestedProcedureEvidenceSequence") or ds.get("SourceImageSequence")
         if kind == "sr" and source:

@@ -36,9 +36,10 @@ from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import Job, JobStore, Output
 from cxr_node.metrics import SECONDS_BUCKETS, WORKER_HEARTBEAT, WORKER_STATS
 from cxr_node.neighbours import Neighbour, NeighbourIndex, NewCase
-from cxr_node.results.common import OutputError, OutputOptions
+from cxr_node.results.common import OutputError
 from cxr_node.results.findings import Findings, Provenance, SimilarCase
-from cxr_node.results.outputs import Built, Enabled, build_outputs, kinds_for
+from cxr_node.results.kinds import kinds_for, options_from
+from cxr_node.results.outputs import Built, build_outputs
 
 log = structlog.get_logger("cxr_node.worker")
 
@@ -333,24 +334,14 @@ class OutputWriter:
         self.root = root
         self.store = store
         self.provenance = provenance
-        self.enabled = Enabled(
-            structured_report=results.structured_report,
-            secondary_capture=results.secondary_capture,
-            segmentation=results.segmentation,
-            presentation_state=results.presentation_state,
-            not_analysed_report=results.not_analysed_report,
-        )
-        self.options = OutputOptions(
-            series_numbers=results.series_numbers.model_dump(),
-            series_description=results.series_description,
-            institution_name=results.institution_name,
-        )
+        self.results = results
+        self.options = options_from(results)
         self.destinations = list(destinations)
         self.fsync = fsync
 
     def write(self, job: Job, header: Dataset, findings: Findings) -> bool:
         """Write and record ``job``'s outputs; return True when the job is now ``written``."""
-        kinds = kinds_for(findings, self.enabled)
+        kinds = kinds_for(findings, self.results)
         try:
             built = build_outputs(header, findings, self.options, kinds)
         except OutputError as exc:

@@ -18,6 +18,7 @@ from cxr_node.config import Settings
 from cxr_node.jobs import retention
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.results.kinds import producible
 from cxr_node.send.deliver import Dispatcher
 
 log = structlog.get_logger("cxr_node.scheduler")
@@ -108,18 +109,7 @@ def run_sender(
     on_purge: Callable[[list[str]], Any] | None = None,
 ) -> None:
     """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
-    kinds = ["sr"] if settings.results.not_analysed_report else []
-    kinds += [
-        kind
-        for kind, on in (
-            ("sr", settings.results.structured_report),
-            ("sc", settings.results.secondary_capture),
-            ("seg", settings.results.segmentation),
-            ("pr", settings.results.presentation_state),
-        )
-        if on
-    ]
-    kinds = list(dict.fromkeys(kinds))  # the not-analysed SR is sent even with structured_report off
+    kinds = producible(settings.results)  # the not-analysed SR is sent even with structured_report off
     dispatcher = Dispatcher(store, settings.storage.root, settings.destinations, settings.delivery, kinds)
     housekeeper = Housekeeper(settings, store, on_purge)
     for destination in settings.destinations:

@@ -10,7 +10,7 @@ import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import highdicom as hd
 import pydicom
@@ -20,18 +20,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
+from cxr_node.config import SeriesNumbers
 from cxr_node.dicom.uids import output_uid
 from cxr_node.results.findings import Findings, Provenance
 
 Kind = Literal["sr", "sc", "seg", "pr"]
-KINDS: Final[tuple[Kind, ...]] = ("sr", "sc", "seg", "pr")
-KIND_NAMES: Final[Mapping[str, str]] = {
-    "sr": "structured report",
-    "sc": "overlay",
-    "seg": "lung segmentation",
-    "pr": "presentation state",
-}
-DEFAULT_SERIES_NUMBERS: Final[Mapping[str, int]] = {"sr": 9901, "sc": 9902, "seg": 9903, "pr": 9904}
+"""The output kinds; :mod:`cxr_node.results.kinds` says what each one is."""
 UTF8: Final = "ISO_IR 192"
 
 
@@ -53,40 +47,42 @@ class OutputOptions:
         Written as the contributing equipment's institution, when set.
     """
 
-    series_numbers: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_SERIES_NUMBERS))
+    series_numbers: Mapping[str, int] = field(default_factory=lambda: SeriesNumbers().model_dump())
     series_description: str = "AI CXR analysis"
     institution_name: str = ""
 
     def __post_init__(self) -> None:
         if not self.series_description.startswith("AI"):
             raise ValueError(f"series_description must start with 'AI', found {self.series_description!r}")
-        missing = [kind for kind in KINDS if kind not in self.series_numbers]
+        missing = [kind for kind in get_args(Kind) if kind not in self.series_numbers]
         if missing:
             raise ValueError(f"series_numbers must name every output kind, missing {missing}")
 
-    def description(self, kind: Kind) -> str:
-        """The SeriesDescription of an output kind, e.g. ``AI CXR analysis - overlay`` (at most 64 characters)."""
-        return f"{self.series_description} - {KIND_NAMES[kind]}"[:64]
+    def description(self, title: str) -> str:
+        """The SeriesDescription of an output, e.g. ``AI CXR analysis - overlay`` (at most 64 characters)."""
+        return f"{self.series_description} - {title}"[:64]
 
 
 @dataclass(frozen=True)
 class Identity:
-    """The deterministic UIDs and numbers of one output."""
+    """The deterministic UIDs, numbers and description of one output, given to its builder."""
 
     series_instance_uid: str
     sop_instance_uid: str
     series_number: int
+    series_description: str
     instance_number: int = 1
 
 
-def identity(source: Dataset, findings: Findings, kind: Kind, options: OutputOptions) -> Identity:
+def identity(source: Dataset, findings: Findings, kind: Kind, series_number: int, description: str) -> Identity:
     """Return the UIDs of the ``kind`` output of ``source``: the same inputs always give the same UIDs."""
     sop = str(source.SOPInstanceUID)
     model = findings.provenance.model_key
     return Identity(
         series_instance_uid=output_uid(sop, model, kind, "series"),
         sop_instance_uid=output_uid(sop, model, kind, "instance"),
-        series_number=int(options.series_numbers[kind]),
+        series_number=series_number,
+        series_description=description,
     )
 
 

@@ -1,34 +1,16 @@
-"""Which outputs one set of findings gets, built and encoded: the single entry point of the results stage."""
+"""The outputs of one set of findings, built and encoded: the single entry point of the results stage."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from pydicom.dataset import Dataset
 
-from cxr_node.results.common import Kind, OutputOptions, encode
+from cxr_node.results.common import Kind, OutputOptions, encode, identity
 from cxr_node.results.findings import Findings
-from cxr_node.results.pr import build_pr
-from cxr_node.results.sc import build_sc
-from cxr_node.results.seg import build_seg
-from cxr_node.results.sr import build_sr
-
-Builder = Callable[[Dataset, Findings, OutputOptions], Dataset]
-BUILDERS: Final[Mapping[Kind, Builder]] = {"sr": build_sr, "sc": build_sc, "seg": build_seg, "pr": build_pr}
-
-
-@dataclass(frozen=True)
-class Enabled:
-    """The site's output switches (``results.*`` in the configuration)."""
-
-    structured_report: bool = True
-    secondary_capture: bool = True
-    segmentation: bool = False
-    presentation_state: bool = False
-    not_analysed_report: bool = True
+from cxr_node.results.kinds import kind
 
 
 @dataclass(frozen=True)
@@ -41,24 +23,7 @@ class Built:
     data: bytes
 
 
-def kinds_for(findings: Findings, enabled: Enabled) -> tuple[Kind, ...]:
-    """The outputs ``findings`` get: all enabled ones when analysed; the short SR (and the overlay, when
-    there is an image to draw on) when not analysed and the site wants to be told."""
-    if findings.analysed:
-        wanted = (
-            ("sr", enabled.structured_report),
-            ("sc", enabled.secondary_capture),
-            ("seg", enabled.segmentation),
-            ("pr", enabled.presentation_state),
-        )
-        return tuple(kind for kind, on in wanted if on)
-    if not enabled.not_analysed_report:
-        return ()
-    has_image = findings.image is not None and enabled.secondary_capture
-    return ("sr", "sc") if has_image else ("sr",)
-
-
-def build_outputs(source: Dataset, findings: Findings, options: OutputOptions, kinds: tuple[Kind, ...]) -> list[Built]:
+def build_outputs(source: Dataset, findings: Findings, options: OutputOptions, kinds: Sequence[Kind]) -> list[Built]:
     """Build and encode each of ``kinds``; any failure raises before anything is returned.
 
     Raises
@@ -70,7 +35,20 @@ def build_outputs(source: Dataset, findings: Findings, options: OutputOptions, k
     with warnings.catch_warnings():
         # the source's names are copied as they are: a one-component name is valid DICOM, not our error
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        for kind in kinds:
-            dataset = BUILDERS[kind](source, findings, options)
-            built.append(Built(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), encode(dataset)))
+        for name in kinds:
+            dataset = build_dataset(source, findings, options, name)
+            built.append(Built(name, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), encode(dataset)))
     return built
+
+
+def build_dataset(source: Dataset, findings: Findings, options: OutputOptions, name: Kind) -> Dataset:
+    """Build the ``name`` output of ``findings`` on ``source`` as a data set, with its deterministic identity.
+
+    Raises
+    ------
+    OutputError
+        When the output cannot be built.
+    """
+    entry = kind(name)
+    ids = identity(source, findings, name, options.series_numbers[name], options.description(entry.title))
+    return entry.build(source, findings, options, ids)

@@ -13,13 +13,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from cxr_node.imaging.masks import lung_outlines
 from cxr_node.results.common import (
+    Identity,
     OutputError,
     OutputOptions,
     contributing_equipment,
     copy_character_set,
     copy_series_context,
     equipment,
-    identity,
 )
 from cxr_node.results.findings import Findings
 from cxr_node.results.sc import banner
@@ -29,7 +29,7 @@ LAYER = "AI"
 CONTENT_LABEL = "AI_RESULT"
 
 
-def build_pr(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+def build_pr(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
     """Return the GSPS that draws ``findings`` on ``source``.
 
     Raises
@@ -40,7 +40,6 @@ def build_pr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
     if not findings.analysed or findings.lung_mask is None:
         raise OutputError("a presentation state needs an analysed image's lung outline")
     provenance = findings.provenance
-    ids = identity(source, findings, "pr", options)
     referenced = usable_evidence(source)
     layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description=f"AI result of {provenance.algorithm}"[:64])
     annotation = hd.pr.GraphicAnnotation(
@@ -60,7 +59,7 @@ def build_pr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
             presentation_lut_transformation=_polarity(source),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=contributing_equipment(provenance, options),
-            series_description=options.description("pr"),
+            series_description=ids.series_description,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"presentation state cannot be built: {exc}") from exc

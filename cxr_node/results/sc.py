@@ -15,12 +15,12 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxr_node.results.common import (
+    Identity,
     OutputError,
     OutputOptions,
     contributing_equipment,
     copy_character_set,
     copy_series_context,
-    identity,
 )
 from cxr_node.results.findings import Findings
 from cxr_node.results.render import Banner, render_overlay, window_to_uint8
@@ -63,7 +63,7 @@ def overlay_pixels(findings: Findings) -> np.ndarray:
     return render_overlay(window_to_uint8(findings.image), mask, heatmap, banner(findings))
 
 
-def build_sc(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
     """Return the Secondary Capture overlay of ``findings`` in the ``source`` image's study.
 
     Raises
@@ -72,7 +72,6 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
         When the findings have no image or highdicom refuses the content.
     """
     pixels = overlay_pixels(findings)
-    ids = identity(source, findings, "sc", options)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -91,14 +90,14 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"overlay cannot be built: {exc}") from exc
-    _describe(sc, source, findings, options)
+    _describe(sc, source, findings, ids)
     copy_series_context(source, sc)
     copy_character_set(source, sc, (findings.provenance.intended_use, findings.reason))
     return sc
 
 
-def _describe(sc: Dataset, source: Dataset, findings: Findings, options: OutputOptions) -> None:
-    sc.SeriesDescription = options.description("sc")
+def _describe(sc: Dataset, source: Dataset, findings: Findings, ids: Identity) -> None:
+    sc.SeriesDescription = ids.series_description
     if source.get("StudyDescription"):
         sc.StudyDescription = source.StudyDescription
     sc.BurnedInAnnotation = "YES"

@@ -10,19 +10,19 @@ from pydicom.uid import ExplicitVRLittleEndian
 from cxr_node.dicom import codes
 from cxr_node.imaging.masks import resize_nearest
 from cxr_node.results.common import (
+    Identity,
     OutputError,
     OutputOptions,
     contributing_equipment,
     copy_character_set,
     copy_series_context,
     equipment,
-    identity,
 )
 from cxr_node.results.findings import Findings
 from cxr_node.results.sr import usable_evidence
 
 
-def build_seg(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+def build_seg(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
     """Return the binary Segmentation of both lungs on ``source`` (the mask resized to the source's pixels).
 
     Raises
@@ -33,7 +33,6 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions) -> Da
     if not findings.analysed or findings.lung_mask is None:
         raise OutputError("a segmentation needs an analysed image's lung mask")
     provenance = findings.provenance
-    ids = identity(source, findings, "seg", options)
     mask = resize_nearest(findings.lung_mask, findings.source_shape)
     segment = hd.seg.SegmentDescription(
         segment_number=1,
@@ -59,7 +58,7 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions) -> Da
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=contributing_equipment(provenance, options),
             omit_empty_frames=False,
-            series_description=options.description("seg"),
+            series_description=ids.series_description,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"segmentation cannot be built: {exc}") from exc

@@ -24,18 +24,18 @@ from cxr_node.dicom import codes
 from cxr_node.dicom.uids import derived_uid
 from cxr_node.imaging.masks import convex_hull, lung_outlines
 from cxr_node.results.common import (
+    Identity,
     OutputError,
     OutputOptions,
     contributing_equipment,
     copy_character_set,
-    identity,
 )
 from cxr_node.results.findings import Findings, SimilarCase
 
 _LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
 
 
-def build_sr(source: Dataset, findings: Findings, options: OutputOptions) -> Dataset:
+def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
     """Return the Comprehensive SR (TID 1500) of ``findings`` on the ``source`` image.
 
     Parameters
@@ -45,7 +45,9 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
     findings : Findings
         What was found, or why the image was not analysed.
     options : OutputOptions
-        Series numbers and descriptions.
+        The site's choices (institution name).
+    ids : Identity
+        The output's UIDs, series number and description.
 
     Raises
     ------
@@ -53,7 +55,6 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
         When highdicom refuses the content.
     """
     evidence = usable_evidence(source)
-    ids = identity(source, findings, "sr", options)
     try:
         report = hsr.MeasurementReport(
             observation_context=_observation_context(findings),
@@ -73,7 +74,7 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions) -> Dat
             manufacturer=findings.provenance.manufacturer,
             is_complete=True,
             contributing_equipment=contributing_equipment(findings.provenance, options),
-            series_description=options.description("sr"),
+            series_description=ids.series_description,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"structured report cannot be built: {exc}") from exc

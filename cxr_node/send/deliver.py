@@ -21,31 +21,19 @@ from typing import Final
 import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
-)
 
 from cxr_node.config import DeliverySettings, Destination
 from cxr_node.dicom import status
 from cxr_node.jobs.deliveries import DEAD, DELIVERED, FAILED, DestinationState, Due
 from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES, REGISTRY
 
 log = structlog.get_logger("cxr_node.send")
 
-OUTPUT_CLASSES: Final = {
-    "sr": str(ComprehensiveSRStorage),
-    "sc": str(SecondaryCaptureImageStorage),
-    "seg": str(SegmentationStorage),
-    "pr": str(GrayscaleSoftcopyPresentationStateStorage),
-}
-"""The SOP class of each output kind; proposed in the syntaxes of :data:`OUTPUT_SYNTAXES`."""
-OUTPUT_SYNTAXES: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+OUTPUT_CLASSES: Final = {kind.name: kind.sop_class_uid for kind in REGISTRY}
+"""The SOP class of each output kind; proposed in the syntaxes of :data:`OUTPUT_TRANSFER_SYNTAXES`."""
 
 
 def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -92,7 +80,7 @@ class Dispatcher:
         root: Path,
         destinations: Sequence[Destination],
         settings: DeliverySettings,
-        kinds: Sequence[str] = ("sr", "sc", "seg", "pr"),
+        kinds: Sequence[str] = tuple(OUTPUT_CLASSES),
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -105,7 +93,7 @@ class Dispatcher:
     def _ae(self, kinds: Sequence[str]) -> AE:
         ae = AE(ae_title=self.settings.calling_ae_title)
         for kind in kinds:
-            ae.add_requested_context(OUTPUT_CLASSES[kind], list(OUTPUT_SYNTAXES))
+            ae.add_requested_context(OUTPUT_CLASSES[kind], list(OUTPUT_TRANSFER_SYNTAXES))
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
         return ae
 

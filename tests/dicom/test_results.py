@@ -7,11 +7,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from cxr_node.config import ResultsSettings
 from cxr_node.dicom.uids import derived_uid, output_uid
 from cxr_node.results.common import OutputError, OutputOptions, encode
 from cxr_node.results.findings import Findings, Provenance, SimilarCase
-from cxr_node.results.outputs import Enabled, build_outputs, kinds_for
-from cxr_node.results.sr import build_sr, impression
+from cxr_node.results.kinds import kinds_for
+from cxr_node.results.outputs import build_dataset, build_outputs
+from cxr_node.results.sr import impression
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
 
 PROVENANCE = Provenance(
@@ -78,7 +80,7 @@ def test_sr_holds_probabilities_threshold_neighbours_and_intended_use() -> None:
     """The SR names the ensemble and member probabilities, the operating point, the decision, the neighbours
     (with the identifiers given) and the intended-use text, and references the source image."""
     source, findings = source_and_findings()
-    sr = build_sr(source, findings, OutputOptions())
+    sr = build_dataset(source, findings, OutputOptions(), "sr")
     content = items(sr)
     numbers = [
         (i.ConceptNameCodeSequence[0].CodeMeaning, float(i.MeasuredValueSequence[0].NumericValue))
@@ -109,8 +111,8 @@ def test_not_analysed_findings_get_a_short_sr_and_an_overlay() -> None:
         mask_plausible=False,
         image=analysed.image,
     )
-    assert kinds_for(findings, Enabled(segmentation=True, presentation_state=True)) == ("sr", "sc")
-    assert kinds_for(findings, Enabled(not_analysed_report=False)) == ()
+    assert kinds_for(findings, ResultsSettings(segmentation=True, presentation_state=True)) == ("sr", "sc")
+    assert kinds_for(findings, ResultsSettings(not_analysed_report=False)) == ()
     built = build_outputs(source, findings, OutputOptions(), ("sr", "sc"))
     sr = dcmread(__import__("io").BytesIO(built[0].data))
     assert "lung mask implausible: 1 component" in [i.TextValue for i in items(sr) if i.ValueType == "TEXT"]
@@ -120,9 +122,9 @@ def test_non_latin1_text_switches_the_character_set_to_utf8() -> None:
     """A source in ISO 8859-1 keeps its character set; text it cannot encode makes the output UTF-8."""
     source, findings = source_and_findings(name="Müller^Jürgen")
     assert source.SpecificCharacterSet == "ISO_IR 100"
-    assert build_sr(source, findings, OutputOptions()).SpecificCharacterSet == "ISO_IR 100"
+    assert build_dataset(source, findings, OutputOptions(), "sr").SpecificCharacterSet == "ISO_IR 100"
     greek = Provenance(**{**PROVENANCE.__dict__, "intended_use": "δοκιμή: not for clinical use"})
-    sr = build_sr(source, Findings(**{**findings.__dict__, "provenance": greek}), OutputOptions())
+    sr = build_dataset(source, Findings(**{**findings.__dict__, "provenance": greek}), OutputOptions(), "sr")
     assert sr.SpecificCharacterSet == "ISO_IR 192"
     assert str(dcmread(__import__("io").BytesIO(encode(sr))).PatientName) == "Müller^Jürgen"
 
@@ -130,7 +132,7 @@ def test_non_latin1_text_switches_the_character_set_to_utf8() -> None:
 def test_invalid_values_are_refused_before_anything_is_written() -> None:
     """A value pydicom's strict writing refuses raises OutputError instead of producing a file."""
     source, findings = source_and_findings()
-    sr = build_sr(source, findings, OutputOptions())
+    sr = build_dataset(source, findings, OutputOptions(), "sr")
     sr.PatientSex = "not a code string value longer than sixteen"
     with pytest.raises(OutputError, match="failed validation"):
         encode(sr)

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
-from cxr_node.send.deliver import OUTPUT_CLASSES
+from cxr_node.results.kinds import BY_NAME
 from tests.conftest import free_port
 
 
@@ -39,7 +39,7 @@ class Pacs:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for kind in self.accept:
-            ae.add_supported_context(OUTPUT_CLASSES[kind], ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(BY_NAME[kind].sop_class_uid, ALL_TRANSFER_SYNTAXES)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]

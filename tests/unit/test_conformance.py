@@ -16,11 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
 
+from cxr_node import conformance
 from cxr_node.config import Settings
-from cxr_node.dicom import codes, conformance, sop, status
+from cxr_node.dicom import codes, sop, status
 from cxr_node.receive.scp import build_ae
-from cxr_node.results.common import KINDS, OutputOptions
+from cxr_node.results.common import OutputOptions
 from cxr_node.results.findings import Findings, Provenance, SimilarCase
+from cxr_node.results.kinds import BY_NAME, OUTPUT_TRANSFER_SYNTAXES
 from cxr_node.results.outputs import build_outputs
 from cxr_node.send import deliver, scu
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
@@ -105,7 +107,7 @@ def outputs() -> dict[str, Dataset]:
     """Every output kind built from analysed findings, plus the not-analysed SR and SC, decoded from their bytes."""
     built: dict[str, Dataset] = {}
     source, findings = source_and_findings()
-    for item in build_outputs(source, findings, OutputOptions(), KINDS):
+    for item in build_outputs(source, findings, OutputOptions(), tuple(BY_NAME)):
         built[item.kind] = dcmread(io.BytesIO(item.data))
     source, findings = source_and_findings(analysed=False)
     for item in build_outputs(source, findings, OutputOptions(), ("sr", "sc")):
@@ -116,10 +118,10 @@ def outputs() -> dict[str, Dataset]:
 def test_generated_tables_are_current(text: str) -> None:
     """Every generated block of both documents holds exactly what the generator makes from the code today."""
     assert sorted(conformance.block_names(text)) == sorted(conformance.tables())
-    assert conformance.update(text) == text, "run: python -m cxr_node.dicom.conformance docs/conformance.md"
+    assert conformance.update(text) == text, "run: python -m cxr_node.conformance docs/conformance.md"
     outputs_text = OUTPUTS_DOC.read_text(encoding="utf-8")
     assert "codes-private" in conformance.block_names(outputs_text)
-    assert conformance.update(outputs_text) == outputs_text, "run: python -m cxr_node.dicom.conformance docs/outputs.md"
+    assert conformance.update(outputs_text) == outputs_text, "run: python -m cxr_node.conformance docs/outputs.md"
 
 
 def test_scp_contexts_are_those_of_the_running_ae(text: str) -> None:
@@ -159,14 +161,14 @@ def test_statuses_are_those_the_receiver_returns(text: str) -> None:
 
 def test_output_classes_are_those_built_and_sent(text: str, outputs: dict[str, Dataset]) -> None:
     """The output SOP classes documented are those the builders produce and the sender proposes, in its syntaxes."""
-    built = {kind: str(outputs[kind].SOPClassUID) for kind in KINDS}
+    built = {kind: str(outputs[kind].SOPClassUID) for kind in BY_NAME}
     assert {r[0]: code(r[2]) for r in rows(text, "output-classes")} == built
     assert {r[0]: code(r[1]) for r in rows(text, "output-series", "checked")} == built
     assert {kind: str(uid) for kind, uid in deliver.OUTPUT_CLASSES.items()} == built
     proposed: dict[str, list[str]] = {}
     for row in rows(text, "scu-contexts"):
         proposed.setdefault(code(row[1]), []).append(code(row[3]))
-    assert proposed == {uid: list(deliver.OUTPUT_SYNTAXES) for uid in built.values()}
+    assert proposed == {uid: list(OUTPUT_TRANSFER_SYNTAXES) for uid in built.values()}
     scu_classes = [code(r[1]) for r in rows(text, "scu-sop-classes")]
     assert scu_classes == [str(sop.VERIFICATION_CLASS), *built.values()]
 

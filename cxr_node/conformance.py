@@ -6,8 +6,8 @@ Markdown between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->`` markers
 they cannot drift: ``tests/unit/test_conformance.py`` fails when a block is stale, and also checks the
 parsed tables against the running SCP, the output builders and the sender. Regenerate with::
 
-    python -m cxr_node.dicom.conformance docs/conformance.md          # rewrite the blocks
-    python -m cxr_node.dicom.conformance --check docs/conformance.md  # exit 1 when a block is stale
+    python -m cxr_node.conformance docs/conformance.md          # rewrite the blocks
+    python -m cxr_node.conformance --check docs/conformance.md  # exit 1 when a block is stale
 """
 
 from __future__ import annotations
@@ -21,31 +21,19 @@ from pathlib import Path
 from typing import Final
 
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
-)
 
 from cxr_node.dicom import codes, sop, status
+from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES, REGISTRY
 
 IMPLEMENTATION_CLASS_UID: Final = str(PYNETDICOM_IMPLEMENTATION_UID)
 """Implementation Class UID the node sends in every association (pynetdicom's; the AE does not change it)."""
 IMPLEMENTATION_VERSION_NAME: Final = str(PYNETDICOM_IMPLEMENTATION_VERSION)
 """Implementation Version Name the node sends in every association (pynetdicom's)."""
 
-OUTPUT_SOP_CLASSES: Final[Mapping[str, UID]] = {
-    "sr": ComprehensiveSRStorage,
-    "sc": SecondaryCaptureImageStorage,
-    "seg": SegmentationStorage,
-    "pr": GrayscaleSoftcopyPresentationStateStorage,
-}
+OUTPUT_SOP_CLASSES: Final[Mapping[str, UID]] = {kind.name: UID(kind.sop_class_uid) for kind in REGISTRY}
 """The SOP class of each output kind the node creates and sends (as a Storage SCU)."""
-OUTPUT_TRANSFER_SYNTAXES: Final[tuple[UID, ...]] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-"""The transfer syntaxes proposed for each output SOP class (the files are written Explicit VR Little Endian)."""
 VERIFICATION_SCU_TRANSFER_SYNTAXES: Final[tuple[UID, ...]] = tuple(UID(ts) for ts in DEFAULT_TRANSFER_SYNTAXES)
 """What ``cxr-node echo`` proposes for Verification: pynetdicom's default transfer syntaxes."""
 
@@ -308,7 +296,7 @@ def block_names(text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Rewrite (or with ``--check`` verify) the generated tables of a conformance statement."""
-    parser = argparse.ArgumentParser(prog="python -m cxr_node.dicom.conformance", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cxr_node.conformance", description=main.__doc__)
     parser.add_argument("document", type=Path, help="the Markdown conformance statement")
     parser.add_argument("--check", action="store_true", help="exit 1 when a generated table is stale")
     args = parser.parse_args(argv)
