@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cxr_node.demo import DEMO_MANIFEST, DemoPacs, _free_port, _start_node, _write_config
 from cxr_node.jobs import spool
-from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.send.scu import PeerAddress, send_files
 from cxr_node.training.phantoms import write_phantom_set
 
@@ -45,8 +45,8 @@ def run(n: int, timeout: float) -> dict[str, float]:
             while len(pacs.arrived) < n and time.monotonic() < deadline:
                 time.sleep(0.2)
             done = time.time()
-            store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
-            received = {job.sop_instance_uid: job.received_at for job in store.jobs(limit=n + 10)}
+            store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
+            received = {job.sop_instance_uid: job.received_at for job in store.jobs.list(limit=n + 10)}
             store.close()
         finally:
             node.send_signal(signal.SIGTERM)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_node.app import load_model
 from cxr_node.config import Settings
-from cxr_node.library import _engine, embed
 from cxr_node.neighbours import SqliteNeighbourIndex
 from cxr_node.training.phantoms import write_phantom_set
+from cxr_node.work.library import embed
 
 
 def labelled(folder: Path, n: int, seed: int) -> list[tuple[Path, None, str]]:
@@ -39,7 +40,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         settings = Settings().with_overrides({"storage.root": str(base / "state")})
-        engine, version = _engine(settings)
+        manifest, engine = load_model(settings)
+        version = manifest.version
         index = SqliteNeighbourIndex(base / "index", fsync=False)
         library = list(embed(engine, labelled(base / "library", args.library, 2021_11), 1024, source="library"))
         for item in library:

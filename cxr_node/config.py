@@ -232,6 +232,11 @@ def systemd_environment() -> dict[str, str]:
     return {name: os.environ[name] for name in SYSTEMD_VARIABLES if name in os.environ}
 
 
+def export_metrics_dir(folder: Path) -> None:
+    """Point this process's future children at ``folder`` for prometheus_client's multiprocess metrics."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
 def config_path(explicit: str | Path | None = None) -> Path:
     """Return the config file to read: ``explicit``, else ``$CXR_NODE_CONFIG``, else config/node.yaml."""
     if explicit is not None:

@@ -25,8 +25,9 @@ from pydicom.uid import generate_uid
 
 from cxr_node.errors import CxrNodeError
 from cxr_node.jobs import spool
+from cxr_node.jobs.records import Job, StoredResult
+from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import Job, SqliteJobStore, StoredResult
 from cxr_node.results.kinds import REGISTRY
 from cxr_node.send.scu import PeerAddress, echo, send_files
 
@@ -209,12 +210,12 @@ class DemoPacs:
 def _wait_for_delivery(out: Path, expected: int) -> None:
     """Wait (bounded) until every job is finished (delivered, skipped, dead…), showing progress on one line."""
     deadline = time.monotonic() + INFERENCE_TIMEOUT_S
-    store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
+    store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
     open_states = (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.WRITTEN)
     tty, shown = sys.stdout.isatty(), ""
     try:
         while time.monotonic() < deadline:
-            counts = store.counts()
+            counts = store.jobs.counts()
             pending = sum(counts[state] for state in open_states)
             done = counts[JobState.DELIVERED]
             bar = "#" * int(20 * done / max(expected, 1))
@@ -235,10 +236,10 @@ def _wait_for_delivery(out: Path, expected: int) -> None:
 def _print_table(
     inputs: list[DemoInput], results: dict[Path, tuple[int | None, str]], out: Path, pacs: DemoPacs
 ) -> None:
-    store = SqliteJobStore(out / "state" / spool.DB_NAME, readonly=True)
+    store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
     try:
-        jobs = {job.sop_instance_uid: job for job in store.jobs()}
-        found = {job.id: store.result(job.id) for job in jobs.values()}
+        jobs = {job.sop_instance_uid: job for job in store.jobs.list()}
+        found = {job.id: store.results.result(job.id) for job in jobs.values()}
     finally:
         store.close()
     print()
@@ -269,13 +270,11 @@ def _outcome(job: Job | None, result: StoredResult | None) -> tuple[str, str, st
     if result is None:
         return "", "", "", job.reason or ""
     summary = result.summary
-    if summary["status"] != "analysed":
-        return "", "not anal.", "", summary["reason"][:60]
-    decision = "POSITIVE" if summary["positive"] else "negative"
-    similar = "; ".join(
-        f"{c['accession_number'] or c['case_number']} {c['similarity']:.2f}" for c in summary.get("similar", [])[:2]
-    )
-    return f"{summary['probability']:.2f}", decision, similar, f"threshold {summary['threshold']:.2f}"
+    if not summary.analysed:
+        return "", "not anal.", "", summary.reason[:60]
+    decision = "POSITIVE" if summary.positive else "negative"
+    similar = "; ".join(f"{case.display_id} {case.similarity:.2f}" for case in summary.similar[:2])
+    return f"{summary.probability:.2f}", decision, similar, f"threshold {summary.operating_point:.2f}"
 
 
 def _previews(pacs: Path, folder: Path) -> list[Path]:

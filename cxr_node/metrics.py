@@ -1,40 +1,87 @@
-"""Prometheus metrics (/metrics) and the health check (/healthz), read from the durable store and run files.
+"""Prometheus metrics (/metrics) and the health check (/healthz), with prometheus_client.
 
-Every process writes what it knows where the others can read it (the jobs store; the worker's stats file;
-heartbeat files), so one endpoint in the supervisor reports the whole node.
+Two sources make one exposition, served by the supervisor: gauges measured from the durable store at each
+scrape (:class:`StoreCollector`: jobs, deliveries, destinations, disk), and the worker's own metrics
+(inference time per image, batches), which the worker process records with prometheus_client's multiprocess
+mode in ``storage.root/run/metrics`` (:func:`share_with_children`) and the supervisor reads back with its
+``MultiProcessCollector``. A process that never shared (a test, ``cxr-node status``) reports its own values.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-from cxr_node.config import Settings
+from cxr_node.config import Settings, export_metrics_dir
+from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import SqliteJobStore
 from cxr_node.receive.pressure import WAITING, disk_used_fraction
 
 log = structlog.get_logger("cxr_node.metrics")
 
-WORKER_STATS: Final = Path("run/worker.stats.json")
-WORKER_HEARTBEAT: Final = Path("run/worker.heartbeat")
-SENDER_HEARTBEAT: Final = Path("run/sender.heartbeat")
-"""Run files, relative to ``storage.root``, that the worker and sender write and /metrics, /healthz read."""
+RUN_DIR: Final = Path("run")
+WORKER_HEARTBEAT: Final = RUN_DIR / "worker.heartbeat"
+SENDER_HEARTBEAT: Final = RUN_DIR / "sender.heartbeat"
+MULTIPROCESS_DIR: Final = RUN_DIR / "metrics"
+"""Run files and folders, relative to ``storage.root``, that the roles write and /metrics, /healthz read."""
 SECONDS_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-"""Upper bounds of the per-image inference seconds histogram (the worker counts into these)."""
+"""Upper bounds of the per-image inference seconds histogram."""
+
+INFERENCE_SECONDS: Final = Histogram(
+    "cxr_node_inference_seconds", "Inference time per image (its share of its batch).", buckets=SECONDS_BUCKETS
+)
+BATCHES: Final = Gauge("cxr_node_batch_size", "Inference batches run, by size.", ["size"], multiprocess_mode="sum")
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    """Count one inference batch of ``size`` images that took ``seconds``."""
+    per_image = seconds / max(size, 1)
+    for _ in range(size):
+        INFERENCE_SECONDS.observe(per_image)
+    BATCHES.labels(str(size)).inc()
+
+
+def beat(root: Path, role: str) -> None:
+    """Touch ``role``'s heartbeat file (its loop is alive); a failure to write it is not the loop's problem."""
+    path = root / RUN_DIR / f"{role}.heartbeat"
+    try:
+        path.touch()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        return
+
+
+def share_with_children(root: Path) -> Path:
+    """Start an empty multiprocess metrics folder under ``root`` and point child processes at it.
+
+    Call in the supervisor before it starts the worker: the children read the folder from their environment
+    when they first import prometheus_client.
+    """
+    folder = root / MULTIPROCESS_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    export_metrics_dir(folder)
+    return folder
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything /metrics and ``cxr-node status`` show, measured once."""
+    """Everything /metrics and ``cxr-node status`` show from the store, measured once."""
 
     jobs: dict[str, int]
     skipped: dict[str, int]
@@ -42,7 +89,6 @@ class Snapshot:
     destinations: dict[str, Any]
     oldest_pending_s: float
     disk_used: float
-    worker: dict[str, Any]
 
     @property
     def queue_depth(self) -> int:
@@ -50,88 +96,82 @@ class Snapshot:
         return sum(self.jobs.get(state.value, 0) for state in WAITING)
 
 
-def snapshot(settings: Settings, store: SqliteJobStore) -> Snapshot:
+def snapshot(settings: Settings, store: Store) -> Snapshot:
     """Measure the node now."""
     root = settings.storage.root
     return Snapshot(
-        jobs={state.value: n for state, n in store.counts().items()},
-        skipped=dict(store.iter_reasons(JobState.SKIPPED)),
-        deliveries=store.delivery_counts(),
-        destinations={name: state.__dict__ for name, state in store.destinations().items()},
-        oldest_pending_s=store.oldest_open_age(time.time()),
+        jobs={state.value: n for state, n in store.jobs.counts().items()},
+        skipped=store.jobs.reasons(JobState.SKIPPED),
+        deliveries=store.deliveries.counts(),
+        destinations={name: state.__dict__ for name, state in store.deliveries.destinations().items()},
+        oldest_pending_s=store.jobs.oldest_open_age(time.time()),
         disk_used=disk_used_fraction(root) if root.exists() else 0.0,
-        worker=read_worker_stats(root),
     )
 
 
-def read_worker_stats(root: Path) -> dict[str, Any]:
-    """The worker's cumulative stats (inference seconds histogram, batch sizes), or {} before its first batch."""
-    try:
-        return json.loads((root / WORKER_STATS).read_text())
-    except (OSError, ValueError):
-        return {}
+def _gauge(name: str, help_text: str, labels: tuple[str, ...], samples: list[tuple[tuple[str, ...], float]]) -> Metric:
+    family = GaugeMetricFamily(f"cxr_node_{name}", help_text, labels=list(labels))
+    for values, value in samples:
+        family.add_metric([v[:200] for v in values], value)
+    return family
 
 
-def render(settings: Settings, snap: Snapshot) -> str:
-    """The Prometheus text exposition (format 0.0.4) of a snapshot."""
-    out: list[str] = []
+class StoreCollector(Collector):
+    """The gauges measured from the durable store at each scrape."""
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP cxr_node_{name} {help_text}")
-        out.append(f"# TYPE cxr_node_{name} {kind}")
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            out.append(f"cxr_node_{name}{{{text}}} {value:g}" if text else f"cxr_node_{name} {value:g}")
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
 
-    metric("jobs", "gauge", "Jobs by state.", [({"state": s}, n) for s, n in snap.jobs.items()])
-    metric("received", "gauge", "Instances received and kept in the store.", [({}, sum(snap.jobs.values()))])
-    metric("skipped", "gauge", "Skipped instances by reason.", [({"reason": r}, n) for r, n in snap.skipped.items()])
-    metric("quarantined", "gauge", "Quarantined instances.", [({}, snap.jobs.get("quarantined", 0))])
-    metric("queue_depth", "gauge", "Jobs queued or running.", [({}, snap.queue_depth)])
-    metric("queue_limit", "gauge", "node.max_queue_depth.", [({}, settings.node.max_queue_depth)])
-    metric("oldest_pending_seconds", "gauge", "Age of the oldest job not yet delivered.", [({}, snap.oldest_pending_s)])
-    metric("disk_used_ratio", "gauge", "Used share of the storage filesystem.", [({}, round(snap.disk_used, 4))])
-    metric(
-        "disk_limit_ratio", "gauge", "storage.max_disk_percent / 100.", [({}, settings.storage.max_disk_percent / 100)]
-    )
-    metric(
-        "deliveries",
-        "gauge",
-        "Deliveries by destination and outcome.",
-        [({"destination": d, "outcome": s}, n) for (d, s), n in snap.deliveries.items()],
-    )
-    metric(
-        "destination_up",
-        "gauge",
-        "1 when the last association with the destination worked.",
-        [({"destination": name}, float(state["reachable"])) for name, state in snap.destinations.items()],
-    )
-    metric(
-        "destination_unmet",
-        "gauge",
-        "Output kinds the destination refuses (an alarm).",
-        [({"destination": name}, len(state["refused"])) for name, state in snap.destinations.items()],
-    )
-    _histogram(out, snap.worker)
-    batches = snap.worker.get("batch_sizes", {})
-    metric("batch_size", "gauge", "Inference batches run, by size.", [({"size": k}, n) for k, n in batches.items()])
-    return "\n".join(out) + "\n"
-
-
-def _histogram(out: list[str], worker: dict[str, Any]) -> None:
-    counts = worker.get("seconds_buckets", [0] * (len(SECONDS_BUCKETS) + 1))
-    out.append("# HELP cxr_node_inference_seconds Inference time per image (its share of its batch).")
-    out.append("# TYPE cxr_node_inference_seconds histogram")
-    running = 0
-    for bound, count in zip((*SECONDS_BUCKETS, float("inf")), counts, strict=False):
-        running += count
-        out.append(f'cxr_node_inference_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {running}')
-    out.append(f"cxr_node_inference_seconds_sum {worker.get('seconds_sum', 0.0):g}")
-    out.append(f"cxr_node_inference_seconds_count {running}")
+    def collect(self) -> Iterator[Metric]:
+        """Measure the store and yield one metric family per gauge."""
+        snap = snapshot(self.settings, self.store)
+        limits = (self.settings.node.max_queue_depth, self.settings.storage.max_disk_percent / 100)
+        destinations = snap.destinations.items()
+        yield _gauge("jobs", "Jobs by state.", ("state",), [((s,), n) for s, n in snap.jobs.items()])
+        yield _gauge("received", "Instances received and kept in the store.", (), [((), sum(snap.jobs.values()))])
+        yield _gauge(
+            "skipped", "Skipped instances by reason.", ("reason",), [((r,), n) for r, n in snap.skipped.items()]
+        )
+        yield _gauge("quarantined", "Quarantined instances.", (), [((), snap.jobs.get("quarantined", 0))])
+        yield _gauge("queue_depth", "Jobs queued or running.", (), [((), snap.queue_depth)])
+        yield _gauge("queue_limit", "node.max_queue_depth.", (), [((), limits[0])])
+        yield _gauge(
+            "oldest_pending_seconds", "Age of the oldest job not yet delivered.", (), [((), snap.oldest_pending_s)]
+        )
+        yield _gauge("disk_used_ratio", "Used share of the storage filesystem.", (), [((), round(snap.disk_used, 4))])
+        yield _gauge("disk_limit_ratio", "storage.max_disk_percent / 100.", (), [((), limits[1])])
+        yield _gauge(
+            "deliveries",
+            "Deliveries by destination and outcome.",
+            ("destination", "outcome"),
+            [((d, s), n) for (d, s), n in snap.deliveries.items()],
+        )
+        yield _gauge(
+            "destination_up",
+            "1 when the last association with the destination worked.",
+            ("destination",),
+            [((name,), float(state["reachable"])) for name, state in destinations],
+        )
+        yield _gauge(
+            "destination_unmet",
+            "Output kinds the destination refuses (an alarm).",
+            ("destination",),
+            [((name,), len(state["refused"])) for name, state in destinations],
+        )
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:200]
+def registry(settings: Settings, store: Store) -> CollectorRegistry:
+    """The node's whole exposition: the store's gauges and the worker's metrics (shared or this process's)."""
+    found = CollectorRegistry(auto_describe=False)
+    found.register(StoreCollector(settings, store))
+    shared = settings.storage.root / MULTIPROCESS_DIR
+    if shared.is_dir():
+        MultiProcessCollector(found, str(shared))
+    else:
+        found.register(INFERENCE_SECONDS)
+        found.register(BATCHES)
+    return found
 
 
 def health(settings: Settings, snap: Snapshot, now: float | None = None) -> list[str]:
@@ -168,9 +208,10 @@ def _listening(settings: Settings) -> bool:
 class MetricsServer:
     """/metrics and /healthz over HTTP on ``metrics.host:metrics.port`` (loopback by default), in a thread."""
 
-    def __init__(self, settings: Settings, store: SqliteJobStore) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.registry = registry(settings, store)
         self.httpd = ThreadingHTTPServer((settings.metrics.host, settings.metrics.port), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
@@ -193,25 +234,25 @@ class MetricsServer:
                 try:
                     code, body, kind = server.respond(self.path)
                 except Exception as exc:  # a broken scrape must not kill the supervisor
-                    code, body, kind = 500, f"error: {type(exc).__name__}: {exc}\n", "text/plain"
-                data = body.encode()
+                    log.exception("metrics.failed", path=self.path[:100])
+                    code, body, kind = 500, f"error: {type(exc).__name__}\n".encode(), "text/plain"
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 return None
 
         return Handler
 
-    def respond(self, path: str) -> tuple[int, str, str]:
+    def respond(self, path: str) -> tuple[int, bytes, str]:
         """(HTTP status, body, content type) for a GET of ``path``."""
-        snap = snapshot(self.settings, self.store)
         if path.startswith("/metrics"):
-            return 200, render(self.settings, snap), "text/plain; version=0.0.4"
+            return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path.startswith("/healthz"):
-            problems = health(self.settings, snap)
-            return (503, "\n".join(problems) + "\n", "text/plain") if problems else (200, "ok\n", "text/plain")
-        return 404, "try /metrics or /healthz\n", "text/plain"
+            problems = health(self.settings, snapshot(self.settings, self.store))
+            text = "\n".join(problems) + "\n" if problems else "ok\n"
+            return (503 if problems else 200), text.encode(), "text/plain"
+        return 404, b"try /metrics or /healthz\n", "text/plain"

@@ -7,18 +7,18 @@ coalesces missed runs, so a slow PACS never piles up delivery rounds.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from cxr_node import metrics
 from cxr_node.config import Settings
 from cxr_node.jobs import retention
+from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import SqliteJobStore
-from cxr_node.results.kinds import producible
 from cxr_node.send.deliver import Dispatcher
 
 log = structlog.get_logger("cxr_node.scheduler")
@@ -27,15 +27,15 @@ log = structlog.get_logger("cxr_node.scheduler")
 class Housekeeper:
     """Retention, delivery age limits and the dead-letter report, as plain methods."""
 
-    def __init__(self, settings: Settings, store: SqliteJobStore, on_purge: Callable[[list[str]], Any] | None = None):
+    def __init__(self, settings: Settings, store: Store, on_purge: Callable[[list[str]], Any] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.on_purge = on_purge
 
     def settle(self) -> None:
         """Give up on deliveries past the age limit; finish written jobs with nothing left to send."""
-        expired = self.store.expire(self.settings.delivery.max_age_hours * 3600)
-        settled = self.store.settle_written()
+        expired = self.store.deliveries.expire(self.settings.delivery.max_age_hours * 3600)
+        settled = self.store.deliveries.settle_written()
         if expired or settled:
             log.info("housekeeping.settled", expired_deliveries=expired, finished_jobs=settled)
 
@@ -44,7 +44,7 @@ class Housekeeper:
         ids = retention.expired(self.store, self.settings.storage.retention_days)
         if not ids:
             return 0
-        studies = sorted({job.study_instance_uid for job in map(self.store.get, ids) if job is not None})
+        studies = sorted({job.study_instance_uid for job in map(self.store.jobs.get, ids) if job is not None})
         count = retention.purge_jobs(self.store, self.settings.storage.root, ids)
         if self.on_purge is not None:
             self.on_purge(studies)
@@ -55,7 +55,7 @@ class Housekeeper:
 
     def dead_letter_report(self) -> int:
         """Log the dead jobs (reason counts) so they are seen; ``cxr-node resend --dead`` re-queues them."""
-        reasons = dict(self.store.iter_reasons(JobState.DEAD))
+        reasons = self.store.jobs.reasons(JobState.DEAD)
         if reasons:
             log.warning(
                 "housekeeping.dead_letters",
@@ -65,12 +65,12 @@ class Housekeeper:
         return sum(reasons.values())
 
 
-def build(
+def timetable(
     settings: Settings,
     dispatcher: Dispatcher,
     housekeeper: Housekeeper,
-    extra: list[tuple[Callable[[], Any], float, str]] = (),
-) -> BackgroundScheduler:  # type: ignore[assignment]
+    extra: Sequence[tuple[Callable[[], Any], float, str]] = (),
+) -> BackgroundScheduler:
     """The sender's scheduler, not started: delivery rounds, probes, settling, retention, dead-letter report."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60}
@@ -101,27 +101,28 @@ def _logged(function: Callable[[], Any], name: str) -> Callable[[], None]:
     return run
 
 
-def run_sender(
-    settings: Settings,
-    store: SqliteJobStore,
-    stop: threading.Event,
-    heartbeat: Path | None = None,
-    on_purge: Callable[[list[str]], Any] | None = None,
-) -> None:
-    """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
-    kinds = producible(settings.results)  # the not-analysed SR is sent even with structured_report off
-    dispatcher = Dispatcher(store, settings.storage.root, settings.destinations, settings.delivery, kinds)
-    housekeeper = Housekeeper(settings, store, on_purge)
-    for destination in settings.destinations:
-        dispatcher.probe(destination)
-    housekeeper.settle()
-    scheduler = build(settings, dispatcher, housekeeper)
-    scheduler.start()
-    log.info("sender.started", destinations=[d.name for d in settings.destinations])
-    try:
-        while not stop.wait(1.0):
-            if heartbeat is not None:
-                heartbeat.touch()
-    finally:
-        scheduler.shutdown(wait=True)
-        log.info("sender.stopped")
+class Sender:
+    """The sender role: first probes and settling, then the timetable until stopped, with a heartbeat."""
+
+    def __init__(self, dispatcher: Dispatcher, housekeeper: Housekeeper, scheduler: BackgroundScheduler) -> None:
+        self.dispatcher = dispatcher
+        self.housekeeper = housekeeper
+        self.scheduler = scheduler
+
+    def run(self, stop: threading.Event, root: Path | None = None) -> None:
+        """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first.
+
+        ``root`` is the storage root whose heartbeat file shows the sender alive (None: no heartbeat).
+        """
+        for destination in self.dispatcher.destinations:
+            self.dispatcher.probe(destination)
+        self.housekeeper.settle()
+        self.scheduler.start()
+        log.info("sender.started", destinations=[d.name for d in self.dispatcher.destinations])
+        try:
+            while not stop.wait(1.0):
+                if root is not None:
+                    metrics.beat(root, "sender")
+        finally:
+            self.scheduler.shutdown(wait=True)
+            log.info("sender.stopped")

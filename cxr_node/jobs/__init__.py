@@ -1,6 +1,18 @@
-"""The durable store: jobs and their state machine, spool files, recovery on start."""
+"""The durable store: typed states and records, the store Protocols and their backends, spool files, the codec."""
 
-from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import Job, JobStore, NewJob, SqliteJobStore, StoredResult
+from cxr_node.jobs.interfaces import DeliveryStore, JobStore, ResultStore, Store
+from cxr_node.jobs.records import Job, NewJob, Output, StoredResult
+from cxr_node.jobs.states import DeliveryState, JobState
 
-__all__ = ["Job", "JobState", "JobStore", "NewJob", "SqliteJobStore", "StoredResult"]
+__all__ = [
+    "DeliveryState",
+    "DeliveryStore",
+    "Job",
+    "JobState",
+    "JobStore",
+    "NewJob",
+    "Output",
+    "ResultStore",
+    "Store",
+    "StoredResult",
+]

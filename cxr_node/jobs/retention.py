@@ -7,31 +7,32 @@ import time
 from pathlib import Path
 from typing import Final
 
-from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.jobs.interfaces import Store
+from cxr_node.jobs.states import JobState
 
-FINISHED: Final = ("delivered", "skipped", "quarantined", "dead")
+FINISHED: Final = (JobState.DELIVERED, JobState.SKIPPED, JobState.QUARANTINED, JobState.DEAD)
 """States whose jobs retention may purge (nothing still in flight is ever purged)."""
 
 
-def purge_jobs(store: SqliteJobStore, root: Path, job_ids: list[int]) -> int:
+def purge_jobs(store: Store, root: Path, job_ids: list[int]) -> int:
     """Delete the jobs' input and output files, then their rows (events, results, outputs, deliveries)."""
     for job_id in job_ids:
-        job = store.get(job_id)
+        job = store.jobs.get(job_id)
         paths = [job.path] if job is not None and job.path else []
-        paths += [output.path for output in store.outputs(job_id)]
+        paths += [output.path for output in store.results.outputs(job_id)]
         for relative in paths:
             with contextlib.suppress(FileNotFoundError):
                 (root / relative).unlink()
         _remove_empty_parents(root, [root / p for p in paths])
-    return store.delete_jobs(job_ids)
+    return store.jobs.delete(job_ids)
 
 
-def expired(store: SqliteJobStore, days: float, now: float | None = None) -> list[int]:
+def expired(store: Store, days: float, now: float | None = None) -> list[int]:
     """Finished jobs last updated more than ``days`` ago (none when ``days`` is 0: keep forever)."""
     if days <= 0:
         return []
     cutoff = (time.time() if now is None else now) - days * 86400
-    return store.finished_before(cutoff, FINISHED)
+    return store.jobs.finished_before(cutoff, FINISHED)
 
 
 def _remove_empty_parents(root: Path, paths: list[Path]) -> None:

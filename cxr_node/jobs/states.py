@@ -1,4 +1,4 @@
-"""The job state machine of DESIGN.md §6: which state may follow which."""
+"""The state machines of DESIGN.md §6: which state of a job, and of one delivery, may follow which."""
 
 from __future__ import annotations
 
@@ -45,3 +45,32 @@ def can_move(source: JobState, target: JobState) -> bool:
 def sources_of(target: JobState) -> frozenset[JobState]:
     """Return every state from which ``target`` can be reached."""
     return frozenset(state for state, nexts in TRANSITIONS.items() if target in nexts)
+
+
+class DeliveryState(StrEnum):
+    """Where one output's delivery to one destination stands; stored as its value."""
+
+    PENDING = "pending"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    REFUSED = "refused"
+    DEAD = "dead"
+
+
+D = DeliveryState
+DELIVERY_TRANSITIONS: Final[dict[DeliveryState, frozenset[DeliveryState]]] = {
+    D.PENDING: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD}),
+    D.FAILED: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD, D.PENDING}),
+    D.DELIVERED: frozenset({D.PENDING}),
+    D.REFUSED: frozenset({D.PENDING}),
+    D.DEAD: frozenset({D.PENDING}),
+}
+"""Allowed moves. Every finished delivery can be sent again by an operator (``cxr-node resend``)."""
+
+OPEN_DELIVERIES: Final = frozenset({D.PENDING, D.FAILED})
+"""Deliveries still to be attempted."""
+
+
+def delivery_sources_of(target: DeliveryState) -> frozenset[DeliveryState]:
+    """Return every delivery state from which ``target`` can be reached."""
+    return frozenset(state for state, nexts in DELIVERY_TRANSITIONS.items() if target in nexts)

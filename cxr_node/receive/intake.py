@@ -22,8 +22,9 @@ from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.errors import RejectedInstance, StorageError
 from cxr_node.jobs import spool
+from cxr_node.jobs.interfaces import JobStore
+from cxr_node.jobs.records import NewJob
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import JobStore, NewJob
 from cxr_node.logs import hash_identifier
 from cxr_node.receive.filters import Verdict, triage
 from cxr_node.receive.pressure import Pressure
@@ -67,18 +68,18 @@ class Intake:
     ----------
     settings : Settings
         ``storage`` (root, fsync, keep_skipped), ``triage`` and ``node.max_instance_mb`` are used.
-    store : JobStore
+    jobs : JobStore
         Where jobs are recorded.
     """
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, jobs: JobStore) -> None:
         self.root = settings.storage.root
         self.fsync = settings.storage.fsync
         self.keep_skipped = settings.storage.keep_skipped
         self.rules = settings.triage
         self.max_bytes = settings.node.max_instance_bytes
-        self.store = store
-        self.pressure = Pressure(store, self.root, settings.node.max_queue_depth, settings.storage.max_disk_percent)
+        self.jobs = jobs
+        self.pressure = Pressure(jobs, self.root, settings.node.max_queue_depth, settings.storage.max_disk_percent)
 
     def accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
         """Handle one C-STORE data set; never raises.
@@ -119,7 +120,7 @@ class Intake:
         new = _identify(ds, transfer_syntax, peer, size)
         verdict = self._triage(ds)
         rel = self._place(new.instance_key, verdict, encoded)
-        job, created = self.store.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
+        job, created = self.jobs.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
         _log_outcome(job.id, job.state, verdict, created, new)
         if verdict.kind == "malformed":
             return StoreOutcome(
@@ -154,7 +155,7 @@ class Intake:
         adopted = 0
         for area in (spool.INBOX, spool.QUARANTINE, spool.SKIPPED):
             for path in spool.iter_spooled(self.root, area):
-                if self.store.find(path.stem) is None:
+                if self.jobs.find(path.stem) is None:
                     adopted += self._adopt(path)
         return adopted
 
@@ -165,7 +166,7 @@ class Intake:
             log.warning("recovery.unreadable_orphan", path=str(path), error=_short(exc))
             return 0
         outcome = self.accept(ds, path, str(ds.file_meta.TransferSyntaxUID), Peer.local("recovery"))
-        job = self.store.get(outcome.job_id) if outcome.job_id is not None else None
+        job = self.jobs.get(outcome.job_id) if outcome.job_id is not None else None
         if job is None:
             return 0
         if job.path != str(path.relative_to(self.root)):

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from cxr_node.jobs.interfaces import JobStore
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import JobStore
 
 WAITING: Final = (JobState.QUEUED, JobState.RUNNING)
 """The states that make up the queue depth."""
@@ -25,9 +25,9 @@ def disk_used_fraction(root: Path) -> float:
 class Pressure:
     """Answers "too full?" at most once per ``ttl_s`` (a C-STORE must not wait on a COUNT query each time)."""
 
-    def __init__(self, store: JobStore, root: Path, max_depth: int, max_disk_percent: float, ttl_s: float = 1.0,
+    def __init__(self, jobs: JobStore, root: Path, max_depth: int, max_disk_percent: float, ttl_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.store = store
+        self.jobs = jobs
         self.root = root
         self.max_depth = max_depth
         self.max_disk = max_disk_percent / 100
@@ -46,7 +46,7 @@ class Pressure:
             return self._reason
 
     def _measure(self) -> str:
-        counts = self.store.counts()
+        counts = self.jobs.counts()
         depth = sum(counts[state] for state in WAITING)
         if depth >= self.max_depth:
             return f"queue full ({depth} waiting, node.max_queue_depth {self.max_depth}); retry later"

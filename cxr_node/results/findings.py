@@ -1,18 +1,22 @@
 """The contract between inference and the output writers: what was found, by which model, on which image.
 
-Everything the SR, SC, SEG and GSPS builders need, and nothing about how it was computed. Arrays are
-at the analysed resolution; :attr:`Findings.source_shape` maps them back to the source image's pixels.
+:class:`Summary` is what inference found (or why it could not analyse the image), without arrays: it is
+kept for good, in the jobs store as JSON (:mod:`cxr_node.jobs.codec`). :class:`Findings` adds what the
+writers need to draw and name it: the model and node (:class:`Provenance`), the analysed image, the lung
+mask and the heatmap. Both check themselves on construction, so an inconsistent result cannot be built.
+Arrays are at the analysed resolution; :attr:`Summary.source_shape` maps them back to the source's pixels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 
-Label = Literal["covid", "non-covid"]
-LABELS: Final[tuple[str, ...]] = ("covid", "non-covid")
+from cxr_node.neighbours.cases import LABELS, Label
+
+DECISIONS: Final = ("COVID-19 pneumonia suggested", "COVID-19 pneumonia not suggested", "not analysed")
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class SimilarCase:
     rank: int
     similarity: float
     case_number: str
-    label: str | None = None
+    label: Label | None = None
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     accession_number: str | None = None
@@ -64,65 +68,146 @@ class SimilarCase:
 
 
 @dataclass(frozen=True)
-class Findings:
-    """The result of analysing one image (or the reason it could not be analysed).
+class MaskVerdict:
+    """Whether the lung mask was anatomically plausible, and what it measured."""
+
+    plausible: bool
+    verdict: str
+    area_fraction: float
+    components: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What inference found in one image, or why it could not be analysed; no arrays.
 
     Parameters
     ----------
-    provenance : Provenance
-        The model and node that made it.
+    model_name, model_version : str
+        The model (manifest) that produced it.
     analysed : bool
         False when the image could not be analysed; ``reason`` then says why.
     source_shape : tuple[int, int]
         Rows and columns of the source image.
-    image : numpy.ndarray or None
-        float32 (H, W) in [0, 1], MONOCHROME2 sense, the analysed image; None when it could not be decoded.
-    lung_mask, heatmap : numpy.ndarray or None
-        bool (H, W) and float32 (H, W) in [0, 1], same shape as ``image``; None when not analysed.
+    reason : str
+        Empty when analysed.
+    probability, threshold : float or None
+        The ensemble's probability and the operating point, both in [0, 1]; required when analysed.
+    members : tuple of (name, probability)
+        Each member's probability, sorted by name.
+    lung_mask : MaskVerdict or None
+        The lung mask's verdict; None when no mask was computed (pixels not decoded).
+    analysed_shape : tuple[int, int] or None
+        The shape of the image inference saw; None when the pixels could not be decoded.
+    pixel_spacing_mm : tuple[float, float] or None
+        The source's (row, column) spacing when it is known and valid.
+    photometric : str
+        The source's PhotometricInterpretation.
+    similar : tuple[SimilarCase, ...]
+        The nearest past cases, best first.
+    timings_ms : tuple of (step, milliseconds)
+        This image's share of each inference step.
     """
 
-    provenance: Provenance
+    model_name: str
+    model_version: str
     analysed: bool
     source_shape: tuple[int, int]
     reason: str = ""
     probability: float | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
     members: tuple[tuple[str, float], ...] = ()
-    mask_plausible: bool | None = None
-    mask_verdict: str = ""
+    lung_mask: MaskVerdict | None = None
+    analysed_shape: tuple[int, int] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    photometric: str = ""
     similar: tuple[SimilarCase, ...] = ()
-    image: np.ndarray | None = field(default=None, repr=False)
-    lung_mask: np.ndarray | None = field(default=None, repr=False)
-    heatmap: np.ndarray | None = field(default=None, repr=False)
+    timings_ms: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.analysed and (self.probability is None or self.lung_mask is None):
-            raise ValueError("analysed findings need probability and lung_mask")
+        if self.analysed and (self.probability is None or self.threshold is None or self.lung_mask is None):
+            raise ValueError("analysed findings need probability, threshold and a lung mask verdict")
         if not self.analysed and not self.reason:
             raise ValueError("findings that were not analysed need a reason")
         for name, value in (("probability", self.probability), ("threshold", self.threshold)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], found {value}")
-        _check_arrays(self.image, self.lung_mask, self.heatmap)
+        if len(self.source_shape) != 2 or min(self.source_shape) < 0:
+            raise ValueError(f"source_shape must be (rows, columns), found {self.source_shape}")
 
     @property
     def positive(self) -> bool | None:
         """The decision at the operating point; None when not analysed."""
-        return None if self.probability is None or not self.analysed else self.probability >= self.threshold
+        if not self.analysed or self.probability is None or self.threshold is None:
+            return None
+        return self.probability >= self.threshold
 
     @property
     def decision(self) -> str:
         """The decision in words, as the outputs print it."""
         if not self.analysed:
-            return "not analysed"
-        return "COVID-19 pneumonia suggested" if self.positive else "COVID-19 pneumonia not suggested"
+            return DECISIONS[2]
+        return DECISIONS[0] if self.positive else DECISIONS[1]
+
+    @property
+    def mask_plausible(self) -> bool | None:
+        """The lung mask's verdict; None when no mask was computed."""
+        return None if self.lung_mask is None else self.lung_mask.plausible
+
+    @property
+    def operating_point(self) -> float:
+        """The threshold of an analysed result.
+
+        Raises
+        ------
+        ValueError
+            When the image was not analysed (it has no operating point).
+        """
+        if self.threshold is None:
+            raise ValueError("a result that was not analysed has no operating point")
+        return self.threshold
+
+
+@dataclass(frozen=True)
+class Findings:
+    """A :class:`Summary` with what the writers need to draw and name it.
+
+    Parameters
+    ----------
+    provenance : Provenance
+        The model and node that made it; its model must be the summary's.
+    summary : Summary
+        What was found.
+    image : numpy.ndarray or None
+        float32 (H, W) in [0, 1], MONOCHROME2 sense, the analysed image; None when it could not be decoded.
+    lung_mask, heatmap : numpy.ndarray or None
+        bool (H, W) and float32 (H, W) in [0, 1], same shape as ``image``; the mask is required when
+        analysed, the heatmap optional.
+    """
+
+    provenance: Provenance
+    summary: Summary
+    image: np.ndarray | None = field(default=None, repr=False)
+    lung_mask: np.ndarray | None = field(default=None, repr=False)
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        made_by = (self.summary.model_name, self.summary.model_version)
+        if made_by != (self.provenance.model_name, self.provenance.model_version):
+            raise ValueError(
+                f"the summary was made by {made_by}, not by the provenance's model {self.provenance.algorithm}"
+            )
+        if self.summary.analysed and self.lung_mask is None:
+            raise ValueError("analysed findings need the lung mask")
+        _check_arrays(self.image, self.lung_mask, self.heatmap)
 
     @property
     def scale(self) -> tuple[float, float]:
         """Source pixels per analysed pixel, (rows, columns)."""
         if self.image is None:
             return (1.0, 1.0)
-        return (self.source_shape[0] / self.image.shape[0], self.source_shape[1] / self.image.shape[1])
+        source = self.summary.source_shape
+        return (source[0] / self.image.shape[0], source[1] / self.image.shape[1])
 
 
 def _check_arrays(image: np.ndarray | None, mask: np.ndarray | None, heatmap: np.ndarray | None) -> None:

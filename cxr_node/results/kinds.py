@@ -112,7 +112,7 @@ def producible(results: ResultsSettings) -> tuple[Kind, ...]:
 def kinds_for(findings: Findings, results: ResultsSettings) -> tuple[Kind, ...]:
     """The outputs ``findings`` get: all enabled ones when analysed; the short SR (and the overlay, when
     there is an image to draw on) when not analysed and the site wants to be told."""
-    if findings.analysed:
+    if findings.summary.analysed:
         return enabled(results)
     if not results.not_analysed_report:
         return ()

@@ -37,7 +37,7 @@ def build_pr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
     OutputError
         When the findings were not analysed or highdicom refuses the content.
     """
-    if not findings.analysed or findings.lung_mask is None:
+    if not findings.summary.analysed or findings.lung_mask is None:
         raise OutputError("a presentation state needs an analysed image's lung outline")
     provenance = findings.provenance
     referenced = usable_evidence(source)
@@ -83,13 +83,13 @@ def _outlines(findings: Findings) -> list[hd.pr.GraphicObject]:
             graphic_data=outline.astype(np.float32),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
         )
-        for outline in lung_outlines(findings.lung_mask, findings.source_shape)
+        for outline in lung_outlines(findings.lung_mask, findings.summary.source_shape)
     ]
 
 
 def _texts(findings: Findings) -> list[hd.pr.TextObject]:
     """One text object per banner line, stacked in the lower part of the image, left-aligned."""
-    rows, cols = findings.source_shape
+    rows, cols = findings.summary.source_shape
     text = banner(findings)
     lines = (text.title, *text.lines)
     line_height = rows * 0.035

@@ -31,19 +31,18 @@ NEIGHBOURS_ON_BANNER = 3
 
 def banner(findings: Findings) -> Banner:
     """The banner's text: decision and probability, model, nearest neighbours, intended use."""
-    provenance = findings.provenance
-    if findings.analysed:
-        first = (
-            f"{findings.decision.upper()}   p = {findings.probability:.2f}  (operating point {findings.threshold:.2f})"
-        )
+    provenance, summary = findings.provenance, findings.summary
+    if summary.analysed:
+        point = summary.operating_point
+        first = f"{summary.decision.upper()}   p = {summary.probability:.2f}  (operating point {point:.2f})"
     else:
-        first = f"NOT ANALYSED: {findings.reason}"
+        first = f"NOT ANALYSED: {summary.reason}"
     lines = [
         first,
         f"model {provenance.algorithm} ({len(provenance.members)} networks), cxr-node {provenance.software_version}",
     ]
-    if findings.similar:
-        shown = findings.similar[:NEIGHBOURS_ON_BANNER]
+    if findings.summary.similar:
+        shown = findings.summary.similar[:NEIGHBOURS_ON_BANNER]
         lines.append(
             "similar cases: "
             + ";  ".join(
@@ -51,15 +50,15 @@ def banner(findings: Findings) -> Banner:
             )
         )
     lines.append(provenance.intended_use)
-    return Banner(title=TITLE, lines=tuple(lines), alert=bool(findings.positive))
+    return Banner(title=TITLE, lines=tuple(lines), alert=bool(findings.summary.positive))
 
 
 def overlay_pixels(findings: Findings) -> np.ndarray:
     """Render the overlay of ``findings`` as uint8 (H, W, 3) RGB."""
     if findings.image is None:
         raise OutputError("an overlay needs the decoded image; findings have none")
-    heatmap = findings.heatmap if findings.analysed else None
-    mask = findings.lung_mask if findings.analysed else None
+    heatmap = findings.heatmap if findings.summary.analysed else None
+    mask = findings.lung_mask if findings.summary.analysed else None
     return render_overlay(window_to_uint8(findings.image), mask, heatmap, banner(findings))
 
 
@@ -92,7 +91,7 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: I
         raise OutputError(f"overlay cannot be built: {exc}") from exc
     _describe(sc, source, findings, ids)
     copy_series_context(source, sc)
-    copy_character_set(source, sc, (findings.provenance.intended_use, findings.reason))
+    copy_character_set(source, sc, (findings.provenance.intended_use, findings.summary.reason))
     return sc
 
 

@@ -30,10 +30,10 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions, ids: 
     OutputError
         When the findings have no lung mask (not analysed) or highdicom refuses the content.
     """
-    if not findings.analysed or findings.lung_mask is None:
+    if not findings.summary.analysed or findings.lung_mask is None:
         raise OutputError("a segmentation needs an analysed image's lung mask")
     provenance = findings.provenance
-    mask = resize_nearest(findings.lung_mask, findings.source_shape)
+    mask = resize_nearest(findings.lung_mask, findings.summary.source_shape)
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Lung",

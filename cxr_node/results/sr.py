@@ -124,11 +124,11 @@ def _observation_context(findings: Findings) -> hsr.ObservationContext:
 
 def _groups(evidence: Dataset, findings: Findings) -> list[hsr.MeasurementsAndQualitativeEvaluations]:
     groups: list = []
-    if findings.analysed:
+    if findings.summary.analysed:
         groups.append(_finding_group(evidence, findings))
     else:
         groups.append(_not_analysed_group(evidence, findings))
-    groups += [_neighbour_group(evidence, findings, case) for case in findings.similar]
+    groups += [_neighbour_group(evidence, findings, case) for case in findings.summary.similar]
     return groups
 
 
@@ -137,7 +137,9 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
     provenance = findings.provenance
     ensemble = hsr.AlgorithmIdentification(name=provenance.model_name, version=provenance.model_version)
     measurements = [
-        hsr.Measurement(codes.PROBABILITY, _round(findings.probability), codes.UNIT_PROBABILITY, algorithm_id=ensemble)
+        hsr.Measurement(
+            codes.PROBABILITY, _round(findings.summary.probability), codes.UNIT_PROBABILITY, algorithm_id=ensemble
+        )
     ]
     measurements += [
         hsr.Measurement(
@@ -146,9 +148,11 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
             codes.UNIT_PROBABILITY,
             algorithm_id=hsr.AlgorithmIdentification(name=name, version=provenance.model_version),
         )
-        for name, probability in findings.members
+        for name, probability in findings.summary.members
     ]
-    measurements.append(hsr.Measurement(codes.OPERATING_POINT, _round(findings.threshold), codes.UNIT_PROBABILITY))
+    measurements.append(
+        hsr.Measurement(codes.OPERATING_POINT, _round(findings.summary.operating_point), codes.UNIT_PROBABILITY)
+    )
     return hsr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
             uid=derived_uid(str(evidence.SOPInstanceUID), provenance.model_key, "sr", "lung-region"),
@@ -164,9 +168,9 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
         finding_sites=[hsr.FindingSite(codes.LUNG)],
         measurements=measurements,
         qualitative_evaluations=[
-            hsr.QualitativeEvaluation(codes.COVID19, codes.PRESENT if findings.positive else codes.ABSENT),
+            hsr.QualitativeEvaluation(codes.COVID19, codes.PRESENT if findings.summary.positive else codes.ABSENT),
             hsr.QualitativeEvaluation(
-                codes.LUNG_MASK_QUALITY, codes.PLAUSIBLE if findings.mask_plausible else codes.IMPLAUSIBLE
+                codes.LUNG_MASK_QUALITY, codes.PLAUSIBLE if findings.summary.mask_plausible else codes.IMPLAUSIBLE
             ),
         ],
     )
@@ -175,7 +179,7 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
 def _not_analysed_group(evidence: Dataset, findings: Findings) -> hsr.MeasurementsAndQualitativeEvaluations:
     """TID 1500 needs one group: for an image not analysed it holds the processing summary (and mask verdict)."""
     evaluations = [hsr.QualitativeEvaluation(codes.PROCESSING_SUMMARY, codes.NONE_SUCCEEDED)]
-    if findings.mask_plausible is False:
+    if findings.summary.mask_plausible is False:
         evaluations.append(hsr.QualitativeEvaluation(codes.LUNG_MASK_QUALITY, codes.IMPLAUSIBLE))
     return hsr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hsr.TrackingIdentifier(
@@ -191,11 +195,11 @@ def lung_region(findings: Findings) -> np.ndarray:
 
     Falls back to the image border when the mask has no outline (an implausible mask is not analysed).
     """
-    rows, cols = findings.source_shape
+    rows, cols = findings.summary.source_shape
     border = np.array([[0, 0], [cols - 1, 0], [cols - 1, rows - 1], [0, rows - 1], [0, 0]], dtype=np.float64)
     if findings.lung_mask is None:
         return border.astype(np.float32)
-    outlines = lung_outlines(findings.lung_mask, findings.source_shape)
+    outlines = lung_outlines(findings.lung_mask, findings.summary.source_shape)
     if not outlines:
         return border.astype(np.float32)
     return np.round(convex_hull(np.vstack(outlines)), 1).astype(np.float32)
@@ -244,8 +248,8 @@ def _evaluations(findings: Findings) -> hsr.ContainerContentItem:
     contains = hsr.RelationshipTypeValues.CONTAINS
     items: list[hsr.ContentItem] = [hsr.CodeContentItem(codes.PROCESSING_SUMMARY, _summary(findings), contains)]
     items.append(hsr.TextContentItem(codes.IMPRESSION, impression(findings), contains))
-    if not findings.analysed:
-        items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.reason, contains))
+    if not findings.summary.analysed:
+        items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.summary.reason, contains))
     items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))
     container = hsr.ContainerContentItem(codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hsr.ContentSequence(items)
@@ -253,28 +257,28 @@ def _evaluations(findings: Findings) -> hsr.ContainerContentItem:
 
 
 def _summary(findings: Findings) -> object:
-    if not findings.analysed:
+    if not findings.summary.analysed:
         return codes.NONE_SUCCEEDED
-    return codes.SUCCEEDED_WITH_FINDINGS if findings.positive else codes.SUCCEEDED_WITHOUT_FINDINGS
+    return codes.SUCCEEDED_WITH_FINDINGS if findings.summary.positive else codes.SUCCEEDED_WITHOUT_FINDINGS
 
 
 def impression(findings: Findings) -> str:
     """The one-sentence result, as the SR's Impression and the overlay's first line say it."""
     algorithm = findings.provenance.algorithm
-    if not findings.analysed:
-        return f"Not analysed by {algorithm}: {findings.reason}"
+    if not findings.summary.analysed:
+        return f"Not analysed by {algorithm}: {findings.summary.reason}"
     return (
-        f"{findings.decision} by {algorithm} (probability {findings.probability:.2f}, "
-        f"operating point {findings.threshold:.2f})"
+        f"{findings.summary.decision} by {algorithm} (probability {findings.summary.probability:.2f}, "
+        f"operating point {findings.summary.operating_point:.2f})"
     )
 
 
 def _own_texts(findings: Findings) -> tuple[str, ...]:
-    cases: Sequence[SimilarCase] = findings.similar
+    cases: Sequence[SimilarCase] = findings.summary.similar
     return (
         impression(findings),
         findings.provenance.intended_use,
-        findings.reason,
+        findings.summary.reason,
         *(_case_title(case) for case in cases),
     )
 

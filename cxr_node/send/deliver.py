@@ -11,24 +11,25 @@ Output kinds a destination does not accept (seen when probing) are recorded as r
 from __future__ import annotations
 
 import random
-import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
 from pynetdicom.association import Association
 
 from cxr_node.config import DeliverySettings, Destination
 from cxr_node.dicom import status
-from cxr_node.jobs.deliveries import DEAD, DELIVERED, FAILED, DestinationState, Due
-from cxr_node.jobs.store import SqliteJobStore
+from cxr_node.errors import SendError
+from cxr_node.jobs.interfaces import DeliveryStore
+from cxr_node.jobs.records import DestinationState, Due
+from cxr_node.jobs.states import DeliveryState
 from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES, REGISTRY
+from cxr_node.send.scu import PeerAddress, StoreResult, associate, store
 
 log = structlog.get_logger("cxr_node.send")
 
@@ -45,38 +46,12 @@ def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -
     return delay / 2 + rng.random() * delay / 2
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one send of one output got."""
-
-    status: int | None
-    error: str = ""
-
-    @property
-    def delivered(self) -> bool:
-        """Success or a warning status (PS3.4 B.2.3)."""
-        return self.status is not None and not status.is_failure(self.status)
-
-
-def client_tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
-    """The TLS arguments of an association to ``destination``, or None when it is plain TCP."""
-    if not destination.tls:
-        return None
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(destination.ca_file) if destination.ca_file else None
-    )
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if destination.cert_file and destination.key_file:
-        context.load_cert_chain(str(destination.cert_file), str(destination.key_file))
-    return context, destination.host
-
-
 class Dispatcher:
     """Sends written outputs to the configured destinations and records every outcome in the jobs store."""
 
     def __init__(
         self,
-        store: SqliteJobStore,
+        store: DeliveryStore,
         root: Path,
         destinations: Sequence[Destination],
         settings: DeliverySettings,
@@ -90,24 +65,13 @@ class Dispatcher:
         self.kinds = [kind for kind in kinds if kind in OUTPUT_CLASSES]
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not cryptography
 
-    def _ae(self, kinds: Sequence[str]) -> AE:
-        ae = AE(ae_title=self.settings.calling_ae_title)
-        for kind in kinds:
-            ae.add_requested_context(OUTPUT_CLASSES[kind], list(OUTPUT_TRANSFER_SYNTAXES))
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
-        return ae
-
     def _associate(self, destination: Destination, kinds: Sequence[str]) -> tuple[Association | None, str]:
+        contexts = [(OUTPUT_CLASSES[kind], OUTPUT_TRANSFER_SYNTAXES) for kind in kinds]
         try:
-            assoc = self._ae(kinds).associate(
-                destination.host, destination.port, ae_title=destination.ae_title, tls_args=client_tls(destination)
-            )
-        except (OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
-            return None, f"cannot associate: {exc}"
-        if assoc.is_established:
-            return assoc, ""
-        why = "rejected the association" if assoc.is_rejected else "no association (down or unreachable)"
-        return None, why
+            return associate(PeerAddress.of(destination), self.settings.calling_ae_title, contexts,
+                             self.settings.timeout_s), ""  # fmt: skip
+        except SendError as exc:
+            return None, str(exc)
 
     def probe(self, destination: Destination, now: float | None = None) -> DestinationState:
         """Negotiate the output SOP classes with ``destination`` and record which it accepts."""
@@ -193,7 +157,7 @@ class Dispatcher:
                     continue
                 outcome = self._store_one(assoc, item)
                 if outcome.status is None and not assoc.is_established:
-                    self._down(destination, state, time.time(), outcome.error)
+                    self._down(destination, state, time.time(), outcome.comment)
                     break
                 delivered += self._record(destination, item, outcome)
         finally:
@@ -206,42 +170,50 @@ class Dispatcher:
             log.info("destination.up", destination=destination.name)
         return delivered
 
-    def _store_one(self, assoc: Association, item: Due) -> Outcome:
+    def _store_one(self, assoc: Association, item: Due) -> StoreResult:
+        path = self.root / item.path
         try:
-            ds = dcmread(self.root / item.path)
+            ds = dcmread(path)
         except (InvalidDicomError, OSError) as exc:
-            return Outcome(None, f"output file unreadable: {exc}")
-        try:
-            reply = assoc.send_c_store(ds)
-        except (ValueError, RuntimeError, AttributeError) as exc:
-            return Outcome(None, str(exc).splitlines()[0][:200])
-        if "Status" not in reply:
-            return Outcome(None, "no response (association lost or timed out)")
-        return Outcome(int(reply.Status), str(reply.get("ErrorComment", ""))[:200])
+            return StoreResult(path, None, f"output file unreadable: {exc}")
+        return store(assoc, ds, path)
 
-    def _record(self, destination: Destination, item: Due, outcome: Outcome) -> int:
+    def _record(self, destination: Destination, item: Due, outcome: StoreResult) -> int:
         fields = {"destination": destination.name, "job_id": item.job_id, "kind": item.kind}
-        if outcome.delivered:
+        if outcome.ok:
             if outcome.status is not None and status.is_warning(outcome.status):
-                log.warning("send.warning", status=f"0x{outcome.status:04X}", comment=outcome.error, **fields)
-            finished = self.store.record_delivery(
-                item.job_id, destination.name, item.kind, DELIVERED, outcome.status, outcome.error or None
+                log.warning("send.warning", status=f"0x{outcome.status:04X}", comment=outcome.comment, **fields)
+            finished = self.store.record(
+                item.job_id,
+                destination.name,
+                item.kind,
+                DeliveryState.DELIVERED,
+                outcome.status,
+                outcome.comment or None,
             )
             log.info("send.delivered", status=f"0x{outcome.status:04X}", **fields)
             if finished is not None:
                 log.info(f"job.{finished.value}", job_id=item.job_id)
             return 1
         attempts = item.attempts + 1
-        error = outcome.error or f"status 0x{(outcome.status or 0):04X}"
+        error = outcome.comment or f"status 0x{(outcome.status or 0):04X}"
         if attempts >= self.settings.max_attempts:
-            finished = self.store.record_delivery(item.job_id, destination.name, item.kind, DEAD, outcome.status, error)
+            finished = self.store.record(
+                item.job_id, destination.name, item.kind, DeliveryState.DEAD, outcome.status, error
+            )
             log.error("send.dead", attempts=attempts, error=error, **fields)
             if finished is not None:
                 log.error(f"job.{finished.value}", job_id=item.job_id)
             return 0
         delay = backoff(attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s, self.rng)
-        self.store.record_delivery(
-            item.job_id, destination.name, item.kind, FAILED, outcome.status, error, next_attempt_at=time.time() + delay
+        self.store.record(
+            item.job_id,
+            destination.name,
+            item.kind,
+            DeliveryState.FAILED,
+            outcome.status,
+            error,
+            next_attempt_at=time.time() + delay,
         )
         log.warning("send.retry_scheduled", attempts=attempts, retry_in_s=round(delay, 1), error=error, **fields)
         return 0

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cxr_node.jobs.records import Job
+from cxr_node.jobs.spool import DB_NAME
+from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import Job, SqliteJobStore
 from cxr_node.training.datasets import parse_label
 
 COLUMNS: Final = ("path", "label", "patient_id", "sop_instance_uid", "study_uid", "accession_number")
@@ -66,9 +68,9 @@ def build_from_store(root: Path, labels_csv: Path, out_csv: Path) -> BuildReport
     Paths in the CSV are absolute (the images stay where the node keeps them).
     """
     labels = read_accession_labels(labels_csv)
-    store = SqliteJobStore(root / "jobs.sqlite3", readonly=True)
+    store = SqliteStore(root / DB_NAME, readonly=True)
     try:
-        jobs = [job for job in store.jobs(limit=10_000_000) if job.state in USABLE and job.path]
+        jobs = [job for job in store.jobs.list(limit=10_000_000) if job.state in USABLE and job.path]
     finally:
         store.close()
     rows = [_row(root, job, labels[job.accession_number]) for job in jobs if job.accession_number in labels]

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from cxr_node.config import ResultsSettings
 from cxr_node.dicom.uids import derived_uid, output_uid
 from cxr_node.results.common import OutputError, OutputOptions, encode
-from cxr_node.results.findings import Findings, Provenance, SimilarCase
+from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
 from cxr_node.results.kinds import kinds_for
 from cxr_node.results.outputs import build_dataset, build_outputs
 from cxr_node.results.sr import impression
@@ -34,19 +34,22 @@ def source_and_findings(name: str = "Doe^Jane", **changes: object) -> tuple[Data
     """A phantom source header and analysed findings on it."""
     phantom = make_phantom(5, 1, 256)
     source = phantom_to_dataset(phantom, patient_id="P9", patient_name=name, photometric="MONOCHROME1")
-    values = dict(
-        probability=0.81,
-        threshold=0.5,
-        members=(("mobilenet", 0.7), ("shufflenet", 0.92)),
-        mask_plausible=True,
-        mask_verdict="plausible",
-        similar=CASES,
-        image=phantom.image.astype(np.float32),
-        lung_mask=phantom.lung_mask.astype(bool),
-        heatmap=np.zeros((256, 256), np.float32),
-    )
-    values.update(changes)
-    return source, Findings(PROVENANCE, True, (256, 256), **values)  # type: ignore[arg-type]
+    arrays: dict[str, object] = {
+        "image": phantom.image.astype(np.float32),
+        "lung_mask": phantom.lung_mask.astype(bool),
+        "heatmap": np.zeros((256, 256), np.float32),
+    }
+    values: dict[str, object] = {
+        "probability": 0.81,
+        "threshold": 0.5,
+        "members": (("mobilenet", 0.7), ("shufflenet", 0.92)),
+        "lung_mask": MaskVerdict(True, "plausible", 0.3, 2),
+        "similar": CASES,
+    }
+    for key, value in changes.items():
+        (arrays if key in arrays else values)[key] = value
+    summary = Summary(PROVENANCE.model_name, PROVENANCE.model_version, True, (256, 256), **values)  # type: ignore[arg-type]
+    return source, Findings(PROVENANCE, summary, **arrays)  # type: ignore[arg-type]
 
 
 def items(ds: Dataset) -> list[Dataset]:
@@ -103,14 +106,15 @@ def test_sr_holds_probabilities_threshold_neighbours_and_intended_use() -> None:
 def test_not_analysed_findings_get_a_short_sr_and_an_overlay() -> None:
     """An image that was not analysed gets the SR (and the overlay when there is an image), saying why."""
     source, analysed = source_and_findings()
-    findings = Findings(
-        PROVENANCE,
+    summary = Summary(
+        PROVENANCE.model_name,
+        PROVENANCE.model_version,
         False,
         (256, 256),
         reason="lung mask implausible: 1 component",
-        mask_plausible=False,
-        image=analysed.image,
+        lung_mask=MaskVerdict(False, "1 component", 0.2, 1),
     )
+    findings = Findings(PROVENANCE, summary, image=analysed.image)
     assert kinds_for(findings, ResultsSettings(segmentation=True, presentation_state=True)) == ("sr", "sc")
     assert kinds_for(findings, ResultsSettings(not_analysed_report=False)) == ()
     built = build_outputs(source, findings, OutputOptions(), ("sr", "sc"))

@@ -20,7 +20,7 @@ def test_a_full_queue_answers_out_of_resources(make_settings: Callable[..., Sett
         assert store_all(node.port, [small_cr(chest_cr, f"q{i}") for i in range(2)]) == [status.SUCCESS] * 2
         time.sleep(1.1)  # the limit is measured at most once a second
         assert store_all(node.port, [small_cr(chest_cr, "q-over")]) == [status.OUT_OF_RESOURCES]
-        assert sum(node.store.counts().values()) == 2
+        assert sum(node.store.jobs.counts().values()) == 2
     finally:
         node.stop(grace_s=5)
 
@@ -33,6 +33,6 @@ def test_a_full_disk_answers_out_of_resources(make_settings: Callable[..., Setti
     node = Receiver(settings.with_overrides({"storage.max_disk_percent": max(used - 1, 0.5)})).start()
     try:
         assert store_all(node.port, [small_cr(chest_cr, "disk")]) == [status.OUT_OF_RESOURCES]
-        assert sum(node.store.counts().values()) == 0
+        assert sum(node.store.jobs.counts().values()) == 0
     finally:
         node.stop(grace_s=5)

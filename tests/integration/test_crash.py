@@ -12,8 +12,8 @@ from pathlib import Path
 from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.jobs import spool
+from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
-from cxr_node.jobs.store import SqliteJobStore
 from tests.integration.helpers import echo, small_cr, store_all, write_config
 
 
@@ -59,8 +59,8 @@ def test_kill_9_after_success_loses_nothing(settings: Settings, chest_cr: Path, 
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in children)
 
-    store = SqliteJobStore(settings.storage.root / spool.DB_NAME, readonly=True)
-    jobs = {j.sop_instance_uid: j for j in store.jobs()}
+    store = SqliteStore(settings.storage.root / spool.DB_NAME, readonly=True)
+    jobs = {j.sop_instance_uid: j for j in store.jobs.list()}
     store.close()
     for ds in datasets:
         job = jobs[str(ds.SOPInstanceUID)]

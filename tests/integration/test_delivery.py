@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from cxr_node.app import Receiver, provenance
+from cxr_node.app import Receiver, build_dispatcher, build_worker
 from cxr_node.config import Settings
 from cxr_node.dicom import status
-from cxr_node.infer.classify import RuntimeOptions
-from cxr_node.infer.engine import Engine
-from cxr_node.infer.registry import load_manifest
 from cxr_node.jobs.states import JobState
-from cxr_node.pipeline import OutputWriter, Worker
 from cxr_node.send.deliver import Dispatcher
 from tests.integration.helpers import small_cr, store_all
 from tests.integration.pacs import Pacs
@@ -45,26 +41,17 @@ def written_node(
     """A receiver holding ``count`` images analysed and written (tiny models: outputs SR + SC)."""
     node = Receiver(make_settings(**FAST, **overrides)).start()
     assert store_all(node.port, [small_cr(chest_cr, f"d{i}", size=256) for i in range(count)]) == [0] * count
-    settings = node.settings
-    engine = Engine.from_manifest(load_manifest(tiny_manifest), RuntimeOptions())
-    writer = OutputWriter(
-        settings.storage.root,
-        node.store,
-        provenance(settings, load_manifest(tiny_manifest)),
-        settings.results,
-        destinations=[d.name for d in settings.destinations],
-    )
-    worker = Worker(settings.storage.root, node.store, engine, settings.worker, writer=writer)
+    worker = build_worker(node.settings, node.store)
     while jobs := worker.take_batch(threading.Event()):
         worker.process(jobs)
-    assert node.store.counts()[JobState.WRITTEN] == count
+    worker.close()
+    assert node.store.jobs.counts()[JobState.WRITTEN] == count
     return node
 
 
 def dispatcher(node: Receiver) -> Dispatcher:
     """The node's dispatcher for its configured destinations."""
-    s = node.settings
-    return Dispatcher(node.store, s.storage.root, s.destinations, s.delivery, ("sr", "sc"))
+    return build_dispatcher(node.settings, node.store)
 
 
 def rounds_until(node: Receiver, done: Callable[[], bool], limit: int = 60) -> None:
@@ -82,11 +69,11 @@ def test_every_output_is_delivered_once_in_order(make_settings, chest_cr, tiny_m
     """Three written jobs end delivered; the PACS got each output once, oldest job first."""
     node = written_node(make_settings, chest_cr, tiny_manifest, 3, destinations=[destination("pacs", pacs)])
     try:
-        rounds_until(node, lambda: node.store.counts()[JobState.DELIVERED] == 3)
-        assert node.store.counts()[JobState.DELIVERED] == 3
-        expected = [o.sop_instance_uid for job in node.store.jobs() for o in node.store.outputs(job.id)]
+        rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 3)
+        assert node.store.jobs.counts()[JobState.DELIVERED] == 3
+        expected = [o.sop_instance_uid for job in node.store.jobs.list() for o in node.store.results.outputs(job.id)]
         assert pacs.uids() == expected
-        assert node.store.delivery_counts() == {("pacs", "delivered"): len(expected)}
+        assert node.store.deliveries.counts() == {("pacs", "delivered"): len(expected)}
     finally:
         node.stop(grace_s=5)
 
@@ -99,14 +86,14 @@ def test_failure_statuses_are_retried_then_dead_then_resent(make_settings, chest
     node = written_node(make_settings, chest_cr, tiny_manifest, 1, destinations=[destination("pacs", pacs)])
     try:
         with capture_logs() as logs:
-            rounds_until(node, lambda: node.store.counts()[JobState.DEAD] == 1)
-        job = node.store.jobs(JobState.DEAD)[0]
+            rounds_until(node, lambda: node.store.jobs.counts()[JobState.DEAD] == 1)
+        job = node.store.jobs.list(JobState.DEAD)[0]
         assert "0xA700" in job.reason and "pacs/" in job.reason
         assert [e for e in logs if e["event"] == "send.retry_scheduled"]
         refusing["on"] = False
-        assert node.store.resend(dead=True) == [job.id]
-        rounds_until(node, lambda: node.store.counts()[JobState.DELIVERED] == 1)
-        assert node.store.get(job.id).state is JobState.DELIVERED
+        assert node.store.deliveries.resend(dead=True) == [job.id]
+        rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 1)
+        assert node.store.jobs.get(job.id).state is JobState.DELIVERED
     finally:
         node.stop(grace_s=5)
         pacs.stop()
@@ -119,10 +106,10 @@ def test_a_pacs_refusing_sr_gets_the_overlay_and_an_alarm(make_settings, chest_c
     node = written_node(make_settings, chest_cr, tiny_manifest, 1, destinations=[destination("pacs", pacs)])
     try:
         with capture_logs() as logs:
-            rounds_until(node, lambda: node.store.counts()[JobState.DELIVERED] == 1)
-        assert node.store.destinations()["pacs"].refused == ["sr"]
+            rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 1)
+        assert node.store.deliveries.destinations()["pacs"].refused == ["sr"]
         assert any(e["event"] == "destination.unmet" for e in logs)
-        assert node.store.delivery_counts() == {("pacs", "delivered"): 1, ("pacs", "refused"): 1}
+        assert node.store.deliveries.counts() == {("pacs", "delivered"): 1, ("pacs", "refused"): 1}
     finally:
         node.stop(grace_s=5)
         pacs.stop()
@@ -145,12 +132,12 @@ def test_a_destination_down_gets_the_backlog_in_order(make_settings, chest_cr, t
         with capture_logs() as logs:
             d.round()
         assert any(e["event"] == "destination.down" for e in logs)
-        state = node.store.destinations()["pacs"]
+        state = node.store.deliveries.destinations()["pacs"]
         assert not state.reachable and state.retry_at > state.probed_at and state.failures == 1
         assert len(other.uids()) == 6
         down.start()
-        rounds_until(node, lambda: node.store.counts()[JobState.DELIVERED] == 3)
-        expected = [o.sop_instance_uid for job in node.store.jobs() for o in node.store.outputs(job.id)]
+        rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 3)
+        expected = [o.sop_instance_uid for job in node.store.jobs.list() for o in node.store.results.outputs(job.id)]
         assert down.uids() == expected and other.uids() == expected
     finally:
         node.stop(grace_s=5)

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from cxr_node.app import Receiver, provenance
+from cxr_node.app import Receiver, build_worker
 from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.infer.classify import RuntimeOptions
 from cxr_node.infer.engine import Engine
 from cxr_node.infer.registry import load_manifest
 from cxr_node.jobs.states import JobState
-from cxr_node.pipeline import OutputWriter, Worker
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
 from tests.conftest import require_tool
 from tests.integration.helpers import store_all
@@ -55,17 +54,10 @@ def node(make_settings: Callable[..., Settings]) -> Iterator[Receiver]:
 
 def run_worker_once(node: Receiver, engine: Engine) -> None:
     """Analyse every queued job and write its outputs, as the worker process does."""
-    settings = node.settings
-    writer = OutputWriter(
-        settings.storage.root,
-        node.store,
-        provenance(settings, load_manifest(DEMO)),
-        settings.results,
-        destinations=["pacs"],
-    )
-    worker = Worker(settings.storage.root, node.store, engine, settings.worker, writer=writer)
+    worker = build_worker(node.settings, node.store, engine)
     while jobs := worker.take_batch(threading.Event()):
         worker.process(jobs)
+    worker.close()
 
 
 def chest_images(chest_cr: Path) -> list:
@@ -100,9 +92,9 @@ def written(node: Receiver, demo_engine: Engine, chest_cr: Path, wg04: Path) -> 
     run_worker_once(node, demo_engine)
     root = node.settings.storage.root
     found: dict[str, dict[str, Path]] = {}
-    for job in node.store.jobs():
+    for job in node.store.jobs.list():
         assert job.state is JobState.WRITTEN, (job.state, job.reason)
-        found[job.sop_instance_uid] = {out.kind: root / out.path for out in node.store.outputs(job.id)}
+        found[job.sop_instance_uid] = {out.kind: root / out.path for out in node.store.results.outputs(job.id)}
     return found
 
 
@@ -129,7 +121,7 @@ def test_outputs_belong_to_the_source_study_and_say_what_they_are(
 ) -> None:
     """Outputs share the source's patient and study, sit in new AI series, and the non-ASCII name survives."""
     root = node.settings.storage.root
-    for job in node.store.jobs():
+    for job in node.store.jobs.list():
         source = dcmread(root / job.path, stop_before_pixels=True)
         for kind, path in written[job.sop_instance_uid].items():
             out = dcmread(path)
@@ -182,9 +174,9 @@ def test_a_colour_chest_image_gets_a_not_analysed_report(node: Receiver, demo_en
     ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
     assert store_all(node.port, [ds]) == [status.SUCCESS]
     run_worker_once(node, demo_engine)
-    [job] = node.store.jobs()
+    [job] = node.store.jobs.list()
     assert job.state is JobState.WRITTEN
-    [sr] = node.store.outputs(job.id)
+    [sr] = node.store.results.outputs(job.id)
     html = subprocess.run(
         [require_tool("dsr2html"), str(node.settings.storage.root / sr.path)],
         capture_output=True,

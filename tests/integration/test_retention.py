@@ -24,14 +24,14 @@ def test_retention_purges_finished_jobs_only(make_settings, chest_cr: Path, tiny
     node = written_node(make_settings, chest_cr, tiny_manifest, 2, **{"storage.retention_days": 1})
     try:
         store, root = node.store, node.settings.storage.root
-        first, second = store.jobs()
-        store.transition(first.id, JobState.DELIVERED)
-        files = [root / first.path, *(root / o.path for o in store.outputs(first.id))]
+        first, second = store.jobs.list()
+        store.jobs.transition(first.id, JobState.DELIVERED)
+        files = [root / first.path, *(root / o.path for o in store.results.outputs(first.id))]
         assert all(path.is_file() for path in files)
         assert retention.expired(store, 1, now=time.time() + 2 * 86400) == [first.id]
         assert retention.purge_jobs(store, root, [first.id]) == 1
         assert not any(path.exists() for path in files)
-        assert store.get(first.id) is None and store.get(second.id).state is JobState.WRITTEN
+        assert store.jobs.get(first.id) is None and store.jobs.get(second.id).state is JobState.WRITTEN
         assert Housekeeper(node.settings, store).purge() == 0  # nothing else is old enough
     finally:
         node.stop(grace_s=5)
@@ -41,7 +41,7 @@ def test_purge_removes_a_study_everywhere(make_settings, chest_cr, tiny_manifest
     """`cxr-node purge --study` deletes the study's jobs, files and neighbour-index entries."""
     node = written_node(make_settings, chest_cr, tiny_manifest, 1)
     settings = node.settings
-    job = node.store.jobs()[0]
+    job = node.store.jobs.list()[0]
     node.stop(grace_s=5)
     index = open_index(settings)
     index.add("v1", np.ones(8, np.float32), NewCase(job.sop_instance_uid, job.study_instance_uid, "", "", "p"))
@@ -58,9 +58,9 @@ def test_purge_removes_a_study_everywhere(make_settings, chest_cr, tiny_manifest
 def test_resend_cli(make_settings, chest_cr, tiny_manifest, tmp_path, capsys) -> None:
     """`cxr-node resend --dead` re-queues dead jobs; a job that is not dead or written is a one-line error."""
     node = written_node(make_settings, chest_cr, tiny_manifest, 2)
-    first, second = node.store.jobs()
-    node.store.transition(first.id, JobState.DEAD, "not delivered: test")
-    node.store.transition(second.id, JobState.DELIVERED)
+    first, second = node.store.jobs.list()
+    node.store.jobs.transition(first.id, JobState.DEAD, "not delivered: test")
+    node.store.jobs.transition(second.id, JobState.DELIVERED)
     node.stop(grace_s=5)
     config = write_config(node.settings, tmp_path / "node.yaml")
     assert main(["resend", "--config", str(config), "--dead"]) == 0

@@ -230,7 +230,7 @@ def rejection(assoc: Association) -> tuple[int, int, int]:
 
 def job_count(node: Receiver) -> int:
     """Return how many jobs the node's store holds, in any state."""
-    return sum(node.store.counts().values())
+    return sum(node.store.jobs.counts().values())
 
 
 def spooled_files(node: Receiver) -> list[Path]:
@@ -279,7 +279,7 @@ def test_dcmtk_unknown_calling_aet_is_rejected(start_node: StartNode, small_cr: 
     assert job_count(node) == 0
     assert spooled_files(node) == []
     assert "Received Store Response (Success)" in dcmtk("storescu", node, files=(str(small_cr),))
-    assert node.store.counts()[JobState.QUEUED] == 1
+    assert node.store.jobs.counts()[JobState.QUEUED] == 1
 
 
 def test_wrong_called_aet_is_rejected(start_node: StartNode) -> None:
@@ -348,7 +348,7 @@ def test_instance_over_max_instance_mb_is_refused_and_not_stored(
     response = store(node, small_cr)
     assert response is not None
     assert response.Status == status.SUCCESS
-    assert node.store.counts()[JobState.QUEUED] == 1
+    assert node.store.jobs.counts()[JobState.QUEUED] == 1
     assert len(spooled_files(node)) == 1
 
 
@@ -363,7 +363,7 @@ def test_tls_echo_and_store(start_node: StartNode, pki: Pki, chest_cr: Path) -> 
     response = store(node, chest_cr, tls=tls)
     assert response is not None
     assert response.Status == status.SUCCESS
-    assert node.store.counts()[JobState.QUEUED] == 1
+    assert node.store.jobs.counts()[JobState.QUEUED] == 1
 
 
 def test_plain_association_to_tls_port_fails_and_service_stays_up(start_node: StartNode, pki: Pki) -> None:
@@ -420,7 +420,7 @@ def test_dcmtk_echoscu_and_storescu_over_tls(start_node: StartNode, pki: Pki, sm
     assert "Received Echo Response (Success)" in echoed, echoed
     stored = dcmtk("storescu", node, *tls, files=(str(small_cr),))
     assert "Received Store Response (Success)" in stored, stored
-    assert node.store.counts()[JobState.QUEUED] == 1
+    assert node.store.jobs.counts()[JobState.QUEUED] == 1
     assert "Received Echo Response" not in dcmtk("echoscu", node)  # plain DICOM to the TLS port
     assert echo(node, tls=client_tls(pki, with_cert=True)) == status.SUCCESS
 

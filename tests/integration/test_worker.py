@@ -12,13 +12,13 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from cxr_node.app import Receiver
+from cxr_node.app import Receiver, build_worker
 from cxr_node.dicom import status
 from cxr_node.infer.classify import RuntimeOptions
 from cxr_node.infer.engine import Analysis, Engine
 from cxr_node.infer.registry import load_manifest
 from cxr_node.jobs.states import JobState
-from cxr_node.pipeline import Worker
+from cxr_node.results.findings import Summary
 from tests.integration.helpers import small_cr, store_all
 
 
@@ -44,17 +44,24 @@ def test_worker_records_results_and_an_undecodable_image_as_not_analysed(
     good = [small_cr(chest_cr, f"w{i}", size=256) for i in range(3)]
     assert store_all(receiver.port, good) == [status.SUCCESS] * 3
     store_broken(receiver, wg04)
-    worker = Worker(receiver.settings.storage.root, receiver.store, engine, receiver.settings.worker)
+    worker = build_worker(receiver.settings, receiver.store, engine)
     worker.process(worker.take_batch(threading.Event()))
-    counts = receiver.store.counts()
-    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (4, 0)
-    broken = receiver.store.result(receiver.store.jobs(JobState.INFERRED)[-1].id).summary
-    assert broken["status"] == "not_analysed"
-    assert broken["reason"].startswith("pixels cannot be decoded")
-    summary = receiver.store.result(receiver.store.jobs(JobState.INFERRED)[0].id).summary
-    assert summary["model"] == {"name": "tiny-test", "version": "0.0.1"}
-    assert summary["image"]["analysed_shape"] == [256, 256]
-    assert summary["status"] in ("analysed", "not_analysed")
+    worker.close()
+    counts = receiver.store.jobs.counts()
+    assert (counts[JobState.WRITTEN], counts[JobState.QUARANTINED]) == (4, 0)
+    broken = summary_of(receiver, receiver.store.jobs.list(JobState.WRITTEN)[-1].id)
+    assert not broken.analysed
+    assert broken.reason.startswith("pixels cannot be decoded")
+    summary = summary_of(receiver, receiver.store.jobs.list(JobState.WRITTEN)[0].id)
+    assert (summary.model_name, summary.model_version) == ("tiny-test", "0.0.1")
+    assert summary.analysed_shape == (256, 256)
+
+
+def summary_of(receiver: Receiver, job_id: int) -> Summary:
+    """The stored summary of one job."""
+    stored = receiver.store.results.result(job_id)
+    assert stored is not None
+    return stored.summary
 
 
 def store_broken(receiver: Receiver, wg04: Path) -> None:
@@ -91,22 +98,20 @@ def test_one_failing_image_does_not_sink_its_batch(receiver: Receiver, engine: E
     """When a batch fails, each image is retried alone: the bad one is quarantined, the others inferred."""
     images = [small_cr(chest_cr, "big", size=400)] + [small_cr(chest_cr, f"b{i}", size=128) for i in range(3)]
     assert store_all(receiver.port, images) == [status.SUCCESS] * 4
-    worker = Worker(
-        receiver.settings.storage.root, receiver.store, FailsOnLargeImages(engine), receiver.settings.worker
-    )
+    worker = build_worker(receiver.settings, receiver.store, FailsOnLargeImages(engine))
     worker.process(worker.take_batch(threading.Event()))
-    counts = receiver.store.counts()
-    assert (counts[JobState.INFERRED], counts[JobState.QUARANTINED]) == (3, 1)
-    assert (
-        "analysis failed: RuntimeError: simulated out of memory" in receiver.store.jobs(JobState.QUARANTINED)[0].reason
-    )
+    worker.close()
+    counts = receiver.store.jobs.counts()
+    assert (counts[JobState.WRITTEN], counts[JobState.QUARANTINED]) == (3, 1)
+    reason = receiver.store.jobs.list(JobState.QUARANTINED)[0].reason
+    assert reason is not None and "analysis failed: RuntimeError: simulated out of memory" in reason
 
 
 def test_batches_fill_up_to_the_batch_size(receiver: Receiver, engine: Engine, chest_cr: Path) -> None:
     """take_batch claims at most worker.batch_size jobs, oldest first, and run() drains the queue then idles."""
     images = [small_cr(chest_cr, f"q{i}", size=96) for i in range(11)]
     assert store_all(receiver.port, images) == [status.SUCCESS] * 11
-    worker = Worker(receiver.settings.storage.root, receiver.store, engine, receiver.settings.worker)
+    worker = build_worker(receiver.settings, receiver.store, engine)
     first = worker.take_batch(threading.Event())
     assert len(first) == receiver.settings.worker.batch_size
     assert [j.id for j in first] == sorted(j.id for j in first)
@@ -116,10 +121,11 @@ def test_batches_fill_up_to_the_batch_size(receiver: Receiver, engine: Engine, c
     thread.start()
     try:
         for _ in range(200):
-            if receiver.store.counts()[JobState.INFERRED] == 11:
+            if receiver.store.jobs.counts()[JobState.WRITTEN] == 11:
                 break
             stop.wait(0.05)
     finally:
         stop.set()
         thread.join(30)
-    assert receiver.store.counts()[JobState.INFERRED] == 11
+        worker.close()
+    assert receiver.store.jobs.counts()[JobState.WRITTEN] == 11

@@ -10,35 +10,20 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from cxr_node.app import Receiver, open_index, provenance
+from cxr_node.app import Receiver, build_worker
 from cxr_node.config import Settings
-from cxr_node.infer.classify import RuntimeOptions
-from cxr_node.infer.engine import Engine
-from cxr_node.infer.registry import load_manifest
 from cxr_node.jobs.spool import instance_key
-from cxr_node.pipeline import IndexRetriever, OutputWriter, Worker
+from cxr_node.results.findings import Summary
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
 from tests.integration.helpers import store_all
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo" / "manifest.yaml"
 
 
-def analyse_in_order(settings: Settings, patients: list[str]) -> tuple[Receiver, list[dict]]:
+def analyse_in_order(settings: Settings, patients: list[str]) -> tuple[Receiver, list[Summary]]:
     """Store one phantom per entry of ``patients`` and run the worker over them one at a time."""
     node = Receiver(settings).start()
-    engine = Engine.from_manifest(load_manifest(DEMO), RuntimeOptions())
-    index = open_index(settings)
-    writer = OutputWriter(
-        settings.storage.root, node.store, provenance(settings, load_manifest(DEMO)), settings.results
-    )
-    worker = Worker(
-        settings.storage.root,
-        node.store,
-        engine,
-        settings.worker,
-        writer=writer,
-        retriever=IndexRetriever(index, settings.neighbours),
-    )
+    worker = build_worker(settings, node.store)
     summaries = []
     for number, patient in enumerate(patients):
         ds = phantom_to_dataset(
@@ -46,9 +31,12 @@ def analyse_in_order(settings: Settings, patients: list[str]) -> tuple[Receiver,
         )
         assert store_all(node.port, [ds]) == [0]
         worker.process(worker.take_batch(threading.Event()))
-        job = node.store.find(instance_key(str(ds.SOPInstanceUID)))
-        summaries.append(node.store.result(job.id).summary)
-    index.close()
+        job = node.store.jobs.find(instance_key(str(ds.SOPInstanceUID)))
+        assert job is not None
+        stored = node.store.results.result(job.id)
+        assert stored is not None
+        summaries.append(stored.summary)
+    worker.close()
     return node, summaries
 
 
@@ -66,19 +54,19 @@ def test_similar_cases_come_from_other_patients(make_settings: Callable[..., Set
     settings = make_settings(**{"models.manifest": str(DEMO), "neighbours.identifiers": policy})
     node, summaries = analyse_in_order(settings, ["A", "B", "A", "C"])
     try:
-        assert summaries[0]["similar"] == []
-        similar = summaries[3]["similar"]
+        assert summaries[0].similar == ()
+        similar = summaries[3].similar
         assert len(similar) == 3
-        studies = {s["study_instance_uid"] for s in similar}
+        studies = {s.study_instance_uid for s in similar}
         if policy == "uids":
-            assert all(s["accession_number"] and s["sop_instance_uid"] for s in similar)
+            assert all(s.accession_number and s.sop_instance_uid for s in similar)
             assert len(studies) == 3
         else:
-            assert studies == {None} and all(s["case_number"].startswith("C") for s in similar)
-        same_patient = summaries[2]["similar"]
+            assert studies == {None} and all(s.case_number.startswith("C") for s in similar)
+        same_patient = summaries[2].similar
         assert len(same_patient) == 1  # patient A's first image is excluded; only B remains
-        job = node.store.jobs()[3]
-        [sr] = [o for o in node.store.outputs(job.id) if o.kind == "sr"]
+        job = node.store.jobs.list()[3]
+        [sr] = [o for o in node.store.results.outputs(job.id) if o.kind == "sr"]
         texts = [
             i.TextValue
             for i in dcmread(settings.storage.root / sr.path).ContentSequence[-1].ContentSequence
@@ -91,11 +79,8 @@ def test_similar_cases_come_from_other_patients(make_settings: Callable[..., Set
 
 def test_a_malformed_study_date_does_not_stop_retrieval(make_settings: Callable[..., Settings]) -> None:
     """An image whose StudyDate is not YYYYMMDD is indexed with no date instead of failing the job."""
-    from cxr_node.pipeline import Loaded
+    from cxr_node.work.load import index_case
 
     ds = phantom_to_dataset(make_phantom(1, label=0, size=128), patient_id="X", patient_name="X^Y")
     ds.StudyDate = "2020-03-01"
-    job = type(
-        "J", (), {"sop_instance_uid": "1.2", "study_instance_uid": "1.3", "accession_number": "", "patient_hash": "h"}
-    )()
-    assert Loaded(job, ds, None).case.study_date == ""  # type: ignore[arg-type]
+    assert index_case(ds).study_date == ""

@@ -21,7 +21,7 @@ from cxr_node.config import Settings
 from cxr_node.dicom import codes, sop, status
 from cxr_node.receive.scp import build_ae
 from cxr_node.results.common import OutputOptions
-from cxr_node.results.findings import Findings, Provenance, SimilarCase
+from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
 from cxr_node.results.kinds import BY_NAME, OUTPUT_TRANSFER_SYNTAXES
 from cxr_node.results.outputs import build_outputs
 from cxr_node.send import deliver, scu
@@ -91,15 +91,17 @@ def source_and_findings(analysed: bool = True) -> tuple[Dataset, Findings]:
     phantom = make_phantom(5, 1, 256)
     source = phantom_to_dataset(phantom, patient_id="P9", patient_name="Doe^Jane", photometric="MONOCHROME1")
     image = phantom.image.astype(np.float32)
+    model = (PROVENANCE.model_name, PROVENANCE.model_version)
     if not analysed:
-        return source, Findings(PROVENANCE, False, (256, 256), reason="lung mask implausible: 1 component",
-                                mask_plausible=False, image=image)
-    return source, Findings(
-        PROVENANCE, True, (256, 256), probability=0.81, threshold=0.5,
-        members=(("mobilenet", 0.7), ("shufflenet", 0.92)), mask_plausible=True, mask_verdict="plausible",
-        similar=CASES, image=image, lung_mask=phantom.lung_mask.astype(bool),
-        heatmap=np.zeros((256, 256), np.float32),
-    )
+        summary = Summary(*model, False, (256, 256), reason="lung mask implausible: 1 component",
+                          lung_mask=MaskVerdict(False, "1 component", 0.2, 1))  # fmt: skip
+        return source, Findings(PROVENANCE, summary, image=image)
+    summary = Summary(
+        *model, True, (256, 256), probability=0.81, threshold=0.5, members=(("mobilenet", 0.7), ("shufflenet", 0.92)),
+        lung_mask=MaskVerdict(True, "plausible", 0.3, 2), similar=CASES,
+    )  # fmt: skip
+    arrays = {"lung_mask": phantom.lung_mask.astype(bool), "heatmap": np.zeros((256, 256), np.float32)}
+    return source, Findings(PROVENANCE, summary, image=image, **arrays)
 
 
 @pytest.fixture(scope="module")

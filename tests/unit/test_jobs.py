@@ -9,8 +9,10 @@ import pytest
 
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import spool
+from cxr_node.jobs.records import NewJob
+from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import TERMINAL, JobState, can_move
-from cxr_node.jobs.store import NewJob, SqliteJobStore
+from cxr_node.results.findings import Findings, Provenance, Summary
 
 
 def new_job(uid: str, path: str | None = "inbox/x.dcm") -> NewJob:
@@ -33,38 +35,38 @@ def new_job(uid: str, path: str | None = "inbox/x.dcm") -> NewJob:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteJobStore:
+def store(tmp_path: Path) -> SqliteStore:
     """A fresh jobs store in a temporary folder."""
-    db = SqliteJobStore(tmp_path / spool.DB_NAME)
+    db = SqliteStore(tmp_path / spool.DB_NAME)
     yield db
     db.close()
 
 
-def test_record_commits_received_and_verdict(store: SqliteJobStore) -> None:
+def test_record_commits_received_and_verdict(store: SqliteStore) -> None:
     """A new job is recorded with its received event and its triage verdict."""
-    job, created = store.record(new_job("1.2.3.4.5"), JobState.QUEUED)
+    job, created = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
     assert created
     assert job.state is JobState.QUEUED
-    assert store.history(job.id) == [(None, "received", None), ("received", "queued", None)]
+    assert store.jobs.history(job.id) == [(None, "received", None), ("received", "queued", None)]
 
 
-def test_duplicate_instance_is_not_recorded_twice(store: SqliteJobStore) -> None:
+def test_duplicate_instance_is_not_recorded_twice(store: SqliteStore) -> None:
     """The same SOP Instance UID received twice keeps one job."""
-    first, _ = store.record(new_job("1.2.3.4.5"), JobState.QUEUED)
-    again, created = store.record(new_job("1.2.3.4.5"), JobState.QUEUED)
+    first, _ = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
+    again, created = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
     assert (again.id, created) == (first.id, False)
-    assert store.counts()[JobState.QUEUED] == 1
+    assert store.jobs.counts()[JobState.QUEUED] == 1
 
 
-def test_transitions_follow_the_state_machine(store: SqliteJobStore) -> None:
+def test_transitions_follow_the_state_machine(store: SqliteStore) -> None:
     """Allowed moves are recorded one by one; a move the machine forbids raises and changes nothing."""
-    job, _ = store.record(new_job("9.9"), JobState.QUEUED)
-    assert store.claim(5)[0].state is JobState.RUNNING
-    store.transition(job.id, JobState.INFERRED)
+    job, _ = store.jobs.record(new_job("9.9"), JobState.QUEUED)
+    assert store.jobs.claim(5)[0].state is JobState.RUNNING
+    store.jobs.transition(job.id, JobState.INFERRED)
     with pytest.raises(InvalidTransition, match="inferred, which does not lead to delivered"):
-        store.transition(job.id, JobState.DELIVERED)
-    assert store.get(job.id).state is JobState.INFERRED
-    assert store.get(job.id).attempts == 1
+        store.jobs.transition(job.id, JobState.DELIVERED)
+    assert store.jobs.get(job.id).state is JobState.INFERRED
+    assert store.jobs.get(job.id).attempts == 1
 
 
 def test_terminal_states_lead_nowhere() -> None:
@@ -77,10 +79,10 @@ def test_terminal_states_lead_nowhere() -> None:
 
 def test_claim_is_oldest_first_and_exclusive(tmp_path: Path) -> None:
     """Two stores on one database (two processes) never claim the same job."""
-    a, b = SqliteJobStore(tmp_path / "j.db"), SqliteJobStore(tmp_path / "j.db")
+    a, b = SqliteStore(tmp_path / "j.db"), SqliteStore(tmp_path / "j.db")
     for i in range(10):
-        a.record(new_job(f"1.{i}"), JobState.QUEUED)
-    first, second = a.claim(4), b.claim(10)
+        a.jobs.record(new_job(f"1.{i}"), JobState.QUEUED)
+    first, second = a.jobs.claim(4), b.jobs.claim(10)
     assert [j.sop_instance_uid for j in first] == ["1.0", "1.1", "1.2", "1.3"]
     assert {j.id for j in first}.isdisjoint({j.id for j in second})
     assert len(second) == 6
@@ -88,37 +90,37 @@ def test_claim_is_oldest_first_and_exclusive(tmp_path: Path) -> None:
     b.close()
 
 
-def test_requeue_running_after_crash(store: SqliteJobStore) -> None:
+def test_requeue_running_after_crash(store: SqliteStore) -> None:
     """Jobs left running by a crash go back to queued with a reason."""
     for i in range(3):
-        store.record(new_job(f"2.{i}"), JobState.QUEUED)
-    store.claim(2)
-    assert store.requeue_running("re-queued at start-up") == 2
-    assert store.counts()[JobState.QUEUED] == 3
+        store.jobs.record(new_job(f"2.{i}"), JobState.QUEUED)
+    store.jobs.claim(2)
+    assert store.jobs.requeue_running("re-queued at start-up") == 2
+    assert store.jobs.counts()[JobState.QUEUED] == 3
 
 
-def test_concurrent_records_from_threads(store: SqliteJobStore) -> None:
+def test_concurrent_records_from_threads(store: SqliteStore) -> None:
     """Many threads recording at once lose nothing and duplicate nothing."""
 
     def worker(t: int) -> None:
         for i in range(25):
-            store.record(new_job(f"3.{t}.{i}"), JobState.QUEUED)
-            store.record(new_job(f"3.{t}.{i}"), JobState.QUEUED)
+            store.jobs.record(new_job(f"3.{t}.{i}"), JobState.QUEUED)
+            store.jobs.record(new_job(f"3.{t}.{i}"), JobState.QUEUED)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert store.counts()[JobState.QUEUED] == 100
+    assert store.jobs.counts()[JobState.QUEUED] == 100
 
 
 def test_readonly_store_reads(tmp_path: Path) -> None:
     """`cxr-node status` reads through a read-only connection."""
-    rw = SqliteJobStore(tmp_path / "j.db")
-    rw.record(new_job("4.1"), JobState.SKIPPED, "modality OT")
-    ro = SqliteJobStore(tmp_path / "j.db", readonly=True)
-    assert ro.counts()[JobState.SKIPPED] == 1
+    rw = SqliteStore(tmp_path / "j.db")
+    rw.jobs.record(new_job("4.1"), JobState.SKIPPED, "modality OT")
+    ro = SqliteStore(tmp_path / "j.db", readonly=True)
+    assert ro.jobs.counts()[JobState.SKIPPED] == 1
     rw.close()
     ro.close()
 
@@ -144,14 +146,19 @@ def test_write_durably_is_atomic_and_cleans_up(tmp_path: Path) -> None:
     assert spool.iter_spooled(tmp_path, spool.INBOX) == [target]
 
 
-def test_result_and_transition_are_one_write(store: SqliteJobStore) -> None:
+PROVENANCE = Provenance("demo", "1", "demo only", ("m",), "0.1.0", "2.25.1")
+NOT_ANALYSED = Findings(PROVENANCE, Summary("demo", "1", False, (64, 64), reason="pixels cannot be decoded"))
+
+
+def test_result_and_transition_are_one_write(store: SqliteStore) -> None:
     """Saving a result moves the job to inferred; a job that is not running keeps no result."""
-    job, _ = store.record(new_job("5.1"), JobState.QUEUED)
+    job, _ = store.jobs.record(new_job("5.1"), JobState.QUEUED)
     with pytest.raises(InvalidTransition):
-        store.save_result(job.id, ("demo", "1"), {"probability": 0.7}, None)
-    assert store.result(job.id) is None
-    store.claim(1)
-    moved = store.save_result(job.id, ("demo", "1"), {"probability": 0.7}, b"\x00" * 8)
+        store.results.save_result(job.id, NOT_ANALYSED, None)
+    assert store.results.result(job.id) is None
+    store.jobs.claim(1)
+    moved = store.results.save_result(job.id, NOT_ANALYSED, b"\x00" * 8)
     assert moved.state is JobState.INFERRED
-    saved = store.result(job.id)
-    assert (saved.summary, saved.model_version, saved.embedding) == ({"probability": 0.7}, "1", b"\x00" * 8)
+    saved = store.results.result(job.id)
+    assert saved is not None
+    assert (saved.summary, saved.embedding, saved.arrays) == (NOT_ANALYSED.summary, b"\x00" * 8, None)

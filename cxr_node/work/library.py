@@ -13,23 +13,27 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cxr_node.config import Settings
 from cxr_node.dicom.pixels import decode
 from cxr_node.errors import CxrNodeError, PixelDecodeError
 from cxr_node.jobs import spool
-from cxr_node.logs import hash_identifier
-from cxr_node.neighbours import LABELS, Neighbour, NewCase
+from cxr_node.jobs.interfaces import JobStore
+from cxr_node.jobs.states import JobState
+from cxr_node.neighbours import LABELS, Label, Neighbour, NeighbourIndex, NewCase, Source
+from cxr_node.work.load import index_case
+from cxr_node.work.loop import Analyser
 
 LIBRARY: Final = "library"
 """Folder under storage.root where imported reference cases are kept (for ``rebuild``)."""
 BATCH: Final = 8
+ANALYSED_STATES: Final = (JobState.INFERRED, JobState.WRITTEN, JobState.DELIVERED)
+"""Stored inputs in these states were analysed by the node (``rebuild`` re-embeds them)."""
 
 
 @dataclass(frozen=True)
@@ -40,23 +44,6 @@ class Embedded:
     case: NewCase
     embedding: np.ndarray | None
     reason: str = ""
-
-
-def case_of(ds: Dataset, label: str | None = None, source: str = "store") -> NewCase:
-    """The index's view of a data set: identifiers and a hash of the patient ID, never the ID itself."""
-    return NewCase(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        accession_number=str(ds.get("AccessionNumber", "") or "")[:64],
-        study_date=_date(str(ds.get("StudyDate", "") or "")),
-        patient_hash=hash_identifier(str(ds.get("PatientID", "") or "")),
-        label=label,  # type: ignore[arg-type]
-        source=source,  # type: ignore[arg-type]
-    )
-
-
-def _date(value: str) -> str:
-    return value if len(value) == 8 and value.isdigit() else ""
 
 
 def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, str]]:
@@ -87,10 +74,13 @@ def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, str]]:
 
 
 def embed(
-    engine: Any, items: Iterable[tuple[Path, NewCase | None, str | None]], max_side: int, source: str = "store"
+    engine: Analyser,
+    items: Iterable[tuple[Path, NewCase | None, Label | None]],
+    max_side: int,
+    source: Source = "store",
 ) -> Iterator[Embedded]:
     """Decode and analyse files in batches; yield each with its case and embedding."""
-    batch: list[tuple[Path, NewCase, Any]] = []
+    batch: list[tuple[Path, NewCase, np.ndarray]] = []
     for path, case, label in items:
         try:
             ds = dcmread(path)
@@ -98,7 +88,7 @@ def embed(
         except (InvalidDicomError, OSError, PixelDecodeError, AttributeError) as exc:
             yield Embedded(path, case or NewCase("?", "?", "", "", "?"), None, f"cannot read: {exc}")
             continue
-        batch.append((path, case or case_of(ds, label, source), image.pixels))
+        batch.append((path, case or index_case(ds, label, source), image.pixels))
         if len(batch) == BATCH:
             yield from _analyse(engine, batch)
             batch = []
@@ -106,7 +96,7 @@ def embed(
         yield from _analyse(engine, batch)
 
 
-def _analyse(engine: Any, batch: list[tuple[Path, NewCase, Any]]) -> Iterator[Embedded]:
+def _analyse(engine: Analyser, batch: list[tuple[Path, NewCase, np.ndarray]]) -> Iterator[Embedded]:
     for (path, case, _), analysis in zip(batch, engine.analyse([b[2] for b in batch]), strict=True):
         if analysis.analysed and analysis.embedding is not None:
             yield Embedded(path, case, analysis.embedding)
@@ -122,14 +112,10 @@ def keep_copy(settings: Settings, path: Path, case: NewCase) -> Path:
     return target
 
 
-def stored_cases(settings: Settings, store: Any) -> Iterator[tuple[Path, NewCase | None, str | None]]:
+def stored_cases(settings: Settings, jobs: JobStore | None) -> Iterator[tuple[Path, NewCase | None, Label | None]]:
     """Every stored input still on disk (as the node received it), then every library copy."""
-    for job in store.jobs(limit=10**9) if store is not None else ():
-        if (
-            job.path
-            and job.state.value in ("inferred", "written", "delivered")
-            and (settings.storage.root / job.path).is_file()
-        ):
+    for job in jobs.list(limit=10**9) if jobs is not None else ():
+        if job.path and job.state in ANALYSED_STATES and (settings.storage.root / job.path).is_file():
             yield settings.storage.root / job.path, None, None
     for path in sorted((settings.storage.root / LIBRARY).glob("*.dcm")):
         yield path, None, None
@@ -150,20 +136,8 @@ def format_neighbours(found: Sequence[Neighbour]) -> list[str]:
     return lines
 
 
-def _engine(settings: Settings) -> tuple[Any, str]:
-    """The current model (on the configured device) and its version."""
-    from cxr_node.infer.classify import RuntimeOptions
-    from cxr_node.infer.device import resolve_device
-    from cxr_node.infer.engine import Engine
-    from cxr_node.infer.registry import load_manifest
-
-    manifest = load_manifest(settings.models.manifest)
-    options = RuntimeOptions(
-        device=resolve_device(settings.compute.device),
-        channels_last=settings.worker.channels_last,
-        precision=settings.worker.precision,
-    )
-    return Engine.from_manifest(manifest, options), manifest.version
+def _label(text: str) -> Label | None:
+    return "covid" if text == "covid" else "non-covid" if text == "non-covid" else None
 
 
 def _library_labels(settings: Settings) -> dict[str, tuple[str, str]]:
@@ -195,11 +169,13 @@ def relabel_library(settings: Settings, study_uid: str, label: str | None) -> No
         _remember_labels(settings, changed)
 
 
-def import_library(settings: Settings, index: Any, labels_csv: Path, folder: Path) -> tuple[int, list[str]]:
+def import_library(
+    settings: Settings, engine: Analyser, index: NeighbourIndex, labels_csv: Path, folder: Path
+) -> tuple[int, list[str]]:
     """Embed labelled reference cases into the index as the library; return (imported, problems)."""
     pairs = read_labels(labels_csv, folder)
-    engine, version = _engine(settings)
-    imported, problems, remembered = 0, [], {}  # type: ignore[var-annotated]
+    version = engine.model[1]
+    imported, problems, remembered = 0, [], {}
     items = ((path, None, label) for path, label in pairs)
     for number, item in enumerate(embed(engine, items, settings.worker.max_side, source="library"), start=1):
         if item.embedding is None:
@@ -216,14 +192,13 @@ def import_library(settings: Settings, index: Any, labels_csv: Path, folder: Pat
     return imported, problems
 
 
-def query_file(settings: Settings, index: Any, path: Path, k: int) -> list[Neighbour]:
+def query_file(settings: Settings, engine: Analyser, index: NeighbourIndex, path: Path, k: int) -> list[Neighbour]:
     """The ``k`` nearest stored cases of one DICOM file (other patients and studies only)."""
-    engine, version = _engine(settings)
     [item] = list(embed(engine, [(path, None, None)], settings.worker.max_side))
     if item.embedding is None:
         raise CxrNodeError(f"{path}: not analysed: {item.reason}")
     return index.query(
-        version,
+        engine.model[1],
         item.embedding,
         k,
         patient_hash=item.case.patient_hash,
@@ -232,15 +207,17 @@ def query_file(settings: Settings, index: Any, path: Path, k: int) -> list[Neigh
     )
 
 
-def rebuild(settings: Settings, index: Any, store: Any) -> tuple[int, str, list[str]]:
+def rebuild(
+    settings: Settings, engine: Analyser, index: NeighbourIndex, jobs: JobStore | None
+) -> tuple[int, str, list[str]]:
     """Re-embed every stored input and library file with the current model; return (count, version, problems)."""
-    engine, version = _engine(settings)
+    version = engine.model[1]
     labels = _library_labels(settings)
     library = settings.storage.root / LIBRARY
     problems: list[str] = []
 
     def items() -> Iterator[tuple[NewCase, np.ndarray]]:
-        for item in embed(engine, stored_cases(settings, store), settings.worker.max_side):
+        for item in embed(engine, stored_cases(settings, jobs), settings.worker.max_side):
             if item.embedding is None:
                 problems.append(f"{item.path}: {item.reason}")
                 continue
@@ -252,7 +229,7 @@ def rebuild(settings: Settings, index: Any, store: Any) -> tuple[int, str, list[
                     case.accession_number,
                     case.study_date,
                     case.patient_hash,
-                    labels.get(case.sop_instance_uid, ("", ""))[1] or None,
+                    _label(labels.get(case.sop_instance_uid, ("", ""))[1]),
                     "library",
                 )
             yield case, item.embedding

@@ -1,0 +1,52 @@
+"""Talking DICOM to a peer by hand: ``echo`` and ``send``, over the same SCU the deliveries use."""
+
+from __future__ import annotations
+
+import argparse
+
+from cxr_node.cli.common import Subparsers, expand, peer
+from cxr_node.errors import CxrNodeError
+
+CALLING_HELP = "our AE title (default: delivery.calling_ae_title for a destination, else CXR_NODE)"
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a peer given as AE@host:port or as a destination name from the config."""
+    from cxr_node.dicom import status
+    from cxr_node.send.scu import echo
+
+    address, calling = peer(args, args.dest)
+    result = echo(address, calling_aet=calling)
+    print(f"C-ECHO {address}: status 0x{result:04X}")
+    return 0 if status.is_success(result) else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """C-STORE files (or every file under folders) to a peer."""
+    from cxr_node.send.scu import send_files
+
+    files = expand(args.files)
+    if not files:
+        raise CxrNodeError("no files to send: give DICOM files or folders that contain them")
+    address, calling = peer(args, args.to)
+    results = send_files(files, address, calling_aet=calling)
+    for r in results:
+        code = "----" if r.status is None else f"{r.status:04X}"
+        print(f"0x{code}  {r.path}{'  ' + r.comment if r.comment else ''}")
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} sent, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``echo`` and ``send`` to ``sub``."""
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
+    p.add_argument("dest", help="AE@host:port, or a destination name from the config (its TLS settings are used)")
+    p.add_argument("--calling-aet", default=None, help=CALLING_HELP)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", parents=[common], help="C-STORE DICOM files to a peer")
+    p.add_argument("files", nargs="+", help="DICOM files or folders")
+    p.add_argument("--to", required=True, help="AE@host:port, or a destination name from the config")
+    p.add_argument("--calling-aet", default=None, help=CALLING_HELP)
+    p.set_defaults(func=cmd_send)

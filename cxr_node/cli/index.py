@@ -1,0 +1,92 @@
+"""``cxr-node index``: the neighbour index and its labelled reference library."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cxr_node.cli.common import Subparsers, settings
+from cxr_node.errors import CxrNodeError
+from cxr_node.jobs import spool
+
+if TYPE_CHECKING:
+    from cxr_node.config import Settings
+    from cxr_node.infer.engine import Engine
+    from cxr_node.neighbours import SqliteNeighbourIndex
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """The neighbour index: import the labelled library, label a study, query a file, rebuild."""
+    from cxr_node.app import load_model, open_index
+
+    found = settings(args)
+    index = open_index(found)
+    try:
+        if args.index_command == "label":
+            return _label(args, found, index)
+        _, engine = load_model(found)
+        action = {"import": _import, "query": _query, "rebuild": _rebuild}[args.index_command]
+        return action(args, found, engine, index)
+    finally:
+        index.close()
+
+
+def _label(args: argparse.Namespace, found: Settings, index: SqliteNeighbourIndex) -> int:
+    from cxr_node.work import library
+
+    label = None if args.label == "none" else args.label
+    count = index.label(args.study, label)
+    library.relabel_library(found, args.study, label)
+    if not count:
+        raise CxrNodeError(f"study {args.study} is not in the index (cxr-node status; index import)")
+    print(f"labelled {count} image(s) of study {args.study} {args.label}")
+    return 0
+
+
+def _import(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+    from cxr_node.work import library
+
+    count, problems = library.import_library(found, engine, index, args.labels, args.folder)
+    for problem in problems:
+        print(f"  skipped {problem}")
+    print(f"imported {count} reference case(s) into the library ({len(problems)} skipped)")
+    return 0
+
+
+def _query(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+    from cxr_node.work import library
+
+    print("\n".join(library.format_neighbours(library.query_file(found, engine, index, args.file, args.k))))
+    return 0
+
+
+def _rebuild(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+    from cxr_node.app import open_store
+    from cxr_node.work import library
+
+    store = open_store(found, readonly=True) if (found.storage.root / spool.DB_NAME).exists() else None
+    try:
+        count, version, problems = library.rebuild(found, engine, index, store.jobs if store else None)
+    finally:
+        if store is not None:
+            store.close()
+    print(f"rebuilt the index of model version {version}: {count} embedding(s), {len(problems)} skipped")
+    return 0
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``index import|label|query|rebuild`` to ``sub``."""
+    p = sub.add_parser("index", help="the neighbour index: reference library, labels, queries, rebuild")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
+    i = isub.add_parser("import", parents=[common], help="embed labelled reference cases (DICOM) as the library")
+    i.add_argument("--labels", type=Path, required=True, help="CSV with columns path (relative to FOLDER), label")
+    i.add_argument("folder", type=Path, help="folder the CSV's paths are relative to")
+    i = isub.add_parser("label", parents=[common], help="set the confirmed label of a stored study")
+    i.add_argument("--study", required=True, help="Study Instance UID")
+    i.add_argument("--label", required=True, choices=["covid", "non-covid", "none"])
+    i = isub.add_parser("query", parents=[common], help="print the nearest stored cases of a DICOM file")
+    i.add_argument("file", type=Path)
+    i.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
+    isub.add_parser("rebuild", parents=[common], help="re-embed every stored case with the current model")
+    p.set_defaults(func=cmd_index)

@@ -1,0 +1,170 @@
+"""The durable store as the stages see it: one Protocol per concern, each implemented by every backend.
+
+A backend (:mod:`cxr_node.jobs.sqlite`; a PostgreSQL one for scale-out) provides a :class:`Store` whose
+``jobs``, ``results`` and ``deliveries`` satisfy these Protocols. Every state change goes through the state
+machines of :mod:`cxr_node.jobs.states`; a move they do not allow raises
+:class:`~cxr_node.errors.InvalidTransition` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from cxr_node.jobs.records import DestinationState, Due, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.states import DeliveryState, JobState
+from cxr_node.results.findings import Findings
+
+
+class JobStore(Protocol):
+    """Jobs: one per received instance, one committed write per state change."""
+
+    def record(self, new: NewJob, state: JobState, reason: str | None = None) -> tuple[Job, bool]:
+        """Insert a triaged job (``received`` then ``state``); an existing one is returned with False."""
+        ...
+
+    def transition(self, job_id: int, target: JobState, reason: str | None = None) -> Job:
+        """Move one job to ``target`` if its state allows it."""
+        ...
+
+    def claim(self, limit: int) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs to running and return them."""
+        ...
+
+    def requeue_running(self, reason: str) -> int:
+        """Move every running job back to queued; return how many."""
+        ...
+
+    def get(self, job_id: int) -> Job | None:
+        """The job ``job_id``, or None."""
+        ...
+
+    def find(self, instance_key: str) -> Job | None:
+        """The job of the instance ``instance_key``, or None."""
+        ...
+
+    def list(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
+        """Up to ``limit`` jobs, oldest first, optionally only those in ``state``."""
+        ...
+
+    def history(self, job_id: int) -> list[tuple[str | None, str, str | None]]:
+        """A job's transitions, oldest first, as ``(from, to, reason)``."""
+        ...
+
+    def counts(self) -> dict[JobState, int]:
+        """The number of jobs in every state (zero included)."""
+        ...
+
+    def reasons(self, state: JobState) -> dict[str, int]:
+        """Jobs in ``state`` counted by reason."""
+        ...
+
+    def oldest_open_age(self, now: float) -> float:
+        """Seconds since the oldest job still in flight was received (0 when none is)."""
+        ...
+
+    def finished_before(self, cutoff: float, states: Sequence[JobState]) -> list[int]:
+        """Ids of jobs in ``states`` last updated before ``cutoff``."""
+        ...
+
+    def study_jobs(self, study_instance_uid: str) -> list[int]:
+        """Ids of every job of one study."""
+        ...
+
+    def delete(self, job_ids: Sequence[int]) -> int:
+        """Delete jobs and everything recorded about them; return how many jobs were deleted."""
+        ...
+
+
+class ResultStore(Protocol):
+    """Inference results and the outputs written from them."""
+
+    def save_result(self, job_id: int, findings: Findings, embedding: bytes | None) -> Job:
+        """Store a running job's findings (and its arrays, for the writers) and move it to inferred."""
+        ...
+
+    def result(self, job_id: int) -> StoredResult | None:
+        """The stored result of ``job_id``, or None."""
+        ...
+
+    def save_outputs(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str]) -> Job:
+        """Record an inferred job's written outputs and a pending delivery per destination and output; move it
+        to written; drop the arrays."""
+        ...
+
+    def outputs(self, job_id: int) -> list[Output]:
+        """The outputs written for ``job_id``, in send order."""
+        ...
+
+
+class DeliveryStore(Protocol):
+    """Deliveries of outputs to destinations, and what each destination accepts."""
+
+    def due(self, destination: str, now: float, max_jobs: int) -> list[Due]:
+        """Outputs due for ``destination``, oldest job first and in send order, for at most ``max_jobs`` jobs."""
+        ...
+
+    def record(
+        self,
+        job_id: int,
+        destination: str,
+        kind: str,
+        state: DeliveryState,
+        status: int | None,
+        error: str | None,
+        next_attempt_at: float = 0.0,
+        count_attempt: bool = True,
+    ) -> JobState | None:
+        """Record one send outcome; return the job's new state when it finished (delivered or dead)."""
+        ...
+
+    def settle_written(self) -> int:
+        """Finish written jobs that have nothing left to send; return how many."""
+        ...
+
+    def refuse(self, destination: str, kinds: Sequence[str]) -> int:
+        """Mark open deliveries of ``kinds`` to ``destination`` refused; return how many."""
+        ...
+
+    def expire(self, max_age_s: float) -> int:
+        """Give up on open deliveries of outputs older than ``max_age_s``; return how many."""
+        ...
+
+    def resend(self, job_id: int | None = None, dead: bool = False) -> list[int]:
+        """Re-queue the deliveries of one job, or of every dead job; return the job ids."""
+        ...
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Deliveries by (destination, state)."""
+        ...
+
+    def save_destination(self, state: DestinationState) -> None:
+        """Record a destination's probe result and backoff."""
+        ...
+
+    def destinations(self) -> dict[str, DestinationState]:
+        """Every destination's last recorded state, by name."""
+        ...
+
+
+class Store(Protocol):
+    """One open store: its three parts, sharing one database."""
+
+    @property
+    def jobs(self) -> JobStore:
+        """The jobs."""
+        ...
+
+    @property
+    def results(self) -> ResultStore:
+        """Results and outputs."""
+        ...
+
+    @property
+    def deliveries(self) -> DeliveryStore:
+        """Deliveries and destinations."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection(s)."""
+        ...

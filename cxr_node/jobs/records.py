@@ -1,0 +1,93 @@
+"""The records the durable store keeps and hands out: jobs, stored results, outputs, deliveries, destinations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cxr_node.jobs.states import JobState
+from cxr_node.results.findings import Summary
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the receiver knows about an instance when it records it. No patient identifier in clear."""
+
+    instance_key: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str
+    patient_hash: str
+    modality: str
+    transfer_syntax: str
+    calling_aet: str
+    peer: str
+    path: str | None
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Job(NewJob):
+    """A job as stored: the instance, where its file is, and where it stands."""
+
+    id: int
+    state: JobState
+    reason: str | None
+    attempts: int
+    received_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """What inference found for a job (typed), the retrieval embedding (float32 bytes) and, until the outputs
+    are written, the arrays the writers need (see :mod:`cxr_node.jobs.codec`)."""
+
+    job_id: int
+    created_at: float
+    summary: Summary
+    embedding: bytes | None
+    arrays: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """One DICOM object written for a job, in the outbox (path relative to the storage root).
+
+    ``send_order`` ranks it among the job's outputs (0 is sent first; :mod:`cxr_node.results.kinds`).
+    """
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    size_bytes: int
+    send_order: int = 0
+
+
+@dataclass(frozen=True)
+class Due:
+    """One output of one job that is due to be sent to one destination."""
+
+    job_id: int
+    kind: str
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DestinationState:
+    """What the last probe found and whether the destination is backing off."""
+
+    name: str
+    reachable: bool
+    accepted: list[str]
+    refused: list[str]
+    error: str | None
+    probed_at: float
+    down_since: float | None
+    retry_at: float
+    failures: int

@@ -1,0 +1,125 @@
+"""Writing a job's outputs: rebuild its findings from the store, build every output, write them durably, record.
+
+The writers always work from what is stored (:mod:`cxr_node.jobs.codec`), so the outputs written right after
+inference and those written after a crash or a full disk are the same objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from pydicom.dataset import Dataset
+
+from cxr_node.config import ResultsSettings
+from cxr_node.errors import PixelDecodeError
+from cxr_node.jobs import codec
+from cxr_node.jobs.interfaces import JobStore, ResultStore
+from cxr_node.jobs.records import Job, Output
+from cxr_node.jobs.spool import output_path, write_durably
+from cxr_node.jobs.states import JobState
+from cxr_node.results.common import OutputError
+from cxr_node.results.findings import Findings, Provenance
+from cxr_node.results.kinds import kinds_for, options_from, send_rank
+from cxr_node.results.outputs import Built, build_outputs
+from cxr_node.work.load import Loaded, load
+
+log = structlog.get_logger("cxr_node.worker")
+
+
+class OutputWriter:
+    """Builds a job's DICOM outputs, writes them durably to the outbox and records them (inferred → written).
+
+    An output that cannot be built or fails validation is never written: the job ends ``dead`` with the
+    reason. A failure to write (disk full) leaves the job ``inferred``; the worker tries again later.
+
+    Parameters
+    ----------
+    root : Path
+        The storage root.
+    jobs, results : JobStore, ResultStore
+        Where the job stands and what inference found.
+    provenance : Provenance
+        The model and node named on every output.
+    settings : ResultsSettings
+        Which outputs, series numbers and descriptions.
+    destinations : sequence of str
+        Destination names: each written output gets a pending delivery to each.
+    fsync : bool
+        Whether files are fsynced before they are recorded.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        jobs: JobStore,
+        results: ResultStore,
+        provenance: Provenance,
+        settings: ResultsSettings,
+        destinations: Sequence[str] = (),
+        fsync: bool = True,
+    ) -> None:
+        self.root = root
+        self.jobs = jobs
+        self.results = results
+        self.provenance = provenance
+        self.settings = settings
+        self.options = options_from(settings)
+        self.destinations = list(destinations)
+        self.fsync = fsync
+
+    def write(self, loaded: Loaded) -> bool:
+        """Write and record the outputs of an ``inferred`` job from its stored result; True when ``written``."""
+        job = loaded.job
+        stored = self.results.result(job.id)
+        if stored is None:
+            self._requeue(job, "no stored result; analysing again")
+            return False
+        pixels = None if loaded.image is None else loaded.image.pixels
+        try:
+            findings = codec.findings(stored, pixels, self.provenance)
+        except ValueError as exc:
+            self._requeue(job, f"cannot rebuild the findings ({exc}); analysing again")
+            return False
+        return self._write(job, loaded.header, findings)
+
+    def finish(self, job: Job, max_side: int) -> bool:
+        """Write the outputs of an ``inferred`` job left by a crash or a write failure (its image re-decoded)."""
+        try:
+            loaded = load(self.root, job, max_side)
+        except PixelDecodeError as exc:
+            self._requeue(job, f"cannot rebuild the findings ({exc}); analysing again")
+            return False
+        return self.write(loaded)
+
+    def _write(self, job: Job, header: Dataset, findings: Findings) -> bool:
+        kinds = kinds_for(findings, self.settings)
+        try:
+            built = build_outputs(header, findings, self.options, kinds)
+        except OutputError as exc:
+            reason = f"output invalid, not sent: {str(exc)[:200]}"
+            self.jobs.transition(job.id, JobState.DEAD, reason)
+            log.error("job.dead", job_id=job.id, reason=reason)
+            return False
+        try:
+            outputs = [self._write_file(job, item) for item in built]
+        except OSError as exc:
+            log.error("job.write_failed", job_id=job.id, error=str(exc))
+            return False
+        self.results.save_outputs(job.id, outputs, self.destinations)
+        log.info(
+            "job.written", job_id=job.id, outputs=[item.kind for item in built], analysed=findings.summary.analysed
+        )
+        return True
+
+    def _write_file(self, job: Job, item: Built) -> Output:
+        relative = output_path(job.instance_key, item.kind)
+        write_durably(self.root / relative, item.data, fsync=self.fsync)
+        return Output(
+            item.kind, item.sop_class_uid, item.sop_instance_uid, str(relative), len(item.data), send_rank(item.kind)
+        )
+
+    def _requeue(self, job: Job, reason: str) -> None:
+        self.jobs.transition(job.id, JobState.QUEUED, reason)
+        log.warning("job.requeued", job_id=job.id, reason=reason)
