@@ -46,7 +46,7 @@ def run(n: int, timeout: float) -> dict[str, float]:
                 time.sleep(0.2)
             done = time.time()
             store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
-            received = {job.sop_instance_uid: job.received_at for job in store.jobs.list(limit=n + 10)}
+            received = {job.sop_instance_uid: job.received_at for job in store.jobs.query(limit=n + 10)}
             store.close()
         finally:
             node.send_signal(signal.SIGTERM)

@@ -161,7 +161,7 @@ PRIVATE_DEFINITIONS: Final[Mapping[str, str]] = {
 """What each private (99CXRNODE) code means; the statement must define every private code."""
 
 
-Table = tuple[tuple[str, ...], list[tuple[str, ...]]]
+Table = tuple[tuple[str, ...], Sequence[tuple[str, ...]]]
 """A Markdown table as (header cells, rows of cells)."""
 
 
@@ -247,16 +247,20 @@ def tables() -> dict[str, Table]:
         "scu-contexts": (context_header, proposed),
         "scu-echo-contexts": (context_header, proposed_echo),
         "scp-contexts": (context_header, accepted),
-        "scp-radiograph-syntaxes": (("Preference", "Transfer Syntax", "Transfer Syntax UID"),
-                                    _syntax_rows(sop.DECODABLE_TRANSFER_SYNTAXES)),
+        "scp-radiograph-syntaxes": (
+            ("Preference", "Transfer Syntax", "Transfer Syntax UID"),
+            _syntax_rows(sop.DECODABLE_TRANSFER_SYNTAXES),
+        ),
         "scp-statuses": (("Status", "`cxr_node.dicom.status`", "Meaning", "When"), statuses),
         "output-classes": (("Output", "SOP Class", "SOP Class UID"), outputs),
         "codes-standard": (("Constant", "Code Value", "Coding Scheme", "Code Meaning"), standard),
         "codes-private": (("Constant", "Code Value", "Coding Scheme", "Code Meaning", "Definition"), private),
         "codes-template": (("Code Value", "Coding Scheme", "Code Meaning", "Where"), template),
         "scp-storage-classes": (("SOP Class", "SOP Class UID", "Transfer Syntaxes", "Instances"), annex),
-        "scp-other-syntaxes": (("Preference", "Transfer Syntax", "Transfer Syntax UID"),
-                               _syntax_rows(sop.ANY_TRANSFER_SYNTAX)),
+        "scp-other-syntaxes": (
+            ("Preference", "Transfer Syntax", "Transfer Syntax UID"),
+            _syntax_rows(sop.ANY_TRANSFER_SYNTAX),
+        ),
     }
 
 

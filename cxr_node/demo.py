@@ -23,6 +23,7 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from cxr_node.dicom.sop import VERIFICATION_CLASS
 from cxr_node.errors import CxrNodeError
 from cxr_node.jobs import spool
 from cxr_node.jobs.records import Job, StoredResult
@@ -178,10 +179,9 @@ class DemoPacs:
     def start(self) -> DemoPacs:
         """Listen for the node's results."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title="DEMO_PACS")
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION_CLASS)
         for kind in REGISTRY:
             ae.add_supported_context(kind.sop_class_uid, ALL_TRANSFER_SYNTAXES)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def _print_table(
 ) -> None:
     store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
     try:
-        jobs = {job.sop_instance_uid: job for job in store.jobs.list()}
+        jobs = {job.sop_instance_uid: job for job in store.jobs.query()}
         found = {job.id: store.results.result(job.id) for job in jobs.values()}
     finally:
         store.close()

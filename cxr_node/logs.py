@@ -63,8 +63,3 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
     # pynetdicom is chatty at INFO (every PDU); keep its warnings and errors only.
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    """Return a logger bound to a component ``name``."""
-    return structlog.get_logger(component=name)

@@ -167,7 +167,7 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
     found.register(StoreCollector(settings, store))
     shared = settings.storage.root / MULTIPROCESS_DIR
     if shared.is_dir():
-        MultiProcessCollector(found, str(shared))
+        MultiProcessCollector(found, str(shared))  # type: ignore[no-untyped-call]  # unannotated __init__
     else:
         found.register(INFERENCE_SECONDS)
         found.register(BATCHES)

@@ -27,7 +27,8 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+from pydicom.pixels.utils import pixel_array
 
 from cxr_node.errors import PixelDecodeError
 
@@ -331,7 +332,10 @@ def _windowing(center: float, width: float, function: str) -> Transform:
 def _sigmoid(x: np.ndarray, center: float, width: float) -> np.ndarray:
     """Return ``1 / (1 + exp(-4 (x - center) / width))`` in float32; far tails saturate to 0 and 1."""
     with np.errstate(over="ignore"):
-        return np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-4.0 / width) * (x - np.float32(center))))
+        result: np.ndarray = np.float32(1.0) / (
+            np.float32(1.0) + np.exp(np.float32(-4.0 / width) * (x - np.float32(center)))
+        )
+        return result
 
 
 def _linear(low: float, high: float) -> Transform:

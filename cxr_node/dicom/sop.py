@@ -1,4 +1,4 @@
-"""The SOP classes and transfer syntaxes the node accepts and emits, and how it names itself.
+"""The SOP classes and transfer syntaxes the node accepts and emits.
 
 The receiver accepts every storage SOP class pynetdicom knows, so that a PACS routing rule never fails
 negotiation; only the radiograph classes in :data:`RADIOGRAPH_CLASSES` are analysed, the rest are
@@ -13,7 +13,10 @@ from typing import Final
 from pydicom.uid import (
     JPEG2000,
     UID,
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -27,13 +30,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES
-from pynetdicom.sop_class import (
-    _STORAGE_CLASSES,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    Verification,
-)
+from pynetdicom.sop_class import _STORAGE_CLASSES
 
 RADIOGRAPH_CLASSES: Final[tuple[UID, ...]] = (
     ComputedRadiographyImageStorage,
@@ -65,10 +62,8 @@ ANY_TRANSFER_SYNTAX: Final[tuple[UID, ...]] = tuple(UID(ts) for ts in ALL_TRANSF
 STORAGE_CLASSES: Final[tuple[UID, ...]] = tuple(UID(uid) for uid in _STORAGE_CLASSES.values())
 """Every storage SOP class pynetdicom knows (170 in pynetdicom 3.0)."""
 
-VERIFICATION_CLASS: Final = Verification
-
-NODE_MANUFACTURER: Final = "cxr-node"
-"""Manufacturer (0008,0070) of every object the node writes; how routed-back outputs are recognised."""
+VERIFICATION_CLASS: Final = UID("1.2.840.10008.1.1")
+"""The Verification SOP Class (C-ECHO)."""
 
 
 def scp_contexts() -> list[tuple[UID, tuple[UID, ...]]]:

@@ -1,8 +1,9 @@
-"""Deterministic UIDs of the node's outputs: the same source, model version and output kind always give the same UIDs.
+"""How the node identifies itself and its outputs: its Manufacturer, and deterministic UIDs.
 
-A retry after a crash therefore re-creates the same identifiers, and a PACS that already
-stored the object keeps one copy (DESIGN.md §6). UIDs are of the ``2.25.<integer>`` form (PS3.5 §B.2):
-the integer is the first 128 bits of a SHA-256 over the inputs, so no organisation root is needed.
+The same source, model version and output kind always give the same UIDs, so a retry after a crash re-creates
+the same identifiers and a PACS that already stored the object keeps one copy (DESIGN.md §6). UIDs are of the
+``2.25.<integer>`` form (PS3.5 §B.2): the integer is the first 128 bits of a SHA-256 over the inputs, so no
+organisation root is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 from typing import Final, Literal
 
 UID_ROOT: Final = "2.25."
+NODE_MANUFACTURER: Final = "cxr-node"
+"""The Manufacturer every output of the node carries."""
 Part = Literal["series", "instance", "tracking", "device"]
 
 

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from cxr_node.errors import ModelError
+from cxr_node.infer.device import place
 from cxr_node.infer.explain import GradCam
 from cxr_node.infer.registry import (
     CONCAT,
@@ -211,7 +212,7 @@ class Ensemble:
         if _head_outputs(head) != 2:
             raise ModelError(f"ensemble member {name!r} has {_head_outputs(head)} outputs; a 2-class head is needed")
         module = module.eval().requires_grad_(False)
-        return module.to(device=self.options.device, memory_format=self.options.memory_format)
+        return place(module, self.options.device, self.options.memory_format)
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         """Return ``(N, 3, S, S)`` normalised network input from ``(N, S, S)`` float32 images in [0, 1].

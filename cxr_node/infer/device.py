@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 import torch
+from torch import nn
 
 from cxr_node.errors import ModelError
 
@@ -56,3 +58,12 @@ def _cuda_device(spec: str, index: int) -> torch.device:
             " set compute.device: cpu, auto or an existing cuda:N"
         )
     return torch.device("cuda", index)
+
+
+def place(module: nn.Module, device: torch.device | str, memory_format: torch.memory_format) -> nn.Module:
+    """Move ``module`` to ``device`` with its 4-D weights in ``memory_format`` (channels_last or contiguous).
+
+    ``Module.to`` takes ``memory_format`` as a keyword its type stubs do not declare; this is the one typed call.
+    """
+    move: Callable[..., nn.Module] = module.to
+    return move(device=device, memory_format=memory_format)

@@ -26,7 +26,8 @@ def default_layer(model: nn.Module) -> str:
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name != head]
     if not names:
         raise ModelError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
-    return names[-1]
+    last: str = names[-1]
+    return last
 
 
 def cam(activations: torch.Tensor, gradients: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

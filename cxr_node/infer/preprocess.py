@@ -264,4 +264,3 @@ def _check_size(size: object) -> None:
     """Raise ValueError unless ``size`` is an int >= 1."""
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise ValueError(f"size must be an int >= 1; found {size!r}")
-

@@ -309,7 +309,7 @@ def load_weights(path: str | Path, expected_sha256: str) -> StateDict:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or pickled files
         raise ModelError(f"weights file {file} cannot be loaded as a state dict: {_one_line(exc)}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights file {file} does not hold a state dict (a mapping of names to tensors)")
     return state  # as saved: an OrderedDict whose _metadata some modules (MNASNet) need to load
 
@@ -346,7 +346,8 @@ def build_classifier(architecture: str, num_classes: int = 2) -> nn.Module:
         ``architecture`` is not a torchvision classification model.
     """
     _require_known(architecture)
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    model: nn.Module = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    return model
 
 
 def _require_known(architecture: str) -> None:
@@ -374,6 +375,11 @@ def final_layer(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
     return layers[-1]
 
 
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (rows, columns) size, stride or padding."""
+    return (int(value[0]), int(value[1]))
+
+
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace ``model``'s :func:`final_layer` by a freshly initialised one with ``num_classes`` outputs."""
     name, old = final_layer(model)
@@ -381,7 +387,8 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+        padding = old.padding if isinstance(old.padding, str) else _pair(old.padding)
+        new = nn.Conv2d(old.in_channels, num_classes, _pair(old.kernel_size), _pair(old.stride), padding)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
     return model

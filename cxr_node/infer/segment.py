@@ -194,7 +194,7 @@ def _components(mask: NDArray[np.bool_]) -> _Components:
     rows, starts, ends = found
     roots = run_labels(found, small.shape[1])
     lengths = (ends - starts).astype(np.float64)
-    areas = np.bincount(roots, weights=lengths)
+    areas = np.bincount(roots, weights=lengths).astype(np.float64)
     sum_x = np.bincount(roots, weights=(starts + ends - 1) * lengths / 2)
     sum_y = np.bincount(roots, weights=rows * lengths)
     order = np.argsort(-areas, kind="stable")

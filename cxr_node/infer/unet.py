@@ -58,7 +58,8 @@ class Up(nn.Module):
                 coarse = F.interpolate(coarse, size=size, mode="nearest")
         else:
             coarse = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-        return self.conv(torch.cat([skip, coarse], dim=1))
+        out: torch.Tensor = self.conv(torch.cat([skip, coarse], dim=1))
+        return out
 
 
 class UNet(nn.Module):
@@ -103,7 +104,8 @@ class UNet(nn.Module):
         x = skips.pop()
         for up in self.decoder:
             x = up(x, skips.pop())
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits
 
 
 def parameter_bytes(module: nn.Module) -> int:

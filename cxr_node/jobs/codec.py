@@ -1,6 +1,7 @@
 """The one codec of a result: :class:`~cxr_node.results.findings.Summary` as JSON, the writers' arrays as npz.
 
-The JSON keeps the names of every earlier version (a job left ``inferred`` by an older node still decodes).
+The JSON keeps the names of every earlier version (a job left ``inferred`` by an older node still decodes);
+timings are a list of ``[step, ms]`` pairs, in the engine's order.
 The lung mask is bit-packed; the heatmap is kept as uint8 at most :data:`HEATMAP_STORED_SIDE` a side
 (Grad-CAM is coarse) and brought back to the mask's shape on decoding. Every backend stores what this
 module produces, so results read the same whatever the database.
@@ -44,7 +45,7 @@ def encode_summary(summary: Summary) -> str:
             "photometric": summary.photometric,
         },
         "similar": [asdict(case) for case in summary.similar],
-        "timings_ms": {step: round(ms, 2) for step, ms in summary.timings_ms},
+        "timings_ms": [[step, round(ms, 2)] for step, ms in summary.timings_ms],
     }
     return json.dumps(document, sort_keys=True, allow_nan=False)
 
@@ -83,10 +84,16 @@ def decode_summary(text: str) -> Summary:
             pixel_spacing_mm=_pair(image.get("pixel_spacing_mm"), float),
             photometric=image.get("photometric") or "",
             similar=tuple(SimilarCase(**case) for case in document.get("similar") or ()),
-            timings_ms=tuple((str(k), float(v)) for k, v in (document.get("timings_ms") or {}).items()),
+            timings_ms=_timings(document.get("timings_ms")),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"stored result cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _timings(stored: Any) -> tuple[tuple[str, float], ...]:
+    """Steps and milliseconds in the engine's order (a list of pairs; earlier nodes wrote a dict sorted by step)."""
+    pairs = stored.items() if isinstance(stored, dict) else stored or ()
+    return tuple((str(step), float(ms)) for step, ms in pairs)
 
 
 def _pair(values: Any, kind: type) -> Any:
@@ -95,14 +102,16 @@ def _pair(values: Any, kind: type) -> Any:
 
 def pack_arrays(lung_mask: np.ndarray, heatmap: np.ndarray | None) -> bytes:
     """The lung mask (bit-packed) and the heatmap (uint8, reduced) as compressed npz bytes."""
-    arrays: dict[str, np.ndarray] = {"mask_shape": np.asarray(lung_mask.shape), "mask": np.packbits(lung_mask)}
-    if heatmap is not None:
-        scale = min(1.0, HEATMAP_STORED_SIDE / max(lung_mask.shape))
-        shape = (max(1, round(lung_mask.shape[0] * scale)), max(1, round(lung_mask.shape[1] * scale)))
-        small = resize(heatmap.astype(np.float32), shape)
-        arrays["heatmap"] = np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
+    shape, packed = np.asarray(lung_mask.shape), np.packbits(lung_mask)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    if heatmap is None:
+        np.savez_compressed(buffer, mask_shape=shape, mask=packed)
+        return buffer.getvalue()
+    scale = min(1.0, HEATMAP_STORED_SIDE / max(lung_mask.shape))
+    side = (max(1, round(lung_mask.shape[0] * scale)), max(1, round(lung_mask.shape[1] * scale)))
+    small = resize(heatmap.astype(np.float32), side)
+    levels = np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
+    np.savez_compressed(buffer, mask_shape=shape, mask=packed, heatmap=levels)
     return buffer.getvalue()
 
 

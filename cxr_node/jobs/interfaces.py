@@ -43,7 +43,7 @@ class JobStore(Protocol):
         """The job of the instance ``instance_key``, or None."""
         ...
 
-    def list(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
+    def query(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
         """Up to ``limit`` jobs, oldest first, optionally only those in ``state``."""
         ...
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cxr_node.errors import InvalidTransition, StorageError
 from cxr_node.jobs import codec
@@ -299,7 +299,7 @@ class SqliteJobs:
             rows = self.select(db, "instance_key = ?", (instance_key,))
         return rows[0] if rows else None
 
-    def list(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
+    def query(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
         """Return up to ``limit`` jobs, oldest first, optionally only those in ``state``."""
         where, args = ("state = ?", (state.value,)) if state else ("1 = 1", ())
         with self.db.read() as db:
@@ -376,10 +376,10 @@ class SqliteJobs:
         return [_to_job(row) for row in rows]
 
 
-def _to_job(row: tuple[object, ...]) -> Job:
-    values = dict(zip(_JOB_COLUMNS, row, strict=True))
-    values["state"] = JobState(str(values["state"]))
-    return Job(**values)  # type: ignore[arg-type]  # column values typed by the schema
+def _to_job(row: tuple[Any, ...]) -> Job:
+    values: dict[str, Any] = dict(zip(_JOB_COLUMNS, row, strict=True))  # column types are the schema's
+    values["state"] = JobState(values["state"])
+    return Job(**values)
 
 
 class SqliteResults:

@@ -14,6 +14,7 @@ over the old one and the folder fsynced, so a crash leaves the old checkpoint or
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -161,7 +162,7 @@ def _write_arrays(handle: BinaryIO, arrays: Iterator[np.ndarray]) -> dict[str, i
     for array in arrays:
         if not array.size:
             continue  # a memoryview of no bytes cannot be cast
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        data = np.ascontiguousarray(array).data.cast("B")
         handle.write(data)
         crc = zlib.crc32(data, crc)
     return {"offset": offset, "length": handle.tell() - offset, "crc32": crc}
@@ -181,7 +182,7 @@ def _trailer(snapshot: Snapshot, parts: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_trailer(handle: BinaryIO) -> dict[str, Any]:
+def _read_trailer(handle: io.BufferedIOBase) -> dict[str, Any]:
     if handle.read(len(MAGIC)) != MAGIC:
         raise CheckpointError("not a cxr-node neighbour checkpoint (bad magic)")
     end = handle.seek(0, os.SEEK_END)
@@ -190,13 +191,13 @@ def _read_trailer(handle: BinaryIO) -> dict[str, Any]:
     if magic != MAGIC or length > end:
         raise CheckpointError("truncated checkpoint (bad tail)")
     handle.seek(end - _TAIL.size - length)
-    trailer = json.loads(handle.read(length))
+    trailer: dict[str, Any] = json.loads(handle.read(length))
     if trailer.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint format {trailer.get('format')!r}, expected {FORMAT}")
     return trailer
 
 
-def _read_partition(handle: BinaryIO, layout: dict[str, Any], dim: int, params: EngineParams) -> Partition:
+def _read_partition(handle: io.BufferedIOBase, layout: dict[str, Any], dim: int, params: EngineParams) -> Partition:
     sizes = [int(n) for n in layout["sizes"]]
     sections = layout["sections"]
     centroids = None
@@ -211,7 +212,7 @@ def _read_partition(handle: BinaryIO, layout: dict[str, Any], dim: int, params: 
     return Partition.from_blocks(dim, params, centroids, int(layout["trained_size"]), blocks)
 
 
-def _read_into(handle: BinaryIO, section: dict[str, int], arrays: list[np.ndarray]) -> None:
+def _read_into(handle: io.BufferedIOBase, section: dict[str, int], arrays: list[np.ndarray]) -> None:
     """Fill ``arrays`` in order from a section; check its length and CRC-32."""
     expected = sum(a.nbytes for a in arrays)
     if expected != section["length"]:
@@ -221,8 +222,8 @@ def _read_into(handle: BinaryIO, section: dict[str, int], arrays: list[np.ndarra
     for array in arrays:
         if not array.size:
             continue
-        view = memoryview(array).cast("B")
-        if handle.readinto(view) != len(view):  # type: ignore[attr-defined]
+        view = array.data.cast("B")
+        if handle.readinto(view) != len(view):
             raise CheckpointError("truncated checkpoint (short section)")
         crc = zlib.crc32(view, crc)
     if crc != section["crc32"]:

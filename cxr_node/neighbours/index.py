@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -48,7 +48,7 @@ from cxr_node.neighbours.engine import (
     key_of,
     top_k,
 )
-from cxr_node.neighbours.store import CHUNK_ROWS, CaseStore, Changes
+from cxr_node.neighbours.store import CHUNK_ROWS, CaseStore, Changes, SqliteCaseStore
 
 DB_NAME: Final = "neighbours.sqlite3"
 CHECKPOINTS: Final = "checkpoints"
@@ -120,12 +120,16 @@ class SqliteNeighbourIndex:
         Search settings (exact/IVF threshold, lists, nprobe); the defaults are the measured ones.
     fsync : bool
         ``synchronous=FULL`` when True: an add that returned survives power loss, not only kill -9.
+    store : CaseStore, optional
+        The cases and embeddings; by default the SQLite file ``root/neighbours.sqlite3``.
     """
 
-    def __init__(self, root: Path, params: EngineParams | None = None, *, fsync: bool = True) -> None:
+    def __init__(
+        self, root: Path, params: EngineParams | None = None, *, fsync: bool = True, store: CaseStore[Any] | None = None
+    ) -> None:
         self.root = Path(root)
         self.params = params or EngineParams()
-        self._store = CaseStore(self.root / DB_NAME, fsync=fsync)
+        self._store: CaseStore[Any] = store or SqliteCaseStore(self.root / DB_NAME, fsync=fsync)
         self._lock = threading.RLock()
         self._loaded: dict[str, _Loaded] = {}
         self._data_version = self._store.data_version()
@@ -160,7 +164,7 @@ class SqliteNeighbourIndex:
             raise ValueError(f"vector must be 1-D (one embedding), found shape {np.shape(vector)}")
         if not isinstance(case, NewCase):
             raise ValueError(f"case must be a NewCase, found {type(case).__name__}")
-        return self._add(version, [vector], [case], "vector")[0]
+        return self._add(version, np.asarray(vector)[None, :], [case], "vector")[0]
 
     def add_many(self, version: str, vectors: ArrayLike, cases: Sequence[NewCase]) -> list[Case]:
         """Store several embeddings in one transaction (``vectors`` is ``(N, D)``); see :meth:`add`."""
@@ -203,7 +207,7 @@ class SqliteNeighbourIndex:
                 info = self._store.version_info(version)
                 if first is None and info is None:
                     return 0
-                dim = _item(first)[1].shape[0] if first is not None else info[0]  # type: ignore[index]
+                dim = _item(first)[1].shape[0] if first is not None else _dim(info)
                 count, changes = self._store.replace(db, version, dim, _validated_items(first, pairs, dim))
                 checkpoint.remove(self._checkpoint_path(version))  # before the commit: never a stale one
             self._apply(changes)
@@ -542,6 +546,13 @@ def _check_cases(name: str, cases: Sequence[NewCase]) -> list[NewCase]:
         if not isinstance(case, NewCase):
             raise ValueError(f"{name} must hold NewCase records, found {type(case).__name__}")
     return found
+
+
+def _dim(info: tuple[int, int] | None) -> int:
+    """The dimension of a model version's stored embeddings (it has some)."""
+    if info is None:
+        raise ValueError("the model version has no embeddings yet")
+    return info[0]
 
 
 def _item(pair: object) -> tuple[NewCase, Floats]:

@@ -14,10 +14,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -112,7 +112,87 @@ class Changes:
         return {part[0] for part in self.added} | set(self.removed)
 
 
-class CaseStore:
+Tx = TypeVar("Tx")
+"""A backend's write transaction handle, passed back to the writes that run inside it."""
+
+
+class CaseStore(Protocol[Tx]):
+    """The case store as the index uses it: every backend of the neighbour cases implements this.
+
+    Writes that change the search structures (``insert``, ``replace``, ``purge``) run inside the caller's
+    :meth:`transaction` and return the :class:`Changes` the index applies to its in-memory partitions.
+    """
+
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """Hold the write lock for the block; commit at its end, roll back on error."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Read in one consistent snapshot for the block."""
+        ...
+
+    def data_version(self) -> int:
+        """A number that changes when another process commits (the index then catches up)."""
+        ...
+
+    def truncate_wal(self) -> None:
+        """Bound the store's write-ahead log after a large write."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+    def version_info(self, version: str) -> tuple[int, int] | None:
+        """``(dim, generation)`` of a model version, or None."""
+        ...
+
+    def count(self, version: str, library: bool | None = None) -> int:
+        """How many embeddings a model version has (of one partition when ``library`` is given)."""
+        ...
+
+    def versions(self) -> list[str]:
+        """The model versions the store knows, sorted."""
+        ...
+
+    def insert(self, tx: Tx, version: str, vectors: Floats, cases: Sequence[NewCase]) -> tuple[list[Case], Changes]:
+        """Add one embedding per case inside ``tx``."""
+        ...
+
+    def replace(self, tx: Tx, version: str, dim: int, items: Iterable[tuple[NewCase, Floats]]) -> tuple[int, Changes]:
+        """Replace every embedding of ``version`` inside ``tx``."""
+        ...
+
+    def set_label(self, study_uid: str, label: Label | None) -> int:
+        """Set the label of every case of a study."""
+        ...
+
+    def purge(self, tx: Tx, study_uid: str) -> tuple[int, Changes]:
+        """Delete a study's cases and embeddings inside ``tx``."""
+        ...
+
+    def ids(self, version: str, library: bool, upto: int | None = None) -> Int64s:
+        """Embedding ids of one partition, ascending."""
+        ...
+
+    def max_id(self, version: str) -> int:
+        """The highest embedding id of a version (0 when none)."""
+        ...
+
+    def stream(self, version: str, library: bool, dim: int, after: int, upto: int) -> Iterator[Rows]:
+        """The rows of one partition with ids in ``(after, upto]``, in chunks."""
+        ...
+
+    def fetch(self, version: str, ids: Int64s, dim: int) -> Rows:
+        """The rows with the given ids."""
+        ...
+
+    def cases(self, ids: Sequence[int]) -> dict[int, Case]:
+        """The cases of the given embedding ids."""
+        ...
+
+
+class SqliteCaseStore:
     """Cases and embeddings in one SQLite file; safe to share between threads and processes.
 
     Parameters
@@ -214,7 +294,8 @@ class CaseStore:
 
     def count(self, version: str, library: bool | None = None) -> int:
         """Return how many embeddings a model version has (of one partition when ``library`` is given)."""
-        where, args = "model_version = ?", (version,)
+        where: str = "model_version = ?"
+        args: tuple[object, ...] = (version,)
         if library is not None:
             where, args = f"{where} AND library = ?", (version, int(library))
         with self._lock:
@@ -319,7 +400,7 @@ class CaseStore:
             chunk = unique[start : start + _IN_LIMIT]
             marks = ", ".join("?" * len(chunk))
             rows = db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c WHERE c.sop_instance_uid IN ({marks})", chunk)
-            found.update((row[1], _case(*row, version)) for row in rows)
+            found.update((row[1], _case(row, version)) for row in rows)
         return found
 
     def _insert_cases(
@@ -352,7 +433,7 @@ class CaseStore:
             ],
         )
         rows = db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c WHERE c.id > ?", (before,))
-        known.update((row[1], _case(*row, version)) for row in rows)
+        known.update((row[1], _case(row, version)) for row in rows)
         return fresh
 
     def _update_case(self, db: sqlite3.Connection, case: Case, new: NewCase, changes: Changes) -> Case:
@@ -483,7 +564,7 @@ class CaseStore:
                     f" JOIN cases c ON c.id = e.case_id WHERE e.id IN ({marks})",
                     chunk,
                 ).fetchall()
-            found.update((row[0], _case(*row[2:], row[1])) for row in rows)
+            found.update((row[0], _case(row[2:], row[1])) for row in rows)
         return found
 
 
@@ -498,18 +579,9 @@ def _rows(rows: list[tuple[int, int, int, bytes]], dim: int) -> Rows:
     )
 
 
-def _case(
-    case_id: int,
-    sop: str,
-    study: str,
-    accession: str,
-    date: str,
-    patient: str,
-    label: str | None,
-    source: str,
-    version: str,
-) -> Case:
-    """Return the Case of a ``cases`` row, as matched under model ``version``."""
+def _case(row: Sequence[Any], version: str) -> Case:
+    """Return the Case of a ``cases`` row (the columns of :data:`_CASE_COLUMNS`), as matched under ``version``."""
+    case_id, sop, study, accession, date, patient, label, source = row
     return Case(
         sop_instance_uid=sop,
         study_instance_uid=study,

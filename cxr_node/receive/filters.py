@@ -15,7 +15,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from cxr_node.config import TriageSettings
-from cxr_node.dicom.sop import NODE_MANUFACTURER, RADIOGRAPH_CLASSES
+from cxr_node.dicom.sop import RADIOGRAPH_CLASSES
+from cxr_node.dicom.uids import NODE_MANUFACTURER
 
 PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH: Final = 0xFFFFFFFF

@@ -1,6 +1,8 @@
 """pynetdicom event handlers: unpack the event, call :class:`~cxr_node.receive.intake.Intake`, answer.
 
 No exception crosses the association: anything unexpected is logged and answered with a failure status.
+Each association runs in a thread of its own: when it is established, its identity (``assoc``, ``calling_aet``,
+``peer``) is bound to that thread's structlog context, so every event logged for it carries them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _peer(event: Event) -> Peer:
 
 def handle_echo(event: Event) -> int:
     """C-ECHO: always Success while the SCP is up."""
-    log.debug("echo.received", calling_aet=_peer(event).ae_title)
+    log.debug("echo.received")
     return status.SUCCESS
 
 
@@ -41,7 +43,7 @@ def handle_store(event: Event, intake: Intake) -> Dataset:
         path = event.dataset_path
         ds = dcmread(path, defer_size=DEFER_SIZE)
     except Exception as exc:  # the peer sent bytes pydicom cannot decode at all
-        log.warning("store.undecodable", calling_aet=peer.ae_title, error=str(exc).splitlines()[0][:120])
+        log.warning("store.undecodable", error=str(exc).splitlines()[0][:120])
         return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
     return _response(intake.accept(ds, path, str(event.context.transfer_syntax), peer))
 
@@ -55,19 +57,22 @@ def _response(outcome: StoreOutcome) -> Dataset:
 
 
 def on_established(event: Event) -> None:
-    """Log an accepted association."""
+    """Bind the association's identity to its thread's log context, and log it."""
     peer = _peer(event)
-    log.info("assoc.opened", calling_aet=peer.ae_title, peer=peer.address, assoc=id(event.assoc))
+    structlog.contextvars.bind_contextvars(assoc=id(event.assoc), calling_aet=peer.ae_title, peer=peer.address)
+    log.info("assoc.opened")
 
 
 def on_released(event: Event) -> None:
     """Log an association released by the peer."""
-    log.info("assoc.closed", calling_aet=_peer(event).ae_title, assoc=id(event.assoc), how="released")
+    log.info("assoc.closed", how="released")
+    structlog.contextvars.clear_contextvars()
 
 
 def on_aborted(event: Event) -> None:
     """Log an aborted association."""
-    log.warning("assoc.closed", calling_aet=_peer(event).ae_title, assoc=id(event.assoc), how="aborted")
+    log.warning("assoc.closed", how="aborted")
+    structlog.contextvars.clear_contextvars()
 
 
 def on_rejected(event: Event) -> None:

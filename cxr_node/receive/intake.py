@@ -99,13 +99,13 @@ class Intake:
         try:
             return self._accept(ds, encoded, transfer_syntax, peer)
         except RejectedInstance as exc:
-            log.warning("store.rejected", reason=exc.reason, status=f"0x{exc.status:04X}", calling_aet=peer.ae_title)
+            log.warning("store.rejected", reason=exc.reason, status=f"0x{exc.status:04X}")
             return StoreOutcome(exc.status, status.error_comment(exc.reason))
         except (OSError, StorageError, sqlite3.Error) as exc:
-            log.error("store.failed", error=str(exc), calling_aet=peer.ae_title)
+            log.error("store.failed", error=str(exc))
             return StoreOutcome(status.OUT_OF_RESOURCES, status.error_comment(f"cannot store: {_short(exc)}"))
         except Exception as exc:
-            log.exception("store.unexpected_error", calling_aet=peer.ae_title)
+            log.exception("store.unexpected_error")
             return StoreOutcome(
                 status.UNEXPECTED_FAILURE, status.error_comment(f"internal error: {type(exc).__name__}")
             )
@@ -208,7 +208,7 @@ def _with_path(new: NewJob, rel: str | None) -> NewJob:
 
 
 def _log_outcome(job_id: int, state: JobState, verdict: Verdict, created: bool, new: NewJob) -> None:
-    fields = {"job_id": job_id, "state": str(state), "instance": new.instance_key[:16], "calling_aet": new.calling_aet}
+    fields = {"job_id": job_id, "state": str(state), "instance": new.instance_key[:16]}
     if not created:
         log.info("store.duplicate", **fields)
     elif verdict.kind == "eligible":

@@ -25,8 +25,15 @@ def disk_used_fraction(root: Path) -> float:
 class Pressure:
     """Answers "too full?" at most once per ``ttl_s`` (a C-STORE must not wait on a COUNT query each time)."""
 
-    def __init__(self, jobs: JobStore, root: Path, max_depth: int, max_disk_percent: float, ttl_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        root: Path,
+        max_depth: int,
+        max_disk_percent: float,
+        ttl_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.jobs = jobs
         self.root = root
         self.max_depth = max_depth

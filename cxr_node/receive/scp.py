@@ -38,15 +38,22 @@ class NodeServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
+    @property
+    def listening(self) -> socket.socket:
+        """The listening socket (pynetdicom types it optional; it exists from construction on)."""
+        if self.socket is None:
+            raise RuntimeError("the SCP has no listening socket")
+        return self.socket
+
     def server_bind(self) -> None:
         """Bind, sharing the port with sibling receiver processes when ``reuse_port`` is set."""
         if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; wrap it for TLS without handshaking (that happens in its own thread)."""
-        client, address = self.socket.accept()
+        client, address = self.listening.accept()
         if self.ssl_context:
             client.settimeout(self.handshake_timeout)
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
@@ -85,7 +92,7 @@ def spool_received_into(folder: Path) -> None:
     """
     folder.mkdir(parents=True, exist_ok=True)
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=folder)
+    setattr(dimse_messages, "NamedTemporaryFile", functools.partial(tempfile.NamedTemporaryFile, dir=folder))  # noqa: B010
 
 
 def build_ae(node: NodeSettings) -> AE:
@@ -149,6 +156,8 @@ def start_server(node: NodeSettings, handlers: list[Any], reuse_port: bool = Fal
         )
     except OSError as exc:
         raise ConfigError(f"node.host/node.port: cannot listen on {node.host}:{node.port}: {exc.strerror}") from exc
+    if not isinstance(server, NodeServer):
+        raise TypeError(f"pynetdicom built a {type(server).__name__}, not the NodeServer asked for")
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="scp-accept", daemon=True
     )

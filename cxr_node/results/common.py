@@ -10,7 +10,7 @@ import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import Final, Literal, TypedDict, get_args
 
 import highdicom as hd
 import pydicom
@@ -86,7 +86,20 @@ def identity(source: Dataset, findings: Findings, kind: Kind, series_number: int
     )
 
 
-def equipment(provenance: Provenance, ids: Identity) -> dict[str, object]:
+class EquipmentArgs(TypedDict):
+    """The keyword arguments highdicom's SEG and GSPS constructors take for series, instance and equipment."""
+
+    series_instance_uid: str
+    series_number: int
+    sop_instance_uid: str
+    instance_number: int
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+def equipment(provenance: Provenance, ids: Identity) -> EquipmentArgs:
     """The series, instance and equipment arguments highdicom's SEG and GSPS constructors share."""
     return {
         "series_instance_uid": ids.series_instance_uid,

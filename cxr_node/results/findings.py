@@ -14,6 +14,7 @@ from typing import Final
 
 import numpy as np
 
+from cxr_node.dicom.uids import NODE_MANUFACTURER
 from cxr_node.neighbours.cases import LABELS, Label
 
 DECISIONS: Final = ("COVID-19 pneumonia suggested", "COVID-19 pneumonia not suggested", "not analysed")
@@ -29,7 +30,7 @@ class Provenance:
     members: tuple[str, ...]
     software_version: str
     device_uid: str
-    manufacturer: str = "cxr-node"
+    manufacturer: str = NODE_MANUFACTURER
 
     @property
     def model_key(self) -> str:

@@ -73,7 +73,7 @@ REGISTRY: Final[tuple[OutputKind, ...]] = (
     ),
 )
 """Every output kind, in send order."""
-BY_NAME: Final = {kind.name: kind for kind in REGISTRY}
+BY_NAME: Final[dict[str, OutputKind]] = {kind.name: kind for kind in REGISTRY}
 NOT_ANALYSED: Final[tuple[Kind, ...]] = ("sr", "sc")
 """What an image that could not be analysed gets (the SC only when there is an image to draw on)."""
 

@@ -51,7 +51,7 @@ def build_pr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
     try:
         pr = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=[referenced],
-            **equipment(provenance, ids),  # type: ignore[arg-type]
+            **equipment(provenance, ids),
             content_label=CONTENT_LABEL,
             content_description=f"AI result, {provenance.intended_use}"[:64],
             graphic_layers=[layer],

@@ -187,7 +187,8 @@ def window_to_uint8(pixels: np.ndarray) -> np.ndarray:
     _check_2d("pixels", pixels, np.float32)
     _check_finite("pixels", pixels)
     out = np.clip(pixels, 0.0, 1.0) * np.float32(255.0)
-    return np.rint(out, out=out).astype(np.uint8)
+    result: np.ndarray = np.rint(out, out=out).astype(np.uint8)
+    return result
 
 
 def lung_contour(mask: np.ndarray, thickness: int) -> np.ndarray:
@@ -322,7 +323,8 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     """Mask pixels with at least one 4-neighbour outside the mask (or outside the image)."""
     padded = np.pad(mask, 1, constant_values=False)
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
+    result: np.ndarray = mask & ~interior
+    return result
 
 
 def _dilate(a: np.ndarray, size: int) -> np.ndarray:
@@ -346,7 +348,8 @@ def _heat_composite(image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray) ->
     """RGB of the grey ``image`` with heat blended inside ``mask``: one :data:`_BLEND` look-up per pixel."""
     level = np.rint(heatmap * np.float32(255)).astype(np.uint16)
     level[~mask] = 0
-    return np.take(_BLEND, (level << 8) | image, axis=0)
+    result: np.ndarray = np.take(_BLEND, (level << 8) | image, axis=0)
+    return result
 
 
 def _draw_tag(picture: np.ndarray) -> None:
@@ -403,7 +406,7 @@ def _layout_at(banner: Banner, width: int, size: int) -> BannerLayout:
             rows.append(TextRow(text, margin + x, y, size, bold=False))
             y += _advance(body_font, 1.12)
     cap = body_font.getbbox("H", anchor="ls")
-    return BannerLayout(size, title_px, -cap[1], margin, y + round(0.45 * size), rule, tuple(rows))
+    return BannerLayout(size, title_px, -int(cap[1]), margin, y + round(0.45 * size), rule, tuple(rows))
 
 
 def _advance(font: ImageFont.FreeTypeFont, spacing: float) -> int:

@@ -101,9 +101,10 @@ def _describe(sc: Dataset, source: Dataset, findings: Findings, ids: Identity) -
         sc.StudyDescription = source.StudyDescription
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    rows, columns = findings.image.shape if findings.image is not None else findings.summary.source_shape
     sc.DerivationDescription = (
-        f"AI overlay by {findings.provenance.algorithm}: source reduced to {findings.image.shape[1]}x"
-        f"{findings.image.shape[0]}, lung contour and Grad-CAM heatmap drawn, banner added; no pixel spacing"
+        f"AI overlay by {findings.provenance.algorithm}: source reduced to {columns}x{rows}, lung contour and"
+        " Grad-CAM heatmap drawn, banner added; no pixel spacing"
     )[:1024]
     sc.SourceImageSequence = DicomSequence([_source_reference(source)])
 

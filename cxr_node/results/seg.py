@@ -52,7 +52,7 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions, ids: 
             pixel_array=mask[None].astype("uint8"),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            **equipment(provenance, ids),  # type: ignore[arg-type]
+            **equipment(provenance, ids),
             content_label="AI_LUNGS",
             content_description=f"AI lung segmentation, {provenance.intended_use}"[:64],
             transfer_syntax_uid=ExplicitVRLittleEndian,

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 
 import highdicom.sr as hsr
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
 
 from cxr_node.dicom import codes
-from cxr_node.dicom.uids import derived_uid
+from cxr_node.dicom.uids import NODE_MANUFACTURER, derived_uid
 from cxr_node.imaging.masks import convex_hull, lung_outlines
 from cxr_node.results.common import (
     Identity,
@@ -91,7 +92,8 @@ def usable_evidence(source: Dataset) -> Dataset:
     for element in source:
         if element.tag.group != 0x7FE0:
             header.add(copy.deepcopy(element))
-    header.file_meta = copy.deepcopy(getattr(source, "file_meta", Dataset()))
+    meta = getattr(source, "file_meta", None)
+    header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = header.get(keyword)
         if value is not None and (len(value) != 2 or any(float(v) <= 0 for v in value)):
@@ -111,7 +113,7 @@ def _observation_context(findings: Findings) -> hsr.ObservationContext:
     provenance = findings.provenance
     device = hsr.DeviceObserverIdentifyingAttributes(
         uid=provenance.device_uid,
-        name="cxr-node",
+        name=NODE_MANUFACTURER,
         manufacturer_name=provenance.manufacturer,
         model_name=provenance.algorithm[:64],
     )
@@ -122,8 +124,11 @@ def _observation_context(findings: Findings) -> hsr.ObservationContext:
     )
 
 
-def _groups(evidence: Dataset, findings: Findings) -> list[hsr.MeasurementsAndQualitativeEvaluations]:
-    groups: list = []
+Group = hsr.MeasurementsAndQualitativeEvaluations | hsr.PlanarROIMeasurementsAndQualitativeEvaluations
+
+
+def _groups(evidence: Dataset, findings: Findings) -> list[Group]:
+    groups: list[Group] = []
     if findings.summary.analysed:
         groups.append(_finding_group(evidence, findings))
     else:
@@ -256,7 +261,7 @@ def _evaluations(findings: Findings) -> hsr.ContainerContentItem:
     return container
 
 
-def _summary(findings: Findings) -> object:
+def _summary(findings: Findings) -> Code:
     if not findings.summary.analysed:
         return codes.NONE_SUCCEEDED
     return codes.SUCCEEDED_WITH_FINDINGS if findings.summary.positive else codes.SUCCEEDED_WITHOUT_FINDINGS

@@ -21,6 +21,7 @@ import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom.association import Association
+from structlog.contextvars import bound_contextvars
 
 from cxr_node.config import DeliverySettings, Destination
 from cxr_node.dicom import status
@@ -33,7 +34,7 @@ from cxr_node.send.scu import PeerAddress, StoreResult, associate, store
 
 log = structlog.get_logger("cxr_node.send")
 
-OUTPUT_CLASSES: Final = {kind.name: kind.sop_class_uid for kind in REGISTRY}
+OUTPUT_CLASSES: Final[dict[str, str]] = {kind.name: kind.sop_class_uid for kind in REGISTRY}
 """The SOP class of each output kind; proposed in the syntaxes of :data:`OUTPUT_TRANSFER_SYNTAXES`."""
 
 
@@ -43,7 +44,7 @@ def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -
     if failures < 1:
         raise ValueError(f"failures must be >= 1, found {failures}")
     delay = min(maximum, initial * 2 ** min(failures - 1, 30))
-    return delay / 2 + rng.random() * delay / 2
+    return float(delay / 2 + rng.random() * delay / 2)
 
 
 class Dispatcher:
@@ -62,7 +63,7 @@ class Dispatcher:
         self.root = root
         self.destinations = list(destinations)
         self.settings = settings
-        self.kinds = [kind for kind in kinds if kind in OUTPUT_CLASSES]
+        self.kinds: list[str] = [kind for kind in kinds if kind in OUTPUT_CLASSES]
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not cryptography
 
     def _associate(self, destination: Destination, kinds: Sequence[str]) -> tuple[Association | None, str]:
@@ -75,7 +76,10 @@ class Dispatcher:
 
     def probe(self, destination: Destination, now: float | None = None) -> DestinationState:
         """Negotiate the output SOP classes with ``destination`` and record which it accepts."""
-        now = time.time() if now is None else now
+        with bound_contextvars(destination=destination.name):
+            return self._probe(destination, time.time() if now is None else now)
+
+    def _probe(self, destination: Destination, now: float) -> DestinationState:
         previous = self.store.destinations().get(destination.name)
         assoc, error = self._associate(destination, self.kinds)
         if assoc is None:
@@ -93,10 +97,10 @@ class Dispatcher:
         state = DestinationState(destination.name, True, accepted, refused, None, now, None, 0.0, 0)
         self.store.save_destination(state)
         if refused:
-            log.warning("destination.unmet", destination=destination.name, refused=refused, accepted=accepted)
+            log.warning("destination.unmet", refused=refused, accepted=accepted)
             self.store.refuse(destination.name, refused)
         else:
-            log.info("destination.probed", destination=destination.name, accepted=accepted)
+            log.info("destination.probed", accepted=accepted)
         return state
 
     def _down(
@@ -116,15 +120,17 @@ class Dispatcher:
             failures,
         )
         self.store.save_destination(state)
-        log.warning(
-            "destination.down", destination=destination.name, error=error, retry_in_s=round(delay, 1), failures=failures
-        )
+        log.warning("destination.down", error=error, retry_in_s=round(delay, 1), failures=failures)
         return state
 
     def round(self, now: float | None = None) -> int:
         """Send what is due to every destination; return how many outputs were delivered."""
         now = time.time() if now is None else now
-        return sum(self._round_one(destination, now) for destination in self.destinations)
+        delivered = 0
+        for destination in self.destinations:
+            with bound_contextvars(destination=destination.name):
+                delivered += self._round_one(destination, now)
+        return delivered
 
     def _round_one(self, destination: Destination, now: float) -> int:
         state = self.store.destinations().get(destination.name)
@@ -150,16 +156,17 @@ class Dispatcher:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             refused = [kind for kind in kinds if OUTPUT_CLASSES[kind] not in accepted]
             if refused:
-                log.warning("destination.unmet", destination=destination.name, refused=refused)
+                log.warning("destination.unmet", refused=refused)
                 self.store.refuse(destination.name, refused)
             for item in due:
                 if item.kind in refused:
                     continue
-                outcome = self._store_one(assoc, item)
-                if outcome.status is None and not assoc.is_established:
-                    self._down(destination, state, time.time(), outcome.comment)
-                    break
-                delivered += self._record(destination, item, outcome)
+                with bound_contextvars(job_id=item.job_id, kind=item.kind):
+                    outcome = self._store_one(assoc, item)
+                    if outcome.status is None and not assoc.is_established:
+                        self._down(destination, state, time.time(), outcome.comment)
+                        break
+                    delivered += self._record(destination, item, outcome)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -167,7 +174,7 @@ class Dispatcher:
             self.store.save_destination(
                 replace(state, reachable=True, down_since=None, retry_at=0.0, failures=0, error=None)
             )
-            log.info("destination.up", destination=destination.name)
+            log.info("destination.up")
         return delivered
 
     def _store_one(self, assoc: Association, item: Due) -> StoreResult:
@@ -179,10 +186,9 @@ class Dispatcher:
         return store(assoc, ds, path)
 
     def _record(self, destination: Destination, item: Due, outcome: StoreResult) -> int:
-        fields = {"destination": destination.name, "job_id": item.job_id, "kind": item.kind}
         if outcome.ok:
             if outcome.status is not None and status.is_warning(outcome.status):
-                log.warning("send.warning", status=f"0x{outcome.status:04X}", comment=outcome.comment, **fields)
+                log.warning("send.warning", status=f"0x{outcome.status:04X}", comment=outcome.comment)
             finished = self.store.record(
                 item.job_id,
                 destination.name,
@@ -191,9 +197,9 @@ class Dispatcher:
                 outcome.status,
                 outcome.comment or None,
             )
-            log.info("send.delivered", status=f"0x{outcome.status:04X}", **fields)
+            log.info("send.delivered", status=f"0x{outcome.status:04X}")
             if finished is not None:
-                log.info(f"job.{finished.value}", job_id=item.job_id)
+                log.info(f"job.{finished.value}")
             return 1
         attempts = item.attempts + 1
         error = outcome.comment or f"status 0x{(outcome.status or 0):04X}"
@@ -201,9 +207,9 @@ class Dispatcher:
             finished = self.store.record(
                 item.job_id, destination.name, item.kind, DeliveryState.DEAD, outcome.status, error
             )
-            log.error("send.dead", attempts=attempts, error=error, **fields)
+            log.error("send.dead", attempts=attempts, error=error)
             if finished is not None:
-                log.error(f"job.{finished.value}", job_id=item.job_id)
+                log.error(f"job.{finished.value}")
             return 0
         delay = backoff(attempts, self.settings.backoff_initial_s, self.settings.backoff_max_s, self.rng)
         self.store.record(
@@ -215,5 +221,5 @@ class Dispatcher:
             error,
             next_attempt_at=time.time() + delay,
         )
-        log.warning("send.retry_scheduled", attempts=attempts, retry_in_s=round(delay, 1), error=error, **fields)
+        log.warning("send.retry_scheduled", attempts=attempts, retry_in_s=round(delay, 1), error=error)
         return 0

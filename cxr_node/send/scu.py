@@ -21,10 +21,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
 from cxr_node.config import Destination
 from cxr_node.dicom import status
+from cxr_node.dicom.sop import VERIFICATION_CLASS
 from cxr_node.errors import SendError
 
 MAX_CONTEXTS = 128
@@ -159,7 +159,7 @@ def echo(peer: PeerAddress, calling_aet: str = "CXR_NODE", timeout_s: float = 10
     SendError
         When no association could be made or no response came.
     """
-    with association(peer, calling_aet, [(Verification, DEFAULT_TRANSFER_SYNTAXES)], timeout_s) as assoc:
+    with association(peer, calling_aet, [(VERIFICATION_CLASS, DEFAULT_TRANSFER_SYNTAXES)], timeout_s) as assoc:
         reply = assoc.send_c_echo()
     if "Status" not in reply:
         raise SendError(f"no C-ECHO response from {peer}")

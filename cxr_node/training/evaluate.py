@@ -111,7 +111,8 @@ def evaluate(
     labels = np.array([row.label for row, _ in done], dtype=np.int64)
     reports = _reports(manifest, [a for _, a in done], labels, n_resamples, seed)
     patients = [row.patient_id for row, _ in done]
-    embeddings = np.stack([a.embedding for _, a in done]) if done else np.zeros((0, 1), np.float32)
+    vectors = [a.embedding for _, a in done if a.embedding is not None]
+    embeddings = np.stack(vectors) if vectors else np.zeros((0, 1), np.float32)
     evaluation = Evaluation(
         manifest=str(manifest_path), model=f"{manifest.name} {manifest.version}", data=str(data_csv), split=used,
         images=len(rows), analysed=len(done),

@@ -70,7 +70,7 @@ def build_from_store(root: Path, labels_csv: Path, out_csv: Path) -> BuildReport
     labels = read_accession_labels(labels_csv)
     store = SqliteStore(root / DB_NAME, readonly=True)
     try:
-        jobs = [job for job in store.jobs.list(limit=10_000_000) if job.state in USABLE and job.path]
+        jobs = [job for job in store.jobs.query(limit=10_000_000) if job.state in USABLE and job.path]
     finally:
         store.close()
     rows = [_row(root, job, labels[job.accession_number]) for job in jobs if job.accession_number in labels]

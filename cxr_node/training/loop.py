@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cxr_node.errors import ModelError
+from cxr_node.infer.device import place
 from cxr_node.infer.registry import StateDict
 
 _ORDER, _AUGMENT, _GLOBAL = 0, 1, 2
@@ -173,7 +174,7 @@ def fit(
         The best and last weights (on the CPU) and each epoch's log.
     """
     device = torch.device(options.device)
-    model.to(device, memory_format=_memory_format(options))
+    place(model, device, _memory_format(options))
     optimiser = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     state = _State(best_state=_cpu_state(model))
     if options.resume and options.checkpoint is not None and options.checkpoint.is_file():
@@ -259,7 +260,7 @@ def _train_epoch(
                 x = inputs.to(device).contiguous(memory_format=_memory_format(options))
                 loss = task.loss(model(x), targets.to(device))
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimiser.step()
             total, seen = total + float(loss.detach()) * indices.numel(), seen + indices.numel()
             tick(float(loss.detach()))

@@ -23,7 +23,7 @@ from torch import nn
 from cxr_node.infer.device import resolve_device
 from cxr_node.infer.registry import StateDict, build_classifier, imagenet_start
 from cxr_node.infer.segment import LungSegmenter
-from cxr_node.infer.unet import UNet
+from cxr_node.infer.unet import UNet, Upsample
 from cxr_node.training.augment import AugmentConfig, augment
 from cxr_node.training.datasets import LabelledSet, Row, check_no_leak, load_split, read_rows
 from cxr_node.training.inputs import ClassifierInputs, classifier_inputs, segmentation_inputs
@@ -118,7 +118,7 @@ def train_segmentation(
     *,
     base_channels: int = 8,
     depth: int = 4,
-    upsample: str = "bilinear",
+    upsample: Upsample = "bilinear",
     options: FitOptions | None = None,
     augment_config: AugmentConfig | None = None,
     on_epoch: OnEpoch | None = None,
@@ -146,7 +146,7 @@ def train_segmentation(
     """
     options = options or FitOptions()
     torch.manual_seed(options.seed)
-    model = UNet(base_channels, depth, upsample)  # type: ignore[arg-type]
+    model = UNet(base_channels, depth, upsample)
     task = SegmentationTask(train, val, augment_config or AugmentConfig())
     result = fit(model, task, options, on_epoch)
     return SegmentationResult(result.best_state, result.best_score, result)

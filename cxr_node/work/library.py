@@ -46,7 +46,7 @@ class Embedded:
     reason: str = ""
 
 
-def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, str]]:
+def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, Label]]:
     """(file, label) pairs from a CSV with columns ``path`` (relative to ``folder``) and ``label``.
 
     Raises
@@ -63,9 +63,9 @@ def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, str]]:
     for number, row in enumerate(rows, start=2):
         if "path" not in row or "label" not in row:
             raise CxrNodeError(f"{csv_path}: needs the columns path and label (found {', '.join(row)})")
-        label = row["label"].strip().lower()
-        if label not in LABELS:
-            raise CxrNodeError(f"{csv_path}:{number}: label must be one of {', '.join(LABELS)}, found {label!r}")
+        label = _label(row["label"].strip().lower())
+        if label is None:
+            raise CxrNodeError(f"{csv_path}:{number}: label must be one of {', '.join(LABELS)}, found {row['label']!r}")
         path = folder / row["path"]
         if not path.is_file():
             raise CxrNodeError(f"{csv_path}:{number}: {path} not found")
@@ -114,7 +114,7 @@ def keep_copy(settings: Settings, path: Path, case: NewCase) -> Path:
 
 def stored_cases(settings: Settings, jobs: JobStore | None) -> Iterator[tuple[Path, NewCase | None, Label | None]]:
     """Every stored input still on disk (as the node received it), then every library copy."""
-    for job in jobs.list(limit=10**9) if jobs is not None else ():
+    for job in jobs.query(limit=10**9) if jobs is not None else ():
         if job.path and job.state in ANALYSED_STATES and (settings.storage.root / job.path).is_file():
             yield settings.storage.root / job.path, None, None
     for path in sorted((settings.storage.root / LIBRARY).glob("*.dcm")):
@@ -175,7 +175,8 @@ def import_library(
     """Embed labelled reference cases into the index as the library; return (imported, problems)."""
     pairs = read_labels(labels_csv, folder)
     version = engine.model[1]
-    imported, problems, remembered = 0, [], {}
+    imported, problems = 0, []
+    remembered: dict[str, tuple[str, str]] = {}
     items = ((path, None, label) for path, label in pairs)
     for number, item in enumerate(embed(engine, items, settings.worker.max_side, source="library"), start=1):
         if item.embedding is None:

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 from pydicom.dataset import Dataset
+from structlog.contextvars import bound_contextvars
 
 from cxr_node import metrics
 from cxr_node.config import WorkerSettings
@@ -152,7 +153,7 @@ class Worker:
         """Write the outputs of jobs left ``inferred`` (a crash or a full disk); return how many got written."""
         if self.writer is None:
             return 0
-        return sum(self.writer.finish(job, self.settings.max_side) for job in self.jobs.list(JobState.INFERRED))
+        return sum(self.writer.finish(job, self.settings.max_side) for job in self.jobs.query(JobState.INFERRED))
 
     def take_batch(self, stop: threading.Event) -> list[Job]:
         """Claim up to batch_size queued jobs, waiting up to batch_wait_ms after the first to fill the batch."""
@@ -203,6 +204,10 @@ class Worker:
             return None
 
     def _record(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
+        with bound_contextvars(job_id=item.job.id):
+            self._record_bound(item, image, analysis)
+
+    def _record_bound(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
         model = (self.provenance.model_name, self.provenance.model_version)
         similar: tuple[SimilarCase, ...] = ()
         if analysis.analysed and analysis.embedding is not None:
@@ -217,7 +222,6 @@ class Worker:
         self.results.save_result(item.job.id, findings, embedding)
         log.info(
             "job.inferred",
-            job_id=item.job.id,
             status="analysed" if summary.analysed else "not_analysed",
             probability=summary.probability,
             positive=summary.positive,
@@ -230,11 +234,13 @@ class Worker:
     def _not_decodable(self, item: Loaded) -> None:
         """An image whose pixels cannot be decoded is recorded as not analysed (the site gets a short SR)."""
         summary = undecodable_summary(item.header, item.reason, self.analyser.model)
-        self.results.save_result(item.job.id, Findings(self.provenance, summary), None)
-        log.warning("job.inferred", job_id=item.job.id, status="not_analysed", reason=item.reason)
-        if self.writer is not None:
-            self.writer.write(item)
+        with bound_contextvars(job_id=item.job.id):
+            self.results.save_result(item.job.id, Findings(self.provenance, summary), None)
+            log.warning("job.inferred", status="not_analysed", reason=item.reason)
+            if self.writer is not None:
+                self.writer.write(item)
 
     def _quarantine(self, job: Job, reason: str) -> None:
-        self.jobs.transition(job.id, JobState.QUARANTINED, reason)
-        log.warning("job.quarantined", job_id=job.id, reason=reason)
+        with bound_contextvars(job_id=job.id):
+            self.jobs.transition(job.id, JobState.QUARANTINED, reason)
+            log.warning("job.quarantined", reason=reason)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
+from structlog.contextvars import bound_contextvars
 
 from cxr_node.config import ResultsSettings
 from cxr_node.errors import PixelDecodeError
@@ -71,6 +72,10 @@ class OutputWriter:
 
     def write(self, loaded: Loaded) -> bool:
         """Write and record the outputs of an ``inferred`` job from its stored result; True when ``written``."""
+        with bound_contextvars(job_id=loaded.job.id):
+            return self._write_stored(loaded)
+
+    def _write_stored(self, loaded: Loaded) -> bool:
         job = loaded.job
         stored = self.results.result(job.id)
         if stored is None:
@@ -89,7 +94,8 @@ class OutputWriter:
         try:
             loaded = load(self.root, job, max_side)
         except PixelDecodeError as exc:
-            self._requeue(job, f"cannot rebuild the findings ({exc}); analysing again")
+            with bound_contextvars(job_id=job.id):
+                self._requeue(job, f"cannot rebuild the findings ({exc}); analysing again")
             return False
         return self.write(loaded)
 
@@ -100,17 +106,15 @@ class OutputWriter:
         except OutputError as exc:
             reason = f"output invalid, not sent: {str(exc)[:200]}"
             self.jobs.transition(job.id, JobState.DEAD, reason)
-            log.error("job.dead", job_id=job.id, reason=reason)
+            log.error("job.dead", reason=reason)
             return False
         try:
             outputs = [self._write_file(job, item) for item in built]
         except OSError as exc:
-            log.error("job.write_failed", job_id=job.id, error=str(exc))
+            log.error("job.write_failed", error=str(exc))
             return False
         self.results.save_outputs(job.id, outputs, self.destinations)
-        log.info(
-            "job.written", job_id=job.id, outputs=[item.kind for item in built], analysed=findings.summary.analysed
-        )
+        log.info("job.written", outputs=[item.kind for item in built], analysed=findings.summary.analysed)
         return True
 
     def _write_file(self, job: Job, item: Built) -> Output:
@@ -122,4 +126,4 @@ class OutputWriter:
 
     def _requeue(self, job: Job, reason: str) -> None:
         self.jobs.transition(job.id, JobState.QUEUED, reason)
-        log.warning("job.requeued", job_id=job.id, reason=reason)
+        log.warning("job.requeued", reason=reason)

@@ -48,7 +48,7 @@ def test_send_folder_with_compressed_and_non_dicom_files(receiver: Receiver, wg0
     assert out.returncode == 1, out.stdout + out.stderr
     assert "2 sent, 1 failed" in out.stdout
     assert "not a readable DICOM file" in out.stdout
-    syntaxes = sorted(job.transfer_syntax for job in receiver.store.jobs.list())
+    syntaxes = sorted(job.transfer_syntax for job in receiver.store.jobs.query())
     assert syntaxes == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"]
 
 

@@ -60,7 +60,7 @@ def test_kill_9_after_success_loses_nothing(settings: Settings, chest_cr: Path, 
     assert not any(_alive(pid) for pid in children)
 
     store = SqliteStore(settings.storage.root / spool.DB_NAME, readonly=True)
-    jobs = {j.sop_instance_uid: j for j in store.jobs.list()}
+    jobs = {j.sop_instance_uid: j for j in store.jobs.query()}
     store.close()
     for ds in datasets:
         job = jobs[str(ds.SOPInstanceUID)]

@@ -71,7 +71,7 @@ def test_every_output_is_delivered_once_in_order(make_settings, chest_cr, tiny_m
     try:
         rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 3)
         assert node.store.jobs.counts()[JobState.DELIVERED] == 3
-        expected = [o.sop_instance_uid for job in node.store.jobs.list() for o in node.store.results.outputs(job.id)]
+        expected = [o.sop_instance_uid for job in node.store.jobs.query() for o in node.store.results.outputs(job.id)]
         assert pacs.uids() == expected
         assert node.store.deliveries.counts() == {("pacs", "delivered"): len(expected)}
     finally:
@@ -87,7 +87,7 @@ def test_failure_statuses_are_retried_then_dead_then_resent(make_settings, chest
     try:
         with capture_logs() as logs:
             rounds_until(node, lambda: node.store.jobs.counts()[JobState.DEAD] == 1)
-        job = node.store.jobs.list(JobState.DEAD)[0]
+        job = node.store.jobs.query(JobState.DEAD)[0]
         assert "0xA700" in job.reason and "pacs/" in job.reason
         assert [e for e in logs if e["event"] == "send.retry_scheduled"]
         refusing["on"] = False
@@ -137,7 +137,7 @@ def test_a_destination_down_gets_the_backlog_in_order(make_settings, chest_cr, t
         assert len(other.uids()) == 6
         down.start()
         rounds_until(node, lambda: node.store.jobs.counts()[JobState.DELIVERED] == 3)
-        expected = [o.sop_instance_uid for job in node.store.jobs.list() for o in node.store.results.outputs(job.id)]
+        expected = [o.sop_instance_uid for job in node.store.jobs.query() for o in node.store.results.outputs(job.id)]
         assert down.uids() == expected and other.uids() == expected
     finally:
         node.stop(grace_s=5)

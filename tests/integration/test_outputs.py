@@ -92,7 +92,7 @@ def written(node: Receiver, demo_engine: Engine, chest_cr: Path, wg04: Path) -> 
     run_worker_once(node, demo_engine)
     root = node.settings.storage.root
     found: dict[str, dict[str, Path]] = {}
-    for job in node.store.jobs.list():
+    for job in node.store.jobs.query():
         assert job.state is JobState.WRITTEN, (job.state, job.reason)
         found[job.sop_instance_uid] = {out.kind: root / out.path for out in node.store.results.outputs(job.id)}
     return found
@@ -121,7 +121,7 @@ def test_outputs_belong_to_the_source_study_and_say_what_they_are(
 ) -> None:
     """Outputs share the source's patient and study, sit in new AI series, and the non-ASCII name survives."""
     root = node.settings.storage.root
-    for job in node.store.jobs.list():
+    for job in node.store.jobs.query():
         source = dcmread(root / job.path, stop_before_pixels=True)
         for kind, path in written[job.sop_instance_uid].items():
             out = dcmread(path)
@@ -174,7 +174,7 @@ def test_a_colour_chest_image_gets_a_not_analysed_report(node: Receiver, demo_en
     ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
     assert store_all(node.port, [ds]) == [status.SUCCESS]
     run_worker_once(node, demo_engine)
-    [job] = node.store.jobs.list()
+    [job] = node.store.jobs.query()
     assert job.state is JobState.WRITTEN
     [sr] = node.store.results.outputs(job.id)
     html = subprocess.run(

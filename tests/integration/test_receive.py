@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 from pydicom import dcmread
 from structlog.testing import capture_logs
 
@@ -38,7 +39,7 @@ def test_echo_with_pynetdicom_and_echoscu(receiver: Receiver) -> None:
 def test_chest_radiograph_is_stored_durably_and_queued(receiver: Receiver, chest_cr: Path) -> None:
     """A real chest CR is answered Success only with its file and queued job in place, bytes intact."""
     assert store_all(receiver.port, [chest_cr]) == [status.SUCCESS]
-    [job] = receiver.store.jobs.list()
+    [job] = receiver.store.jobs.query()
     assert job.state is JobState.QUEUED and job.calling_aet == "PACS"
     stored = receiver.settings.storage.root / job.path
     assert stored.parent.parent.name == spool.INBOX
@@ -71,7 +72,7 @@ def test_lateral_view_is_skipped_and_not_kept(receiver: Receiver, chest_cr: Path
     """A lateral view is acknowledged, recorded as skipped with the reason, and its file not kept."""
     lateral = small_cr(chest_cr, "lateral", ViewPosition="LL")
     assert store_all(receiver.port, [lateral]) == [status.SUCCESS]
-    [job] = receiver.store.jobs.list()
+    [job] = receiver.store.jobs.query()
     assert (job.state, job.reason, job.path) == (
         JobState.SKIPPED,
         "view position LL is not frontal (triage.view_positions)",
@@ -85,7 +86,7 @@ def test_malformed_pixel_data_is_refused_and_quarantined(receiver: Receiver, che
     broken = small_cr(chest_cr, "truncated")
     broken.PixelData = broken.PixelData[:1000]
     assert store_all(receiver.port, [broken]) == [status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
-    [job] = receiver.store.jobs.list()
+    [job] = receiver.store.jobs.query()
     assert job.state is JobState.QUARANTINED and "pixel data has 1000 bytes" in job.reason
     assert (receiver.settings.storage.root / job.path).parent.parent.name == spool.QUARANTINE
     assert echo(receiver.port) == status.SUCCESS
@@ -97,7 +98,7 @@ def test_hostile_uid_cannot_escape_the_storage_root(receiver: Receiver, chest_cr
     hostile = small_cr(chest_cr, "hostile", SOPInstanceUID="../../../../tmp/cxr-escape")
     hostile.file_meta.MediaStorageSOPInstanceUID = hostile.SOPInstanceUID
     assert store_all(receiver.port, [hostile]) == [status.SUCCESS]
-    [job] = receiver.store.jobs.list()
+    [job] = receiver.store.jobs.query()
     stored = (receiver.settings.storage.root / job.path).resolve()
     assert stored.is_relative_to(receiver.settings.storage.root.resolve())
     assert stored.name == f"{spool.instance_key('../../../../tmp/cxr-escape')}.dcm"
@@ -124,7 +125,7 @@ def test_concurrent_senders_lose_and_duplicate_nothing(receiver: Receiver, chest
     for t in threads:
         t.join(120)
     assert all(results[a] == [status.SUCCESS] * 25 for a in range(4))
-    jobs = receiver.store.jobs.list()
+    jobs = receiver.store.jobs.query()
     assert len(jobs) == 100 and len({j.sop_instance_uid for j in jobs}) == 100
     assert len(spool.iter_spooled(receiver.settings.storage.root, spool.INBOX)) == 100
 
@@ -136,7 +137,7 @@ def test_unwritable_storage_answers_out_of_resources(receiver: Receiver, chest_c
     inbox.write_bytes(b"not a folder")  # any write under inbox/ now fails, as with a full or broken disk
     ds = small_cr(chest_cr, "retry")
     assert store_all(receiver.port, [ds]) == [status.OUT_OF_RESOURCES]
-    assert receiver.store.jobs.list() == []
+    assert receiver.store.jobs.query() == []
     inbox.unlink()
     assert store_all(receiver.port, [ds]) == [status.SUCCESS]
 
@@ -152,7 +153,7 @@ def test_orphan_file_is_adopted_on_recovery(settings: Settings, chest_cr: Path) 
     recover(settings)
     node = Receiver(settings)
     try:
-        [job] = node.store.jobs.list()
+        [job] = node.store.jobs.query()
         assert job.state is JobState.QUEUED and job.instance_key == key and target.exists()
         assert not list(target.parent.glob(f"*{spool.TMP_SUFFIX}"))
     finally:
@@ -171,7 +172,7 @@ def test_receiver_never_imports_torch() -> None:
 def test_events_are_logged_without_patient_identifiers(receiver: Receiver, chest_cr: Path) -> None:
     """Association and store events are logged with their context, and no patient identifier in clear."""
     ds = small_cr(chest_cr, "logged", PatientID="PAT-777", PatientName="Doe^Jane")
-    with capture_logs() as captured:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as captured:
         store_all(receiver.port, [ds, small_cr(chest_cr, "logged-lateral", ViewPosition="LL")])
         deadline = time.monotonic() + 5
         while not any(e["event"] == "assoc.closed" for e in captured) and time.monotonic() < deadline:

@@ -114,7 +114,7 @@ def test_variant_is_queued_and_stored_as_sent(
     """An instance in any accepted syntax is answered Success, queued, and stored as sent, pixels intact."""
     variant = syntax_variants[name]
     SENDERS[sender](receiver.port, variant, tmp_path)
-    [job] = receiver.store.jobs.list()
+    [job] = receiver.store.jobs.query()
     sent = dcmread(variant.path, stop_before_pixels=True)
     assert (job.state, job.sop_instance_uid) == (JobState.QUEUED, sent.SOPInstanceUID)
     assert job.transfer_syntax == variant.transfer_syntax
@@ -133,5 +133,5 @@ def test_storescu_cannot_transcode_a_compressed_file_to_uncompressed(
     out = storescu(receiver.port, variant.path)
     assert "unable to convert dataset from" in out and "Store Failed" in out, out
     assert "Received Store Response (Success)" not in out
-    assert receiver.store.jobs.list() == []
+    assert receiver.store.jobs.query() == []
     assert echo(receiver.port) == status.SUCCESS

@@ -24,7 +24,7 @@ def test_retention_purges_finished_jobs_only(make_settings, chest_cr: Path, tiny
     node = written_node(make_settings, chest_cr, tiny_manifest, 2, **{"storage.retention_days": 1})
     try:
         store, root = node.store, node.settings.storage.root
-        first, second = store.jobs.list()
+        first, second = store.jobs.query()
         store.jobs.transition(first.id, JobState.DELIVERED)
         files = [root / first.path, *(root / o.path for o in store.results.outputs(first.id))]
         assert all(path.is_file() for path in files)
@@ -41,7 +41,7 @@ def test_purge_removes_a_study_everywhere(make_settings, chest_cr, tiny_manifest
     """`cxr-node purge --study` deletes the study's jobs, files and neighbour-index entries."""
     node = written_node(make_settings, chest_cr, tiny_manifest, 1)
     settings = node.settings
-    job = node.store.jobs.list()[0]
+    job = node.store.jobs.query()[0]
     node.stop(grace_s=5)
     index = open_index(settings)
     index.add("v1", np.ones(8, np.float32), NewCase(job.sop_instance_uid, job.study_instance_uid, "", "", "p"))
@@ -58,7 +58,7 @@ def test_purge_removes_a_study_everywhere(make_settings, chest_cr, tiny_manifest
 def test_resend_cli(make_settings, chest_cr, tiny_manifest, tmp_path, capsys) -> None:
     """`cxr-node resend --dead` re-queues dead jobs; a job that is not dead or written is a one-line error."""
     node = written_node(make_settings, chest_cr, tiny_manifest, 2)
-    first, second = node.store.jobs.list()
+    first, second = node.store.jobs.query()
     node.store.jobs.transition(first.id, JobState.DEAD, "not delivered: test")
     node.store.jobs.transition(second.id, JobState.DELIVERED)
     node.stop(grace_s=5)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from cxr_node.app import Receiver, build_worker
 from cxr_node.dicom import status
@@ -49,10 +51,10 @@ def test_worker_records_results_and_an_undecodable_image_as_not_analysed(
     worker.close()
     counts = receiver.store.jobs.counts()
     assert (counts[JobState.WRITTEN], counts[JobState.QUARANTINED]) == (4, 0)
-    broken = summary_of(receiver, receiver.store.jobs.list(JobState.WRITTEN)[-1].id)
+    broken = summary_of(receiver, receiver.store.jobs.query(JobState.WRITTEN)[-1].id)
     assert not broken.analysed
     assert broken.reason.startswith("pixels cannot be decoded")
-    summary = summary_of(receiver, receiver.store.jobs.list(JobState.WRITTEN)[0].id)
+    summary = summary_of(receiver, receiver.store.jobs.query(JobState.WRITTEN)[0].id)
     assert (summary.model_name, summary.model_version) == ("tiny-test", "0.0.1")
     assert summary.analysed_shape == (256, 256)
 
@@ -103,7 +105,7 @@ def test_one_failing_image_does_not_sink_its_batch(receiver: Receiver, engine: E
     worker.close()
     counts = receiver.store.jobs.counts()
     assert (counts[JobState.WRITTEN], counts[JobState.QUARANTINED]) == (3, 1)
-    reason = receiver.store.jobs.list(JobState.QUARANTINED)[0].reason
+    reason = receiver.store.jobs.query(JobState.QUARANTINED)[0].reason
     assert reason is not None and "analysis failed: RuntimeError: simulated out of memory" in reason
 
 
@@ -129,3 +131,21 @@ def test_batches_fill_up_to_the_batch_size(receiver: Receiver, engine: Engine, c
         thread.join(30)
         worker.close()
     assert receiver.store.jobs.counts()[JobState.WRITTEN] == 11
+
+
+def test_job_events_carry_the_job_and_store_events_the_association(
+    receiver: Receiver, engine: Engine, chest_cr: Path
+) -> None:
+    """Log events are bound through structlog contextvars: the association's on receipt, the job's in the worker."""
+    merge = [structlog.contextvars.merge_contextvars]
+    with capture_logs(processors=merge) as received:
+        assert store_all(receiver.port, [small_cr(chest_cr, "ctx", size=128)]) == [status.SUCCESS]
+    [accepted] = [e for e in received if e["event"] == "store.accepted"]
+    assert accepted["calling_aet"] == "PACS" and isinstance(accepted["assoc"], int)
+    worker = build_worker(receiver.settings, receiver.store, engine)
+    with capture_logs(processors=merge) as logged:
+        worker.process(worker.take_batch(threading.Event()))
+    worker.close()
+    [job] = receiver.store.jobs.query()
+    assert [e.get("job_id") for e in logged if e["event"] in ("job.inferred", "job.written")] == [job.id, job.id]
+    assert "job_id" not in structlog.contextvars.get_contextvars()

@@ -65,7 +65,7 @@ def test_similar_cases_come_from_other_patients(make_settings: Callable[..., Set
             assert studies == {None} and all(s.case_number.startswith("C") for s in similar)
         same_patient = summaries[2].similar
         assert len(same_patient) == 1  # patient A's first image is excluded; only B remains
-        job = node.store.jobs.list()[3]
+        job = node.store.jobs.query()[3]
         [sr] = [o for o in node.store.results.outputs(job.id) if o.kind == "sr"]
         texts = [
             i.TextValue

@@ -62,11 +62,6 @@ def test_summary_round_trip(summary: Summary) -> None:
     assert codec.decode_summary(codec.encode_summary(summary)) == summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encode_summary writes timings_ms with json.dumps(sort_keys=True) and decode_summary keeps the file's"
-    " order, so the engine's step order (segment, classify) comes back alphabetical and the Summary differs",
-)
 def test_timings_keep_the_engine_step_order() -> None:
     """Timings in the engine's step order (segment, then classify) come back in that order."""
     summary = replace(ANALYSED, timings_ms=(("segment", 12.5), ("classify", 40.25)))

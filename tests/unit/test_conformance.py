@@ -18,7 +18,7 @@ from pynetdicom import AE
 
 from cxr_node import conformance
 from cxr_node.config import Settings
-from cxr_node.dicom import codes, sop, status
+from cxr_node.dicom import codes, sop, status, uids
 from cxr_node.receive.scp import build_ae
 from cxr_node.results.common import OutputOptions
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
@@ -180,7 +180,7 @@ def test_output_series_match_the_built_outputs(text: str, outputs: dict[str, Dat
     for kind, _uid, modality, number, description, _when in rows(text, "output-series", "checked"):
         ds = outputs[kind]
         assert (ds.Modality, int(ds.SeriesNumber), ds.SeriesDescription) == (modality, int(number), description)
-        assert ds.Manufacturer == sop.NODE_MANUFACTURER
+        assert ds.Manufacturer == uids.NODE_MANUFACTURER
     assert outputs["sc"].BurnedInAnnotation == "YES" and "PixelSpacing" not in outputs["sc"]
 
 

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from cxr_node.config import TriageSettings
-from cxr_node.dicom.sop import NODE_MANUFACTURER
+from cxr_node.dicom.uids import NODE_MANUFACTURER
 from cxr_node.receive.filters import triage
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

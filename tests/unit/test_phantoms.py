@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxr_node.dicom.sop import NODE_MANUFACTURER
+from cxr_node.dicom.uids import NODE_MANUFACTURER
 from cxr_node.training.phantoms import (
     CSV_COLUMNS,
     DISTRACTORS,

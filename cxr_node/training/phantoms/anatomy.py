@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-Array = NDArray[np.float32]
+Array = NDArray[np.floating[Any]]
 _Strokes = tuple[NDArray[np.float64], float, float]  # polylines (k, m, 2), tube radius, value
 
 PHANTOM_VERSION: Final = "1"
@@ -323,7 +323,8 @@ def _arc(s: Array) -> Array:
 def _diaphragm(xi: Array, lung: _Lung) -> Array:
     """Return the level ``v`` of the hemidiaphragm under a lung: a dome, lowest at the costophrenic angle."""
     z = np.clip((xi - lung.medial) / (lung.lateral - lung.medial), 0, 1)
-    return lung.base - lung.dome * np.sqrt(1 - z) * (0.74 + 1.97 * z - 1.48 * z * z)
+    result: Array = lung.base - lung.dome * np.sqrt(1 - z) * (0.74 + 1.97 * z - 1.48 * z * z)
+    return result
 
 
 def _one_lung(u: Array, v: Array, lung: _Lung, side: float) -> tuple[Array, Array, Array]:
@@ -437,7 +438,8 @@ def _soft_tissue(f: _Fields, anatomy: _Anatomy) -> Array:
     if anatomy.bubble:
         bv = anatomy.left.base - 0.02
         body -= 0.3 * np.sqrt(np.clip(1 - ((u - 0.42) ** 2 + (v - bv) ** 2) / anatomy.bubble**2, 0, 1))
-    return body
+    result: Array = body
+    return result
 
 
 def _tube(d: Array, hollow: float = 0.0) -> Array:
@@ -445,7 +447,8 @@ def _tube(d: Array, hollow: float = 0.0) -> Array:
     outer = np.sqrt(np.clip(1 - d * d, 0, 1))
     if not hollow:
         return outer
-    return outer - hollow * np.sqrt(np.clip(1 - (d / 0.75) ** 2, 0, 1))
+    result: Array = outer - hollow * np.sqrt(np.clip(1 - (d / 0.75) ** 2, 0, 1))
+    return result
 
 
 def _rib_index(level: Array, step: float, growth: float) -> Array:
@@ -479,7 +482,8 @@ def _bones(u: Array, v: Array, anatomy: _Anatomy) -> Array:
     phase = (v - anatomy.spine) / 0.085
     gap = np.exp(-(((phase - np.floor(phase) - 0.5) / 0.07) ** 2))
     spine = _tube(u / width) * (0.8 - 0.3 * gap) * np.clip((v + 0.95) / 0.1, 0, 1)
-    return _ribs(u, v, anatomy) + 0.3 * clav + 0.2 * spine
+    result: Array = _ribs(u, v, anatomy) + 0.3 * clav + 0.2 * spine
+    return result
 
 
 # ------------------------------------------------------------------------------------ strokes and noise
@@ -543,7 +547,8 @@ def _upsample(a: NDArray[np.float64], size: int) -> Array:
     hi, frac = np.minimum(lo + 1, n - 1), (pos - lo).astype(np.float32)
     a = a.astype(np.float32)
     rows = a[lo] * (1 - frac[:, None]) + a[hi] * frac[:, None]
-    return rows[:, lo] * (1 - frac) + rows[:, hi] * frac
+    result: Array = rows[:, lo] * (1 - frac) + rows[:, hi] * frac
+    return result
 
 
 def _smooth_noise(rng: np.random.Generator, cells: int, size: int, sigma: float) -> Array:
@@ -559,7 +564,10 @@ def _bezier(control: NDArray[np.float64], n: int = 64) -> NDArray[np.float64]:
     """Return ``n`` points of the cubic Bezier curve with ``(4, 2)`` control points."""
     t = np.linspace(0.0, 1.0, n)[:, None]
     c = control
-    return (1 - t) ** 3 * c[0] + 3 * (1 - t) ** 2 * t * c[1] + 3 * (1 - t) * t**2 * c[2] + t**3 * c[3]
+    result: NDArray[np.float64] = (
+        (1 - t) ** 3 * c[0] + 3 * (1 - t) ** 2 * t * c[1] + 3 * (1 - t) * t**2 * c[2] + t**3 * c[3]
+    )
+    return result
 
 
 # --------------------------------------------------------------------------------- vessels and lesions
@@ -679,4 +687,5 @@ def _expose(att: Array, pose: _Pose, rng: np.random.Generator) -> Array:
     heel = np.linspace(-0.03, 0.03, size, dtype=np.float32)[:, None]
     image *= 1 + 0.04 * _smooth_noise(rng, 6, size, 1.0) + heel
     image += rng.standard_normal((size, size), dtype=np.float32) * (pose.noise * (0.4 + 0.6 * image))
-    return np.clip(image, 0, 1).astype(np.float32)
+    result: Array = np.clip(image, 0, 1).astype(np.float32)
+    return result

@@ -125,7 +125,8 @@ def _stored_pixels(image: Array, photometric: str, bits: int) -> NDArray[np.uint
     """Quantise ``image`` (0..1, high = attenuating) to ``bits``; invert for MONOCHROME1."""
     top = (1 << bits) - 1
     values = np.rint(image * np.float32(top)).astype(np.uint16)
-    return top - values if photometric == "MONOCHROME1" else values
+    result: NDArray[np.uint16] = top - values if photometric == "MONOCHROME1" else values
+    return result
 
 
 def _hash_int(*parts: object) -> int:

@@ -97,9 +97,11 @@ def _plan_set(n: int, seed: int, positive_fraction: float) -> list[_Planned]:
     repeats = round(n / 11)
     twice = set(rng.choice(n - repeats, repeats, replace=False).tolist())
     visits = [(p, k) for p in range(n - repeats) for k in range(2 if p in twice else 1)]
-    styles = [[options[j] for j in rng.permutation(n) % len(options)] for options in _SET_STYLES]
+    modality, photometric, bits = (rng.permutation(n) % len(options) for options in _SET_STYLES)
+    modalities, photometrics, depths = _SET_STYLES
     return [
-        _Planned(i, p, k, int(labels[i]), styles[0][i], styles[1][i], styles[2][i]) for i, (p, k) in enumerate(visits)
+        _Planned(i, p, k, int(labels[i]), modalities[modality[i]], photometrics[photometric[i]], depths[bits[i]])
+        for i, (p, k) in enumerate(visits)
     ]
 
 
