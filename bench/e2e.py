@@ -95,7 +95,7 @@ def soak(n: int, chunk: int, timeout: float) -> list[dict[str, float]]:
         pids_file = out / "state" / "run" / "receiver+worker+sender.pids"
         while not pids_file.with_suffix(".ready").exists() and node.poll() is None:
             time.sleep(0.2)
-        children = [int(p) for p in pids_file.read_text().split()]
+        children = [int(line.split()[0]) for line in pids_file.read_text().splitlines()]  # pid start-time
         names = ["receiver", "worker", "sender"]
         deadline = time.monotonic() + timeout
         try:

@@ -22,7 +22,9 @@ from cxr_node.config import Settings
 from cxr_node.errors import ConfigError, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import Store
+from cxr_node.jobs.leases import recover_jobs
 from cxr_node.jobs.sqlite import SqliteStore
+from cxr_node.jobs.states import JobState
 from cxr_node.metrics import MetricsServer, share_with_children
 from cxr_node.neighbours import SqliteNeighbourIndex
 from cxr_node.receive.handlers import event_handlers
@@ -158,14 +160,15 @@ def build_sender(settings: Settings, store: Store) -> Sender:
     """The sender role: deliveries, probes, settling, retention and dead-letter reports on a timetable."""
     dispatcher = build_dispatcher(settings, store)
     housekeeper = Housekeeper(settings, store, on_purge=lambda studies: purge_index(settings, studies))
-    return Sender(dispatcher, housekeeper, timetable(settings, dispatcher, housekeeper))
+    return Sender(dispatcher, housekeeper, timetable(settings, dispatcher, housekeeper), store.jobs)
 
 
 def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:
     """Bring the store to a consistent state after any stop, for the roles about to start.
 
-    Receiving: partial and half-received files are removed, stored files without a job are adopted.
-    Working: jobs left running are re-queued. Each is safe only while no process of that role runs.
+    Receiving: partial and half-received files are removed, stored files without a job are adopted (safe only
+    while no receiver runs on this storage root). Working: the jobs of workers that are gone (dead on this host,
+    or whose leases expired) are re-queued, or end dead after their last attempt.
     """
     store = open_store(settings)
     try:
@@ -174,7 +177,9 @@ def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:
             adopted = Intake(settings, store.jobs).adopt_orphans()
             log.info("recovery.receiving", partial_files_removed=removed, orphans_adopted=adopted)
         if "worker" in roles:
-            log.info("recovery.jobs", jobs_requeued=store.jobs.requeue_running("re-queued at start-up"))
+            moved = recover_jobs(store.jobs, "worker", settings.worker.max_attempts, time.time())
+            given_up = [job.id for job in moved if job.state is JobState.DEAD]
+            log.info("recovery.jobs", jobs_requeued=len(moved) - len(given_up), jobs_given_up=given_up)
     finally:
         store.close()
 
@@ -254,7 +259,7 @@ def run_sender(settings: Settings, ready: Event | None = None) -> int:
     if ready is not None:
         ready.set()
     try:
-        sender.run(stop, root=settings.storage.root)
+        sender.run(stop)
     finally:
         store.close()
     return 0

@@ -160,6 +160,8 @@ class WorkerSettings(_Section):
     max_side: int = Field(default=1024, ge=256, le=8192)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     channels_last: bool = True
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_s: float = Field(default=60.0, ge=5, le=3600)
 
 
 class SeriesNumbers(_Section):

@@ -32,11 +32,8 @@ from cxr_node.receive.pressure import WAITING, disk_used_fraction
 
 log = structlog.get_logger("cxr_node.metrics")
 
-RUN_DIR: Final = Path("run")
-WORKER_HEARTBEAT: Final = RUN_DIR / "worker.heartbeat"
-SENDER_HEARTBEAT: Final = RUN_DIR / "sender.heartbeat"
-MULTIPROCESS_DIR: Final = RUN_DIR / "metrics"
-"""Run files and folders, relative to ``storage.root``, that the roles write and /metrics, /healthz read."""
+MULTIPROCESS_DIR: Final = Path("run/metrics")
+"""Where, under ``storage.root``, the worker's prometheus_client multiprocess files live."""
 SECONDS_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds of the per-image inference seconds histogram."""
 
@@ -54,18 +51,6 @@ def observe_batch(size: int, seconds: float) -> None:
     BATCHES.labels(str(size)).inc()
 
 
-def beat(root: Path, role: str) -> None:
-    """Touch ``role``'s heartbeat file (its loop is alive); a failure to write it is not the loop's problem."""
-    path = root / RUN_DIR / f"{role}.heartbeat"
-    try:
-        path.touch()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError:
-        return
-
-
 def share_with_children(root: Path) -> Path:
     """Start an empty multiprocess metrics folder under ``root`` and point child processes at it.
 
@@ -81,7 +66,11 @@ def share_with_children(root: Path) -> Path:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything /metrics and ``cxr-node status`` show from the store, measured once."""
+    """Everything /metrics and ``cxr-node status`` show from the store, measured once.
+
+    ``alive`` is, per role, when a process of that role last recorded itself alive; ``stuck`` lists running
+    jobs whose lease has run out (their worker stopped renewing it) as ``(job id, seconds since)``.
+    """
 
     jobs: dict[str, int]
     skipped: dict[str, int]
@@ -89,6 +78,8 @@ class Snapshot:
     destinations: dict[str, Any]
     oldest_pending_s: float
     disk_used: float
+    alive: dict[str, float]
+    stuck: list[tuple[int, float]]
 
     @property
     def queue_depth(self) -> int:
@@ -96,16 +87,22 @@ class Snapshot:
         return sum(self.jobs.get(state.value, 0) for state in WAITING)
 
 
-def snapshot(settings: Settings, store: Store) -> Snapshot:
+def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snapshot:
     """Measure the node now."""
-    root = settings.storage.root
+    root, now = settings.storage.root, time.time() if now is None else now
+    alive: dict[str, float] = {}
+    for holder in store.jobs.holders():
+        alive[holder.role] = max(alive.get(holder.role, 0.0), holder.renewed_at)
+    running = store.jobs.query(JobState.RUNNING)
     return Snapshot(
         jobs={state.value: n for state, n in store.jobs.counts().items()},
         skipped=store.jobs.reasons(JobState.SKIPPED),
         deliveries=store.deliveries.counts(),
         destinations={name: state.__dict__ for name, state in store.deliveries.destinations().items()},
-        oldest_pending_s=store.jobs.oldest_open_age(time.time()),
+        oldest_pending_s=store.jobs.oldest_open_age(now),
         disk_used=disk_used_fraction(root) if root.exists() else 0.0,
+        alive=alive,
+        stuck=[(job.id, now - job.lease_until) for job in running if job.lease_until and job.lease_until < now],
     )
 
 
@@ -175,25 +172,21 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
 
 
 def health(settings: Settings, snap: Snapshot, now: float | None = None) -> list[str]:
-    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender stuck."""
+    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender gone, jobs stuck."""
     now = time.time() if now is None else now
     problems = []
     if not _listening(settings):
         problems.append(f"the DICOM SCP is not listening on port {settings.node.port}")
     stale = settings.metrics.stuck_after_s
-    root = settings.storage.root
-    if snap.queue_depth and _age(root / WORKER_HEARTBEAT, now) > stale:
-        problems.append(f"{snap.queue_depth} jobs wait but the worker has made no progress for {stale:g} s")
-    if settings.destinations and _age(root / SENDER_HEARTBEAT, now) > stale:
+    if snap.queue_depth and now - snap.alive.get("worker", float("-inf")) > stale:
+        problems.append(f"{snap.queue_depth} jobs wait but no worker has been alive for {stale:g} s")
+    if settings.destinations and now - snap.alive.get("sender", float("-inf")) > stale:
         problems.append(f"the sender has not run for {stale:g} s")
+    stuck = [job_id for job_id, seconds in snap.stuck if seconds > stale]
+    if stuck:
+        shown = ", ".join(map(str, stuck[:10])) + (" ..." if len(stuck) > 10 else "")
+        problems.append(f"{len(stuck)} running jobs have had no live worker for over {stale:g} s: {shown}")
     return problems
-
-
-def _age(path: Path, now: float) -> float:
-    try:
-        return now - path.stat().st_mtime
-    except OSError:
-        return float("inf")
 
 
 def _listening(settings: Settings) -> bool:

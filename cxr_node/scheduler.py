@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from cxr_node import metrics
 from cxr_node.config import Settings
 from cxr_node.jobs import retention
-from cxr_node.jobs.interfaces import Store
+from cxr_node.jobs.interfaces import JobStore, Store
+from cxr_node.jobs.leases import this_process
 from cxr_node.jobs.states import JobState
 from cxr_node.send.deliver import Dispatcher
 
 log = structlog.get_logger("cxr_node.scheduler")
+
+ALIVE_EVERY_S = 1.0
+"""How often the sender records that it is alive."""
 
 
 class Housekeeper:
@@ -102,27 +104,29 @@ def _logged(function: Callable[[], Any], name: str) -> Callable[[], None]:
 
 
 class Sender:
-    """The sender role: first probes and settling, then the timetable until stopped, with a heartbeat."""
+    """The sender role: first probes and settling, then the timetable until stopped, renewing its holder entry
+    (how /healthz knows the sender is alive)."""
 
-    def __init__(self, dispatcher: Dispatcher, housekeeper: Housekeeper, scheduler: BackgroundScheduler) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, housekeeper: Housekeeper, scheduler: BackgroundScheduler, jobs: JobStore
+    ) -> None:
         self.dispatcher = dispatcher
         self.housekeeper = housekeeper
         self.scheduler = scheduler
+        self.jobs = jobs
+        self.holder = this_process("sender")
 
-    def run(self, stop: threading.Event, root: Path | None = None) -> None:
-        """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first.
-
-        ``root`` is the storage root whose heartbeat file shows the sender alive (None: no heartbeat).
-        """
+    def run(self, stop: threading.Event) -> None:
+        """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
+        self.jobs.renew(self.holder, ALIVE_EVERY_S)
         for destination in self.dispatcher.destinations:
             self.dispatcher.probe(destination)
         self.housekeeper.settle()
         self.scheduler.start()
         log.info("sender.started", destinations=[d.name for d in self.dispatcher.destinations])
         try:
-            while not stop.wait(1.0):
-                if root is not None:
-                    metrics.beat(root, "sender")
+            while not stop.wait(ALIVE_EVERY_S):
+                self.jobs.renew(self.holder, ALIVE_EVERY_S)
         finally:
             self.scheduler.shutdown(wait=True)
             log.info("sender.stopped")

@@ -27,6 +27,7 @@ import structlog
 from cxr_node import logs
 from cxr_node.config import Settings, systemd_environment
 from cxr_node.errors import ConfigError, CxrNodeError
+from cxr_node.jobs.leases import start_time
 from cxr_node.notify import Notifier
 
 log = structlog.get_logger("cxr_node.supervisor")
@@ -88,19 +89,6 @@ def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to this process when its parent dies (even by kill -9)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of process ``pid`` (clock ticks since boot), or None when it does not exist.
-
-    A pid and its start time name one process for as long as the machine runs; a recycled pid has another.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return int(fields[19])  # field 22 of stat; fields[0] here is field 3
 
 
 class Supervisor:

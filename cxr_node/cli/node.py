@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def status_report(args: argparse.Namespace) -> dict[str, Any]:
     """The node at a glance, as ``status --json`` prints it."""
     from cxr_node.app import open_store
-    from cxr_node.metrics import snapshot
+    from cxr_node.metrics import health, snapshot
 
     found = settings(args)
     store = open_store(found, readonly=True)
     try:
-        snap = snapshot(found, store)
+        now = time.time()
+        snap = snapshot(found, store, now)
     finally:
         store.close()
+    stale = found.metrics.stuck_after_s
     return {
+        "problems": health(found, snap, now),
+        "stuck_jobs": [job_id for job_id, seconds in snap.stuck if seconds > stale],
+        "alive_s_ago": {role: round(now - at, 1) for role, at in sorted(snap.alive.items())},
         "storage_root": str(found.storage.root),
         "model_manifest": str(found.models.manifest),
         "jobs": snap.jobs,
@@ -51,7 +57,8 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def status_lines(report: dict[str, Any]) -> list[str]:
     """The status report as the lines a terminal shows."""
-    lines = [
+    lines = [f"PROBLEM       {problem}" for problem in report["problems"]]
+    lines += [
         f"storage root  {report['storage_root']}   model {report['model_manifest']}",
         f"queue         {report['queue_depth']} waiting (limit {report['queue_limit']}), oldest pending "
         f"{report['oldest_pending_s']:.0f} s, disk {report['disk_used_percent']}% (limit "
@@ -59,6 +66,10 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         f"jobs          {report['total']}",
     ]
     lines += [f"  {state:<12}{count:>8}" for state, count in report["jobs"].items()]
+    alive = ", ".join(f"{role} {seconds:g} s ago" for role, seconds in report["alive_s_ago"].items())
+    lines.append(f"last alive    {alive or 'no worker or sender has run yet'}")
+    if report["stuck_jobs"]:
+        lines.append(f"stuck jobs    {', '.join(map(str, report['stuck_jobs']))} (running, no live worker)")
     for name, state in report["destinations"].items():
         up = "up" if state["reachable"] else f"DOWN ({state['error']})"
         unmet = f", REFUSES {', '.join(state['refused'])}" if state["refused"] else ""

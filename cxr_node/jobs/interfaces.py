@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from cxr_node.jobs.records import DestinationState, Due, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.leases import Holder
+from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.results.findings import Findings
 
@@ -27,12 +28,22 @@ class JobStore(Protocol):
         """Move one job to ``target`` if its state allows it."""
         ...
 
-    def claim(self, limit: int) -> list[Job]:
-        """Move up to ``limit`` of the oldest queued jobs to running and return them."""
+    def claim(self, limit: int, holder: Holder, lease_s: float, retries: bool = True) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs to running under ``holder``'s lease and return them
+        (a job on a later attempt alone; none of those with ``retries=False``)."""
         ...
 
-    def requeue_running(self, reason: str) -> int:
-        """Move every running job back to queued; return how many."""
+    def renew(self, holder: Holder, lease_s: float) -> int:
+        """Extend the leases of ``holder``'s running jobs and record it alive; return how many jobs."""
+        ...
+
+    def release(self, holders: Sequence[str] | None, now: float, max_attempts: int, reason: str) -> list[Job]:
+        """Take back running jobs from gone holders (all when None) and expired leases; dead after the last
+        attempt."""
+        ...
+
+    def holders(self) -> list[HolderState]:
+        """Every process that holds or held jobs, with when it last renewed."""
         ...
 
     def get(self, job_id: int) -> Job | None:

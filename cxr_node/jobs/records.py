@@ -37,6 +37,8 @@ class Job(NewJob):
     attempts: int
     received_at: float
     updated_at: float
+    holder: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,12 @@ class DestinationState:
     down_since: float | None
     retry_at: float
     failures: int
+
+
+@dataclass(frozen=True)
+class HolderState:
+    """A process that holds (or held) jobs, as the store last heard of it."""
+
+    id: str
+    role: str
+    renewed_at: float

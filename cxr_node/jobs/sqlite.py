@@ -21,7 +21,8 @@ from typing import Any, Final
 
 from cxr_node.errors import InvalidTransition, StorageError
 from cxr_node.jobs import codec
-from cxr_node.jobs.records import DestinationState, Due, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.leases import Holder
+from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
 from cxr_node.jobs.states import (
     OPEN_DELIVERIES,
     DeliveryState,
@@ -32,7 +33,7 @@ from cxr_node.jobs.states import (
 )
 from cxr_node.results.findings import Findings
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -53,9 +54,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    holder TEXT,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS holders (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    renewed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL REFERENCES jobs (id),
@@ -114,6 +122,7 @@ _MIGRATIONS: Final = {
     1: "ALTER TABLE results ADD COLUMN arrays BLOB;",
     3: "ALTER TABLE outputs ADD COLUMN send_order INTEGER NOT NULL DEFAULT 0;"
     " UPDATE outputs SET send_order = CASE kind WHEN 'sr' THEN 0 WHEN 'sc' THEN 1 WHEN 'seg' THEN 2 ELSE 3 END;",
+    4: "ALTER TABLE jobs ADD COLUMN holder TEXT; ALTER TABLE jobs ADD COLUMN lease_until REAL;",
 }
 """Steps from an older schema version to the next, applied before the CREATE IF NOT EXISTS script (version 3
 stored no send order; its kinds were sent SR, SC, SEG, GSPS)."""
@@ -259,8 +268,8 @@ class SqliteJobs:
         if not current:
             raise InvalidTransition(f"job {job_id} does not exist")
         updated = db.execute(
-            f"UPDATE jobs SET state = ?, reason = ?, updated_at = ?, attempts = attempts + ? WHERE id = ?"
-            f" AND state IN ({_marks(allowed)})",
+            "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, attempts = attempts + ?, holder = NULL,"
+            f" lease_until = NULL WHERE id = ? AND state IN ({_marks(allowed)})",
             (target.value, reason, now, int(attempt), job_id, *allowed),
         ).rowcount
         if updated != 1:
@@ -268,24 +277,77 @@ class SqliteJobs:
         self.event(db, job_id, now, current[0].state, target, reason)
         return self.select(db, "id = ?", (job_id,))[0]
 
-    def claim(self, limit: int) -> list[Job]:
-        """Move up to ``limit`` of the oldest queued jobs to running (one more attempt each), and return them."""
-        with self.db.transaction() as db:
-            ids = [
-                row[0]
-                for row in db.execute(
-                    "SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?", (JobState.QUEUED.value, limit)
-                )
-            ]
-            return [self.move(db, job_id, JobState.RUNNING, None, attempt=True) for job_id in ids]
+    def claim(self, limit: int, holder: Holder, lease_s: float, retries: bool = True) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs to running under ``holder``'s lease; return them.
 
-    def requeue_running(self, reason: str) -> int:
-        """Move every running job back to queued (recovery after a crash); return how many."""
+        Each claim is one more attempt. A job on its second or later attempt is claimed alone: if it is what
+        killed the last worker, it cannot take a batch of other patients' jobs down with it again. With
+        ``retries=False`` only jobs on their first attempt are claimed (to fill a batch).
+        """
+        now = time.time()
+        fresh = "" if retries else " AND attempts = 0"
         with self.db.transaction() as db:
-            ids = [row[0] for row in db.execute("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING.value,))]
-            for job_id in ids:
-                self.move(db, job_id, JobState.QUEUED, reason)
-            return len(ids)
+            queued = db.execute(
+                f"SELECT id, attempts FROM jobs WHERE state = ?{fresh} ORDER BY id LIMIT ?",
+                (JobState.QUEUED.value, limit),
+            ).fetchall()
+            if not queued:
+                return []
+            ids = [queued[0][0]] if queued[0][1] else [job_id for job_id, attempts in queued if not attempts]
+            jobs = [self.move(db, job_id, JobState.RUNNING, None, attempt=True) for job_id in ids]
+            db.executemany(
+                "UPDATE jobs SET holder = ?, lease_until = ? WHERE id = ?",
+                [(holder.id, now + lease_s, job.id) for job in jobs],
+            )
+            self._beat(db, holder, now)
+            return self.select(db, f"id IN ({_marks(ids)}) ORDER BY id", tuple(ids))
+
+    def renew(self, holder: Holder, lease_s: float) -> int:
+        """Extend the lease of every job ``holder`` runs and record that it is alive; return how many jobs."""
+        now = time.time()
+        with self.db.transaction() as db:
+            self._beat(db, holder, now)
+            return db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE holder = ? AND state = ?",
+                (now + lease_s, holder.id, JobState.RUNNING.value),
+            ).rowcount
+
+    @staticmethod
+    def _beat(db: sqlite3.Connection, holder: Holder, now: float) -> None:
+        db.execute(
+            "INSERT INTO holders (id, role, renewed_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET renewed_at = excluded.renewed_at",
+            (holder.id, holder.role, now),
+        )
+
+    def release(self, holders: Sequence[str] | None, now: float, max_attempts: int, reason: str) -> list[Job]:
+        """Take running jobs back from holders that are gone: those named (every running job when None) and any
+        whose lease expired before ``now``. A job back from ``max_attempts`` attempts ends dead; the others are
+        queued again. The holders named are forgotten. Returns the jobs moved, in their new state."""
+        args: tuple[object, ...] = ()
+        if holders is None:
+            where = "1 = 1"
+        else:
+            where, args = f"lease_until < ? OR holder IN ({_marks(holders)})", (now, *holders)
+        with self.db.transaction() as db:
+            rows = db.execute(
+                f"SELECT id, attempts FROM jobs WHERE state = ? AND ({where})", (JobState.RUNNING.value, *args)
+            ).fetchall()
+            moved = [self._release_one(db, job_id, attempts, max_attempts, reason) for job_id, attempts in rows]
+            if holders:
+                db.executemany("DELETE FROM holders WHERE id = ?", [(h,) for h in holders])
+            return moved
+
+    def _release_one(self, db: sqlite3.Connection, job_id: int, attempts: int, max_attempts: int, reason: str) -> Job:
+        if attempts >= max_attempts:
+            return self.move(db, job_id, JobState.DEAD, f"gave up after {attempts} attempts: {reason}"[:300])
+        return self.move(db, job_id, JobState.QUEUED, reason)
+
+    def holders(self) -> list[HolderState]:
+        """Every process that holds or held jobs, with when it last renewed."""
+        with self.db.read() as db:
+            rows = db.execute("SELECT id, role, renewed_at FROM holders ORDER BY id").fetchall()
+        return [HolderState(*row) for row in rows]
 
     def get(self, job_id: int) -> Job | None:
         """Return the job ``job_id``, or None."""
@@ -638,6 +700,7 @@ class SqliteDeliveries:
         if found[0].state is JobState.DEAD:
             target = JobState.WRITTEN if has_outputs else JobState.QUEUED
             self.jobs.move(db, job_id, target, "re-queued by an operator")
+            db.execute("UPDATE jobs SET attempts = 0 WHERE id = ?", (job_id,))  # a fresh start after a fix
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Deliveries by (destination, state)."""

@@ -27,6 +27,7 @@ from cxr_node.dicom.pixels import DecodedImage
 from cxr_node.errors import PixelDecodeError
 from cxr_node.infer.engine import Analysis
 from cxr_node.jobs.interfaces import JobStore, ResultStore
+from cxr_node.jobs.leases import Holder, recover_jobs, this_process
 from cxr_node.jobs.records import Job
 from cxr_node.jobs.states import JobState
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
@@ -107,6 +108,8 @@ class Worker:
         Writes each result's DICOM outputs (inferred → written); None stops at ``inferred``.
     retriever : Retriever or None
         The neighbour index; None turns retrieval off.
+    holder : Holder or None
+        Who claims the jobs (this process by default); its leases are renewed while :meth:`run` runs.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class Worker:
         settings: WorkerSettings,
         writer: OutputWriter | None = None,
         retriever: Retriever | None = None,
+        holder: Holder | None = None,
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -130,20 +134,53 @@ class Worker:
         self.settings = settings
         self.writer = writer
         self.retriever: Retriever = retriever or NoRetrieval()
+        self.holder = holder or this_process("worker")
+        self._progress = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set; the batch in hand is finished first."""
+        """Process batches until ``stop`` is set; the batch in hand is finished first.
+
+        A thread renews the leases of the jobs in hand while the loop makes progress; jobs of workers that are
+        gone are taken back at start and whenever the worker is idle.
+        """
         log.info("worker.started", model=self.provenance.model_name, version=self.provenance.model_version)
+        self.jobs.renew(self.holder, self.settings.lease_s)
+        renewer = threading.Thread(target=self._renew_leases, args=(stop,), name="leases", daemon=True)
+        renewer.start()
+        self.recover()
         self.finish_inferred()
+        recovered = time.monotonic()
         while not stop.is_set():
-            metrics.beat(self.root, "worker")
+            self._progress = time.monotonic()
             jobs = self.take_batch(stop)
             if jobs:
                 self.process(jobs)
-            else:
-                self.finish_inferred()
-                stop.wait(self.settings.poll_interval_ms / 1000)
+                continue
+            if time.monotonic() - recovered >= self.settings.lease_s:
+                self.recover()
+                recovered = time.monotonic()
+            self.finish_inferred()
+            stop.wait(self.settings.poll_interval_ms / 1000)
+        renewer.join(5)
         log.info("worker.stopped")
+
+    def _renew_leases(self, stop: threading.Event) -> None:
+        """Renew this worker's leases every third of a lease, while the loop has moved within the last lease."""
+        lease = self.settings.lease_s
+        while not stop.wait(lease / 3):
+            if time.monotonic() - self._progress < lease:
+                self.jobs.renew(self.holder, lease)
+
+    def recover(self) -> list[Job]:
+        """Take back the jobs of workers that are gone; log each, and raise the alarm for those given up."""
+        moved = recover_jobs(self.jobs, "worker", self.settings.max_attempts, time.time())
+        for job in moved:
+            with bound_contextvars(job_id=job.id):
+                if job.state is JobState.DEAD:
+                    log.error("job.gave_up", attempts=job.attempts, reason=job.reason)
+                else:
+                    log.warning("job.requeued", attempts=job.attempts, reason=job.reason)
+        return moved
 
     def close(self) -> None:
         """Persist and release the neighbour index."""
@@ -156,14 +193,18 @@ class Worker:
         return sum(self.writer.finish(job, self.settings.max_side) for job in self.jobs.query(JobState.INFERRED))
 
     def take_batch(self, stop: threading.Event) -> list[Job]:
-        """Claim up to batch_size queued jobs, waiting up to batch_wait_ms after the first to fill the batch."""
-        jobs = self.jobs.claim(self.settings.batch_size)
-        if not jobs:
-            return []
+        """Claim up to batch_size queued jobs, waiting up to batch_wait_ms after the first to fill the batch.
+
+        A job on a later attempt comes alone and is processed alone.
+        """
+        size, lease = self.settings.batch_size, self.settings.lease_s
+        jobs = self.jobs.claim(size, self.holder, lease)
+        if not jobs or jobs[0].attempts > 1:
+            return jobs
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-        while len(jobs) < self.settings.batch_size and time.monotonic() < deadline and not stop.is_set():
+        while len(jobs) < size and time.monotonic() < deadline and not stop.is_set():
             stop.wait(min(0.02, max(deadline - time.monotonic(), 0)))
-            jobs += self.jobs.claim(self.settings.batch_size - len(jobs))
+            jobs += self.jobs.claim(size - len(jobs), self.holder, lease, retries=False)
         return jobs
 
     def process(self, jobs: Sequence[Job]) -> None:
@@ -204,6 +245,7 @@ class Worker:
             return None
 
     def _record(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
+        self._progress = time.monotonic()
         with bound_contextvars(job_id=item.job.id):
             self._record_bound(item, image, analysis)
 
@@ -233,6 +275,7 @@ class Worker:
 
     def _not_decodable(self, item: Loaded) -> None:
         """An image whose pixels cannot be decoded is recorded as not analysed (the site gets a short SR)."""
+        self._progress = time.monotonic()
         summary = undecodable_summary(item.header, item.reason, self.analyser.model)
         with bound_contextvars(job_id=item.job.id):
             self.results.save_result(item.job.id, Findings(self.provenance, summary), None)

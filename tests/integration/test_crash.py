@@ -49,7 +49,8 @@ def test_kill_9_after_success_loses_nothing(settings: Settings, chest_cr: Path, 
     config = write_config(settings.with_overrides({"logging.format": "json"}), tmp_path / "node.yaml")
     log = tmp_path / "serve.log"
     node = start_node(config, settings, log)
-    children = [int(p) for p in (settings.storage.root / "run/receiver+worker+sender.pids").read_text().split()]
+    pids = (settings.storage.root / "run/receiver+worker+sender.pids").read_text().splitlines()
+    children = [int(line.split()[0]) for line in pids]
     datasets = [small_cr(chest_cr, f"kill-{i}", size=256) for i in range(20)]
     assert store_all(settings.node.port, datasets) == [status.SUCCESS] * 20
     os.killpg(node.pid, signal.SIGKILL)  # the whole process group, right after the last Success
@@ -80,7 +81,8 @@ def test_children_die_with_a_killed_supervisor(settings: Settings, tmp_path: Pat
     """SIGKILL of the supervisor alone takes its receiver children down, so no stale process keeps the port."""
     config = write_config(settings, tmp_path / "node.yaml")
     node = start_node(config, settings, tmp_path / "serve.log")
-    children = [int(p) for p in (settings.storage.root / "run/receiver+worker+sender.pids").read_text().split()]
+    pids = (settings.storage.root / "run/receiver+worker+sender.pids").read_text().splitlines()
+    children = [int(line.split()[0]) for line in pids]
     node.kill()
     node.wait(10)
     deadline = time.monotonic() + 20

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cxr_node.app import Receiver, open_store
 from cxr_node.config import Settings
+from cxr_node.jobs.leases import this_process
 from cxr_node.metrics import MetricsServer
 from tests.integration.helpers import small_cr, store_all
 
@@ -35,8 +36,8 @@ def test_metrics_count_jobs_and_healthz_follows_the_scp(make_settings: Callable[
         assert 'cxr_node_jobs{state="queued"} 3' in text
         assert "cxr_node_queue_depth 3" in text and "cxr_node_disk_used_ratio" in text
         assert "# TYPE cxr_node_inference_seconds histogram" in text
-        (settings.storage.root / "run").mkdir(exist_ok=True)
-        (settings.storage.root / "run/worker.heartbeat").touch()
+        assert get(port, "/healthz")[0] == 503  # jobs wait and no worker has ever been alive
+        node.store.jobs.renew(this_process("worker"), 60)
         assert get(port, "/healthz") == (200, "ok\n")
         node.stop(grace_s=5)
         code, text = get(port, "/healthz")

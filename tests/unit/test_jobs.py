@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import spool
+from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.records import NewJob
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import TERMINAL, JobState, can_move
 from cxr_node.results.findings import Findings, Provenance, Summary
+
+HOLDER = Holder("worker", "test-host", 1, 1)
 
 
 def new_job(uid: str, path: str | None = "inbox/x.dcm") -> NewJob:
@@ -61,7 +65,7 @@ def test_duplicate_instance_is_not_recorded_twice(store: SqliteStore) -> None:
 def test_transitions_follow_the_state_machine(store: SqliteStore) -> None:
     """Allowed moves are recorded one by one; a move the machine forbids raises and changes nothing."""
     job, _ = store.jobs.record(new_job("9.9"), JobState.QUEUED)
-    assert store.jobs.claim(5)[0].state is JobState.RUNNING
+    assert store.jobs.claim(5, HOLDER, 60)[0].state is JobState.RUNNING
     store.jobs.transition(job.id, JobState.INFERRED)
     with pytest.raises(InvalidTransition, match="inferred, which does not lead to delivered"):
         store.jobs.transition(job.id, JobState.DELIVERED)
@@ -82,7 +86,7 @@ def test_claim_is_oldest_first_and_exclusive(tmp_path: Path) -> None:
     a, b = SqliteStore(tmp_path / "j.db"), SqliteStore(tmp_path / "j.db")
     for i in range(10):
         a.jobs.record(new_job(f"1.{i}"), JobState.QUEUED)
-    first, second = a.jobs.claim(4), b.jobs.claim(10)
+    first, second = a.jobs.claim(4, HOLDER, 60), b.jobs.claim(10, HOLDER, 60)
     assert [j.sop_instance_uid for j in first] == ["1.0", "1.1", "1.2", "1.3"]
     assert {j.id for j in first}.isdisjoint({j.id for j in second})
     assert len(second) == 6
@@ -94,8 +98,8 @@ def test_requeue_running_after_crash(store: SqliteStore) -> None:
     """Jobs left running by a crash go back to queued with a reason."""
     for i in range(3):
         store.jobs.record(new_job(f"2.{i}"), JobState.QUEUED)
-    store.jobs.claim(2)
-    assert store.jobs.requeue_running("re-queued at start-up") == 2
+    store.jobs.claim(2, HOLDER, 60)
+    assert len(store.jobs.release(None, time.time(), 3, "re-queued at start-up")) == 2
     assert store.jobs.counts()[JobState.QUEUED] == 3
 
 
@@ -156,7 +160,7 @@ def test_result_and_transition_are_one_write(store: SqliteStore) -> None:
     with pytest.raises(InvalidTransition):
         store.results.save_result(job.id, NOT_ANALYSED, None)
     assert store.results.result(job.id) is None
-    store.jobs.claim(1)
+    store.jobs.claim(1, HOLDER, 60)
     moved = store.results.save_result(job.id, NOT_ANALYSED, b"\x00" * 8)
     assert moved.state is JobState.INFERRED
     saved = store.results.result(job.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from cxr_node.errors import InvalidTransition, StorageError
 from cxr_node.jobs import spool
+from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.records import NewJob, Output
 from cxr_node.jobs.sqlite import SCHEMA_VERSION, SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
@@ -103,6 +105,9 @@ CREATE TABLE IF NOT EXISTS destinations (
 """The schema of version 3 (``git show HEAD~3:cxr_node/jobs/store.py`` and ``deliveries.py``): no send_order."""
 
 
+HOLDER = Holder("worker", "test-host", 1, 1)
+
+
 def new_job(uid: str) -> NewJob:
     """Return a NewJob for SOP Instance UID ``uid``."""
     return NewJob(
@@ -139,7 +144,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
 def written_job(store: SqliteStore, uid: str, kinds: list[str], destinations: tuple[str, ...] = ("pacs",)) -> int:
     """Take a new job through claim, result and outputs of ``kinds`` to written; return its id."""
     job, _ = store.jobs.record(new_job(uid), JobState.QUEUED)
-    store.jobs.claim(1)
+    store.jobs.claim(1, HOLDER, 60)
     store.results.save_result(job.id, NOT_ANALYSED, None)
     store.results.save_outputs(job.id, [output(kind) for kind in kinds], destinations)
     return job.id
@@ -162,7 +167,7 @@ def test_claim_counts_an_attempt_and_records_the_event(store: SqliteStore) -> No
     """Claiming a queued job moves it to running, adds one attempt and appends a queued→running event."""
     job, _ = store.jobs.record(new_job("1.1"), JobState.QUEUED)
     assert job.attempts == 0
-    [claimed] = store.jobs.claim(5)
+    [claimed] = store.jobs.claim(5, HOLDER, 60)
     assert (claimed.id, claimed.state, claimed.attempts) == (job.id, JobState.RUNNING, 1)
     assert store.jobs.history(job.id)[-1] == ("queued", "running", None)
 
@@ -170,8 +175,8 @@ def test_claim_counts_an_attempt_and_records_the_event(store: SqliteStore) -> No
 def test_requeue_running_records_the_reason(store: SqliteStore) -> None:
     """Re-queueing running jobs appends a running→queued event with the reason, and the next claim counts again."""
     job, _ = store.jobs.record(new_job("1.2"), JobState.QUEUED)
-    store.jobs.claim(1)
-    assert store.jobs.requeue_running("re-queued at start-up") == 1
+    store.jobs.claim(1, HOLDER, 60)
+    assert len(store.jobs.release(None, time.time(), 3, "re-queued at start-up")) == 1
     assert store.jobs.history(job.id)[-2:] == [
         ("queued", "running", None),
         ("running", "queued", "re-queued at start-up"),
@@ -182,7 +187,7 @@ def test_requeue_running_records_the_reason(store: SqliteStore) -> None:
         "re-queued at start-up",
         1,
     )
-    assert store.jobs.claim(1)[0].attempts == 2
+    assert store.jobs.claim(1, HOLDER, 60)[0].attempts == 2
 
 
 def test_every_state_change_is_an_event_row(store: SqliteStore) -> None:
@@ -300,12 +305,12 @@ def user_version(path: Path) -> int:
 
 
 def test_version_3_database_is_migrated_with_the_old_send_order(tmp_path: Path) -> None:
-    """A version-3 database opens as version 4, its outputs sent SR, SC, SEG, then GSPS as before."""
+    """A version-3 database opens at the current version, its outputs sent SR, SC, SEG, then GSPS as before."""
     path = tmp_path / spool.DB_NAME
     write_v3_database(path)
     store = SqliteStore(path)
     try:
-        assert user_version(path) == SCHEMA_VERSION == 4
+        assert user_version(path) == SCHEMA_VERSION == 5
         assert [(o.kind, o.send_order) for o in store.results.outputs(1)] == [
             ("sr", 0),
             ("sc", 1),
