@@ -62,7 +62,8 @@ SCP_STATUSES: Final[tuple[StatusRow, ...]] = (
         "Success",
         "The instance is durably recorded: its job row is committed, after its file (when kept) is fsynced "
         "and renamed into place. This holds for instances that are analysed (job `queued`), not analysed "
-        "(job `skipped` with the reason) and re-sent (same SOP Instance UID: the existing job is kept).",
+        "(job `skipped` with the reason) and re-sent identically (same SOP Instance UID, patient, study, series "
+        "and pixel data: the existing job is kept).",
     ),
     StatusRow(
         "OUT_OF_RESOURCES",
@@ -81,8 +82,21 @@ SCP_STATUSES: Final[tuple[StatusRow, ...]] = (
     StatusRow(
         "CANNOT_UNDERSTAND",
         "Error: Cannot understand",
-        "SOP Instance UID, SOP Class UID or Study Instance UID is missing, or the data set cannot be "
-        "decoded at all. Nothing is kept.",
+        "The data set cannot be decoded at all. Nothing is kept.",
+    ),
+    StatusRow(
+        "IDENTIFIER_INVALID",
+        "Error: Cannot understand (identifier)",
+        "SOP Instance UID, SOP Class UID, Study Instance UID or Series Instance UID is missing or not a valid "
+        "UID (PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters); the ErrorComment names the "
+        "attribute. Nothing is kept, queued or indexed; a re-send fails the same way.",
+    ),
+    StatusRow(
+        "INSTANCE_CONFLICT",
+        "Error: Cannot understand (conflicting instance)",
+        "An instance with this SOP Instance UID was already received with another patient, study, series, SOP "
+        "class or pixel data; the ErrorComment says which. The new one is refused (never stored over the first, "
+        "never combined with it); an identical re-send is answered Success.",
     ),
     StatusRow(
         "UNEXPECTED_FAILURE",

@@ -18,6 +18,12 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
 """Error: Data Set does not match SOP Class (PS3.4 B.2.3)."""
 CANNOT_UNDERSTAND: Final = 0xC000
 """Error: Cannot understand (PS3.4 B.2.3, range C000-CFFF)."""
+IDENTIFIER_INVALID: Final = 0xC001
+"""Error: Cannot understand (PS3.4 B.2.3, range C000-CFFF, implementation specific): an identifying UID
+(SOP Instance, SOP Class, Study or Series Instance UID) is missing or is not a valid UID (PS3.5 9.1)."""
+INSTANCE_CONFLICT: Final = 0xC002
+"""Error: Cannot understand (PS3.4 B.2.3, range C000-CFFF, implementation specific): the SOP Instance UID was
+already received with another patient, study, series, SOP class or pixel data."""
 UNEXPECTED_FAILURE: Final = 0xC211
 """Error: Cannot understand, used (as pynetdicom does) for an unexpected error in our handler."""
 

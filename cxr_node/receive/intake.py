@@ -8,6 +8,8 @@ on the next start by :meth:`Intake.adopt_orphans`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,14 @@ import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.errors import RejectedInstance, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import JobStore
-from cxr_node.jobs.records import NewJob
+from cxr_node.jobs.records import Job, NewJob
 from cxr_node.jobs.states import JobState
 from cxr_node.logs import hash_identifier
 from cxr_node.receive.filters import Verdict, triage
@@ -33,7 +36,8 @@ log = structlog.get_logger("cxr_node.receive")
 
 _AREA: Final = {"eligible": spool.INBOX, "malformed": spool.QUARANTINE, "skipped": spool.SKIPPED}
 _STATE: Final = {"eligible": JobState.QUEUED, "malformed": JobState.QUARANTINED, "skipped": JobState.SKIPPED}
-REQUIRED_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID")
+IDENTIFYING_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+"""Attributes an instance must carry as valid UIDs to be accepted: they name its files, job, study and outputs."""
 DEFER_SIZE: Final = 64 * 1024
 """Elements larger than this (pixel data) are not read when a stored file's header is parsed."""
 
@@ -118,6 +122,9 @@ class Intake:
         if size > self.max_bytes:
             raise RejectedInstance(status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds node.max_instance_mb")
         new = _identify(ds, transfer_syntax, peer, size)
+        existing = self.jobs.find(new.instance_key)
+        if existing is not None:
+            return self._again(existing, new, encoded)
         verdict = self._triage(ds)
         rel = self._place(new.instance_key, verdict, encoded)
         job, created = self.jobs.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
@@ -127,6 +134,31 @@ class Intake:
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS, status.error_comment(verdict.reason), job.id, job.state
             )
         return StoreOutcome(status.SUCCESS, "", job.id, job.state)
+
+    def _again(self, existing: Job, new: NewJob, encoded: bytes | Path) -> StoreOutcome:
+        """An instance whose SOP Instance UID is already known: an identical re-send keeps the first (Success);
+        one with other content is refused and never stored over it."""
+        differs = _differences(existing, new) or self._pixels_differ(existing, new, encoded)
+        if isinstance(encoded, Path):
+            encoded.unlink(missing_ok=True)
+        fields = {"job_id": existing.id, "instance": new.instance_key[:16]}
+        if not differs:
+            log.info("store.duplicate", state=str(existing.state), **fields)
+            return StoreOutcome(status.SUCCESS, "", existing.id, existing.state)
+        log.warning("store.conflict", differs=differs, **fields)
+        reason = f"SOP Instance UID already received with another {differs}"
+        return StoreOutcome(status.INSTANCE_CONFLICT, status.error_comment(reason), existing.id, existing.state)
+
+    def _pixels_differ(self, existing: Job, new: NewJob, encoded: bytes | Path) -> str:
+        """'pixel data' when both files are at hand, in the same transfer syntax, and their pixel data differ."""
+        if existing.path is None or existing.transfer_syntax != new.transfer_syntax:
+            return ""
+        try:
+            first = pixel_digest(self.root / existing.path)
+            second = pixel_digest(encoded)
+        except (OSError, InvalidDicomError, ValueError):
+            return ""
+        return "pixel data" if first != second else ""
 
     def _triage(self, ds: Dataset) -> Verdict:
         try:
@@ -176,18 +208,20 @@ class Intake:
 
 
 def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJob:
-    """Read the identifying attributes; raise RejectedInstance when a required UID is missing."""
+    """Read the identifying attributes; raise RejectedInstance when one is missing or not a valid UID."""
     try:
-        uids = {name: str(ds.get(name, "") or "").strip() for name in REQUIRED_UIDS}
-        missing = [name for name, value in uids.items() if not value]
-        if missing:
-            raise RejectedInstance(status.CANNOT_UNDERSTAND, f"{', '.join(missing)} missing")
+        uids = {name: str(ds.get(name, "") or "").strip("\x00 ") for name in IDENTIFYING_UIDS}
+        for name, value in uids.items():
+            if not value:
+                raise RejectedInstance(status.IDENTIFIER_INVALID, f"{name} missing")
+            if not UID(value).is_valid:
+                raise RejectedInstance(status.IDENTIFIER_INVALID, f"{name} is not a valid UID")
         return NewJob(
             instance_key=spool.instance_key(uids["SOPInstanceUID"]),
             sop_instance_uid=uids["SOPInstanceUID"],
             sop_class_uid=uids["SOPClassUID"],
             study_instance_uid=uids["StudyInstanceUID"],
-            series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            series_instance_uid=uids["SeriesInstanceUID"],
             accession_number=str(ds.get("AccessionNumber", "") or ""),
             patient_hash=hash_identifier(str(ds.get("PatientID", "") or "")),
             modality=str(ds.get("Modality", "") or ""),
@@ -201,6 +235,24 @@ def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJo
         raise
     except Exception as exc:
         raise RejectedInstance(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {_short(exc)}") from exc
+
+
+def _differences(existing: Job, new: NewJob) -> str:
+    """Which identifying attributes of a re-sent instance differ from the first one's, in words ('' when none)."""
+    pairs = (
+        ("patient", existing.patient_hash, new.patient_hash),
+        ("study", existing.study_instance_uid, new.study_instance_uid),
+        ("series", existing.series_instance_uid, new.series_instance_uid),
+        ("SOP class", existing.sop_class_uid, new.sop_class_uid),
+    )
+    return ", ".join(name for name, first, second in pairs if first != second)
+
+
+def pixel_digest(source: Path | bytes) -> str:
+    """SHA-256 of the Pixel Data value of a stored instance, as encoded (no decoding)."""
+    ds = dcmread(source if isinstance(source, Path) else io.BytesIO(source), specific_tags=["PixelData"])
+    value = ds.get("PixelData")
+    return hashlib.sha256(value if isinstance(value, bytes) else b"").hexdigest()
 
 
 def _with_path(new: NewJob, rel: str | None) -> NewJob:

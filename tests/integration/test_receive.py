@@ -93,16 +93,15 @@ def test_malformed_pixel_data_is_refused_and_quarantined(receiver: Receiver, che
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_hostile_uid_cannot_escape_the_storage_root(receiver: Receiver, chest_cr: Path) -> None:
-    """A SOP Instance UID made of path characters is stored under a hashed name inside the root."""
+def test_hostile_uid_is_refused_at_the_door(receiver: Receiver, chest_cr: Path) -> None:
+    """A SOP Instance UID made of path characters is refused (0xC001) before anything is stored."""
     hostile = small_cr(chest_cr, "hostile", SOPInstanceUID="../../../../tmp/cxr-escape")
     hostile.file_meta.MediaStorageSOPInstanceUID = hostile.SOPInstanceUID
-    assert store_all(receiver.port, [hostile]) == [status.SUCCESS]
-    [job] = receiver.store.jobs.query()
-    stored = (receiver.settings.storage.root / job.path).resolve()
-    assert stored.is_relative_to(receiver.settings.storage.root.resolve())
-    assert stored.name == f"{spool.instance_key('../../../../tmp/cxr-escape')}.dcm"
+    assert store_all(receiver.port, [hostile]) == [status.IDENTIFIER_INVALID]
+    assert receiver.store.jobs.query() == []
+    assert not any((receiver.settings.storage.root / spool.INBOX).rglob("*"))
     assert not Path("/tmp/cxr-escape").exists()
+    assert spool.relative_path(spool.INBOX, spool.instance_key("../../etc")).parts[0] == spool.INBOX
 
 
 def test_duplicate_send_keeps_one_job(receiver: Receiver, chest_cr: Path) -> None:
