@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_node.app import load_model
+from cxr_node.app import load_model, patient_hasher
 from cxr_node.config import Settings
 from cxr_node.neighbours import SqliteNeighbourIndex
 from cxr_node.training.phantoms import write_phantom_set
-from cxr_node.work.library import embed
+from cxr_node.work.library import Embedder
 
 
 def labelled(folder: Path, n: int, seed: int) -> list[tuple[Path, None, str]]:
-    """Write ``n`` phantoms; return (file, None, label) triples for :func:`embed`."""
+    """Write ``n`` phantoms; return (file, None, label) triples for :meth:`Embedder.embed`."""
     labels = write_phantom_set(folder, n=n, seed=seed, size=512)
     with labels.open(newline="") as handle:
         return [(labels.parent / row["path"], None, row["label"]) for row in csv.DictReader(handle)]
@@ -41,14 +41,15 @@ def main() -> int:
         base = Path(tmp)
         settings = Settings().with_overrides({"storage.root": str(base / "state")})
         manifest, engine = load_model(settings)
+        embedder = Embedder(engine, patient_hasher(settings), 1024)
         version = manifest.version
         index = SqliteNeighbourIndex(base / "index", fsync=False)
-        library = list(embed(engine, labelled(base / "library", args.library, 2021_11), 1024, source="library"))
+        library = list(embedder.embed(labelled(base / "library", args.library, 2021_11), source="library"))
         for item in library:
             if item.embedding is not None:
                 index.add(version, item.embedding, item.case)
         precisions, labels = [], []
-        for item in embed(engine, labelled(base / "queries", args.queries, 2021_12), 1024):
+        for item in embedder.embed(labelled(base / "queries", args.queries, 2021_12)):
             if item.embedding is None:
                 continue
             found = index.query(

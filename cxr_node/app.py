@@ -27,6 +27,7 @@ from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
 from cxr_node.metrics import MetricsServer, share_with_children
 from cxr_node.neighbours import SqliteNeighbourIndex
+from cxr_node.privacy import PatientHasher, load_key
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
 from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
@@ -106,6 +107,17 @@ def provenance(settings: Settings, manifest: Manifest) -> Provenance:
     )
 
 
+def patient_hasher(settings: Settings) -> PatientHasher:
+    """The site's keyed hash of patient identifiers (its key created under ``storage.root`` on first use).
+
+    Raises
+    ------
+    StorageError
+        When the key cannot be created or read, or others may read it.
+    """
+    return PatientHasher(load_key(settings.storage.identifier_key_file))
+
+
 def open_index(settings: Settings) -> SqliteNeighbourIndex:
     """The persistent neighbour index under ``storage.root/index``."""
     return SqliteNeighbourIndex(settings.storage.root / INDEX_FOLDER, fsync=settings.storage.fsync)
@@ -146,8 +158,8 @@ def build_worker(
         fsync=settings.storage.fsync,
     )
     retriever = IndexRetriever(open_index(settings), settings.neighbours) if settings.neighbours.k else None
-    root = settings.storage.root
-    return Worker(root, store.jobs, store.results, analyser, made_by, settings.worker, writer, retriever)
+    root, hasher = settings.storage.root, patient_hasher(settings)
+    return Worker(root, store.jobs, store.results, analyser, made_by, settings.worker, writer, retriever, hasher=hasher)
 
 
 def build_dispatcher(settings: Settings, store: Store) -> Dispatcher:
@@ -174,7 +186,7 @@ def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:
     try:
         if "receiver" in roles:
             removed = spool.remove_partials(settings.storage.root)
-            adopted = Intake(settings, store.jobs).adopt_orphans()
+            adopted = Intake(settings, store.jobs, patient_hasher(settings)).adopt_orphans()
             log.info("recovery.receiving", partial_files_removed=removed, orphans_adopted=adopted)
         if "worker" in roles:
             moved = recover_jobs(store.jobs, "worker", settings.worker.max_attempts, time.time())
@@ -191,7 +203,7 @@ class Receiver:
         self.settings = settings
         self.reuse_port = reuse_port
         self.store = open_store(settings)
-        self.intake = Intake(settings, self.store.jobs)
+        self.intake = Intake(settings, self.store.jobs, patient_hasher(settings))
         self.server: NodeServer | None = None
 
     @property

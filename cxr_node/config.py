@@ -90,6 +90,12 @@ class StorageSettings(_Section):
     keep_skipped: bool = False
     max_disk_percent: float = Field(default=90.0, gt=0, le=100)
     retention_days: float = Field(default=30.0, ge=0)
+    identifier_key: Path | None = None
+
+    @property
+    def identifier_key_file(self) -> Path:
+        """The site's key for hashing patient identifiers: ``identifier_key``, else ``root/identifier.key``."""
+        return self.identifier_key or self.root / "identifier.key"
 
 
 class TriageSettings(_Section):

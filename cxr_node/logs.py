@@ -1,13 +1,15 @@
-"""structlog set-up, done once per process, and the hashing of patient identifiers.
+"""structlog set-up, done once per process, and the rules that keep patient data out of the logs.
 
-Events are short dotted names (``store.accepted``, ``assoc.opened``) with bound context. Values under
-the keys in :data:`PHI_KEYS` never reach a log in clear: :func:`hash_phi` replaces them by a salted hash.
+Events are short dotted names (``store.accepted``, ``assoc.opened``) with bound context. Values under the keys
+in :data:`PHI_KEYS` never reach a log: :func:`withhold_phi` replaces them. The DICOM libraries (pydicom,
+highdicom, pynetdicom) log and warn with the offending value quoted (a birth date, a name): their messages
+and Python warnings pass through :class:`RedactQuoted`, which withholds every quoted value.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -15,20 +17,27 @@ from typing import Any, Final
 import structlog
 
 PHI_KEYS: Final = frozenset({"patient_id", "patient_name", "patient_birth_date", "accession_number"})
-_SALT: Final = b"cxr-node/phi/v1"
+WITHHELD: Final = "<withheld>"
+_QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
-def hash_identifier(value: str) -> str:
-    """Return a stable 16-hex-digit hash of a patient identifier, safe to log and to store."""
-    return hashlib.sha256(_SALT + value.strip().encode("utf-8", "replace")).hexdigest()[:16]
-
-
-def hash_phi(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: replace the value of any PHI key by its hash."""
+def withhold_phi(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: replace the value of any PHI key (a safety net: the node never logs one)."""
     for key in PHI_KEYS & event.keys():
-        value = event[key]
-        event[key] = hash_identifier(str(value)) if value not in (None, "") else value
+        if event[key] not in (None, ""):
+            event[key] = WITHHELD
     return event
+
+
+class RedactQuoted(logging.Filter):
+    """Withhold every quoted value in a standard-library log record (the libraries quote the values they
+    complain about: ``Invalid value for VR DA: '19700101x'``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message with its quoted values withheld; keep the record."""
+        record.msg = _QUOTED.sub(f"'{WITHHELD}'", record.getMessage())
+        record.args = ()
+        return True
 
 
 def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
@@ -52,7 +61,7 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            hash_phi,
+            withhold_phi,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -60,6 +69,12 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # pynetdicom is chatty at INFO (every PDU); keep its warnings and errors only.
-    logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    # pynetdicom is chatty at INFO (every PDU); keep its warnings and errors only. Python warnings (pydicom's
+    # validation warnings among them) go through the same handler, so they are redacted too.
+    logging.basicConfig(
+        level=logging.WARNING, stream=stream or sys.stderr, format="%(name)s %(levelname)s %(message)s", force=True
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactQuoted())
+    logging.captureWarnings(True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -34,6 +34,17 @@ log = structlog.get_logger("cxr_node.metrics")
 
 MULTIPROCESS_DIR: Final = Path("run/metrics")
 """Where, under ``storage.root``, the worker's prometheus_client multiprocess files live."""
+SKIP_CATEGORIES: Final = (
+    ("own output", "own_output"),
+    ("SOP class", "sop_class"),
+    ("modality", "modality"),
+    ("body part", "body_part"),
+    ("view position", "view_position"),
+    ("NumberOfFrames", "frames"),
+    ("multi-frame", "frames"),
+)
+"""How a skip reason (receive/filters.py) becomes a metric label: its opening words name the rule that skipped it.
+A reason that matches none is ``other``, so the label set stays bounded whatever values arrive."""
 SECONDS_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds of the per-image inference seconds histogram."""
 
@@ -85,6 +96,20 @@ class Snapshot:
     def queue_depth(self) -> int:
         """Jobs queued or running."""
         return sum(self.jobs.get(state.value, 0) for state in WAITING)
+
+
+def skip_category(reason: str) -> str:
+    """The bounded label of a skip reason (one of :data:`SKIP_CATEGORIES`' labels, or ``other``)."""
+    return next((label for prefix, label in SKIP_CATEGORIES if reason.startswith(prefix)), "other")
+
+
+def by_category(reasons: dict[str, int]) -> dict[str, int]:
+    """Skip counts by reason, summed into their bounded categories."""
+    counts: dict[str, int] = {}
+    for reason, count in reasons.items():
+        label = skip_category(reason)
+        counts[label] = counts.get(label, 0) + count
+    return counts
 
 
 def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snapshot:

@@ -131,6 +131,11 @@ install_state() {
         install -d -m 0750 "$DESTDIR$STATE_DIR"
     else
         install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR"
+        # the site's secret key for hashing Patient IDs: created once, owner-only, kept across upgrades
+        if [ ! -e "$STATE_DIR/identifier.key" ]; then
+            (umask 077 && head -c 32 /dev/urandom > "$STATE_DIR/identifier.key")
+            chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR/identifier.key"
+        fi
     fi
 }
 

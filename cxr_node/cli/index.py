@@ -12,13 +12,14 @@ from cxr_node.jobs import spool
 
 if TYPE_CHECKING:
     from cxr_node.config import Settings
-    from cxr_node.infer.engine import Engine
     from cxr_node.neighbours import SqliteNeighbourIndex
+    from cxr_node.work.library import Embedder
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     """The neighbour index: import the labelled library, label a study, query a file, rebuild."""
-    from cxr_node.app import load_model, open_index
+    from cxr_node.app import load_model, open_index, patient_hasher
+    from cxr_node.work.library import Embedder
 
     found = settings(args)
     index = open_index(found)
@@ -26,8 +27,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         if args.index_command == "label":
             return _label(args, found, index)
         _, engine = load_model(found)
+        embedder = Embedder(engine, patient_hasher(found), found.worker.max_side)
         action = {"import": _import, "query": _query, "rebuild": _rebuild}[args.index_command]
-        return action(args, found, engine, index)
+        return action(args, found, embedder, index)
     finally:
         index.close()
 
@@ -44,30 +46,30 @@ def _label(args: argparse.Namespace, found: Settings, index: SqliteNeighbourInde
     return 0
 
 
-def _import(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+def _import(args: argparse.Namespace, found: Settings, embedder: Embedder, index: SqliteNeighbourIndex) -> int:
     from cxr_node.work import library
 
-    count, problems = library.import_library(found, engine, index, args.labels, args.folder)
+    count, problems = library.import_library(found, embedder, index, args.labels, args.folder)
     for problem in problems:
         print(f"  skipped {problem}")
     print(f"imported {count} reference case(s) into the library ({len(problems)} skipped)")
     return 0
 
 
-def _query(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+def _query(args: argparse.Namespace, found: Settings, embedder: Embedder, index: SqliteNeighbourIndex) -> int:
     from cxr_node.work import library
 
-    print("\n".join(library.format_neighbours(library.query_file(found, engine, index, args.file, args.k))))
+    print("\n".join(library.format_neighbours(library.query_file(found, embedder, index, args.file, args.k))))
     return 0
 
 
-def _rebuild(args: argparse.Namespace, found: Settings, engine: Engine, index: SqliteNeighbourIndex) -> int:
+def _rebuild(args: argparse.Namespace, found: Settings, embedder: Embedder, index: SqliteNeighbourIndex) -> int:
     from cxr_node.app import open_store
     from cxr_node.work import library
 
     store = open_store(found, readonly=True) if (found.storage.root / spool.DB_NAME).exists() else None
     try:
-        count, version, problems = library.rebuild(found, engine, index, store.jobs if store else None)
+        count, version, problems = library.rebuild(found, embedder, index, store.jobs if store else None)
     finally:
         if store is not None:
             store.close()

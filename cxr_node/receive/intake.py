@@ -28,7 +28,7 @@ from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import JobStore
 from cxr_node.jobs.records import Job, NewJob
 from cxr_node.jobs.states import JobState
-from cxr_node.logs import hash_identifier
+from cxr_node.privacy import PatientHasher
 from cxr_node.receive.filters import Verdict, triage
 from cxr_node.receive.pressure import Pressure
 
@@ -74,15 +74,18 @@ class Intake:
         ``storage`` (root, fsync, keep_skipped), ``triage`` and ``node.max_instance_mb`` are used.
     jobs : JobStore
         Where jobs are recorded.
+    hasher : PatientHasher
+        Hashes the Patient ID kept with each job (the ID itself is never stored).
     """
 
-    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+    def __init__(self, settings: Settings, jobs: JobStore, hasher: PatientHasher) -> None:
         self.root = settings.storage.root
         self.fsync = settings.storage.fsync
         self.keep_skipped = settings.storage.keep_skipped
         self.rules = settings.triage
         self.max_bytes = settings.node.max_instance_bytes
         self.jobs = jobs
+        self.hasher = hasher
         self.pressure = Pressure(jobs, self.root, settings.node.max_queue_depth, settings.storage.max_disk_percent)
 
     def accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
@@ -121,10 +124,10 @@ class Intake:
         size = encoded.stat().st_size if isinstance(encoded, Path) else len(encoded)
         if size > self.max_bytes:
             raise RejectedInstance(status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds node.max_instance_mb")
-        new = _identify(ds, transfer_syntax, peer, size)
+        new = _identify(ds, transfer_syntax, peer, size, self.hasher)
         existing = self.jobs.find(new.instance_key)
         if existing is not None:
-            return self._again(existing, new, encoded)
+            return self._again(existing, new, ds, encoded)
         verdict = self._triage(ds)
         rel = self._place(new.instance_key, verdict, encoded)
         job, created = self.jobs.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
@@ -135,10 +138,16 @@ class Intake:
             )
         return StoreOutcome(status.SUCCESS, "", job.id, job.state)
 
-    def _again(self, existing: Job, new: NewJob, encoded: bytes | Path) -> StoreOutcome:
+    def _again(self, existing: Job, new: NewJob, ds: Dataset, encoded: bytes | Path) -> StoreOutcome:
         """An instance whose SOP Instance UID is already known: an identical re-send keeps the first (Success);
-        one with other content is refused and never stored over it."""
-        differs = _differences(existing, new) or self._pixels_differ(existing, new, encoded)
+        one with other content is refused and never stored over it.
+
+        When the first instance's file is still kept, the two headers are compared attribute by attribute (and
+        their pixel data); otherwise the identifiers recorded with its job are.
+        """
+        first = self._first_header(existing)
+        differs = _differences(first, ds) if first is not None else _recorded_differences(existing, new)
+        differs = differs or self._pixels_differ(existing, new, encoded)
         if isinstance(encoded, Path):
             encoded.unlink(missing_ok=True)
         fields = {"job_id": existing.id, "instance": new.instance_key[:16]}
@@ -148,6 +157,15 @@ class Intake:
         log.warning("store.conflict", differs=differs, **fields)
         reason = f"SOP Instance UID already received with another {differs}"
         return StoreOutcome(status.INSTANCE_CONFLICT, status.error_comment(reason), existing.id, existing.state)
+
+    def _first_header(self, existing: Job) -> Dataset | None:
+        """The header of the first instance, when its file is still kept and readable."""
+        if existing.path is None:
+            return None
+        try:
+            return dcmread(self.root / existing.path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError, ValueError):
+            return None
 
     def _pixels_differ(self, existing: Job, new: NewJob, encoded: bytes | Path) -> str:
         """'pixel data' when both files are at hand, in the same transfer syntax, and their pixel data differ."""
@@ -207,7 +225,7 @@ class Intake:
         return 1
 
 
-def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJob:
+def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int, hasher: PatientHasher) -> NewJob:
     """Read the identifying attributes; raise RejectedInstance when one is missing or not a valid UID."""
     try:
         uids = {name: str(ds.get(name, "") or "").strip("\x00 ") for name in IDENTIFYING_UIDS}
@@ -223,7 +241,7 @@ def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJo
             study_instance_uid=uids["StudyInstanceUID"],
             series_instance_uid=uids["SeriesInstanceUID"],
             accession_number=str(ds.get("AccessionNumber", "") or ""),
-            patient_hash=hash_identifier(str(ds.get("PatientID", "") or "")),
+            patient_hash=hasher(str(ds.get("PatientID", "") or "")),
             modality=str(ds.get("Modality", "") or ""),
             transfer_syntax=str(transfer_syntax),
             calling_aet=peer.ae_title,
@@ -237,8 +255,26 @@ def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int) -> NewJo
         raise RejectedInstance(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {_short(exc)}") from exc
 
 
-def _differences(existing: Job, new: NewJob) -> str:
+IDENTITY: Final = (
+    ("patient", ("PatientID", "IssuerOfPatientID")),
+    ("study", ("StudyInstanceUID",)),
+    ("series", ("SeriesInstanceUID",)),
+    ("SOP class", ("SOPClassUID",)),
+)
+"""What makes two instances with one SOP Instance UID the same instance, besides their pixel data."""
+
+
+def _differences(first: Dataset, again: Dataset) -> str:
     """Which identifying attributes of a re-sent instance differ from the first one's, in words ('' when none)."""
+
+    def value(ds: Dataset, keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip("\x00 ")
+
+    return ", ".join(name for name, keywords in IDENTITY if any(value(first, k) != value(again, k) for k in keywords))
+
+
+def _recorded_differences(existing: Job, new: NewJob) -> str:
+    """:func:`_differences` from what the first instance's job recorded (its file is no longer kept)."""
     pairs = (
         ("patient", existing.patient_hash, new.patient_hash),
         ("study", existing.study_instance_uid, new.study_instance_uid),

@@ -26,6 +26,7 @@ from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import JobStore
 from cxr_node.jobs.states import JobState
 from cxr_node.neighbours import LABELS, Label, Neighbour, NeighbourIndex, NewCase, Source
+from cxr_node.privacy import PatientHasher
 from cxr_node.work.load import index_case
 from cxr_node.work.loop import Analyser
 
@@ -73,27 +74,37 @@ def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, Label]]:
     return pairs
 
 
-def embed(
-    engine: Analyser,
-    items: Iterable[tuple[Path, NewCase | None, Label | None]],
-    max_side: int,
-    source: Source = "store",
-) -> Iterator[Embedded]:
-    """Decode and analyse files in batches; yield each with its case and embedding."""
-    batch: list[tuple[Path, NewCase, np.ndarray]] = []
-    for path, case, label in items:
-        try:
-            ds = dcmread(path)
-            image = decode(ds, max_side=max_side)
-        except (InvalidDicomError, OSError, PixelDecodeError, AttributeError) as exc:
-            yield Embedded(path, case or NewCase("?", "?", "", "", "?"), None, f"cannot read: {exc}")
-            continue
-        batch.append((path, case or index_case(ds, label, source), image.pixels))
-        if len(batch) == BATCH:
-            yield from _analyse(engine, batch)
-            batch = []
-    if batch:
-        yield from _analyse(engine, batch)
+@dataclass(frozen=True)
+class Embedder:
+    """What turns files into index entries: the current model, the site's patient hasher, the decode size."""
+
+    engine: Analyser
+    hasher: PatientHasher
+    max_side: int
+
+    @property
+    def version(self) -> str:
+        """The model version embeddings are stored under."""
+        return self.engine.model[1]
+
+    def embed(
+        self, items: Iterable[tuple[Path, NewCase | None, Label | None]], source: Source = "store"
+    ) -> Iterator[Embedded]:
+        """Decode and analyse files in batches; yield each with its case and embedding."""
+        batch: list[tuple[Path, NewCase, np.ndarray]] = []
+        for path, case, label in items:
+            try:
+                ds = dcmread(path)
+                image = decode(ds, max_side=self.max_side)
+            except (InvalidDicomError, OSError, PixelDecodeError, AttributeError) as exc:
+                yield Embedded(path, case or NewCase("?", "?", "", "", "?"), None, f"cannot read: {exc}")
+                continue
+            batch.append((path, case or index_case(ds, self.hasher, label, source), image.pixels))
+            if len(batch) == BATCH:
+                yield from _analyse(self.engine, batch)
+                batch = []
+        if batch:
+            yield from _analyse(self.engine, batch)
 
 
 def _analyse(engine: Analyser, batch: list[tuple[Path, NewCase, np.ndarray]]) -> Iterator[Embedded]:
@@ -170,15 +181,15 @@ def relabel_library(settings: Settings, study_uid: str, label: str | None) -> No
 
 
 def import_library(
-    settings: Settings, engine: Analyser, index: NeighbourIndex, labels_csv: Path, folder: Path
+    settings: Settings, embedder: Embedder, index: NeighbourIndex, labels_csv: Path, folder: Path
 ) -> tuple[int, list[str]]:
     """Embed labelled reference cases into the index as the library; return (imported, problems)."""
     pairs = read_labels(labels_csv, folder)
-    version = engine.model[1]
+    version = embedder.version
     imported, problems = 0, []
     remembered: dict[str, tuple[str, str]] = {}
     items = ((path, None, label) for path, label in pairs)
-    for number, item in enumerate(embed(engine, items, settings.worker.max_side, source="library"), start=1):
+    for number, item in enumerate(embedder.embed(items, source="library"), start=1):
         if item.embedding is None:
             problems.append(f"{item.path}: {item.reason}")
             continue
@@ -193,13 +204,13 @@ def import_library(
     return imported, problems
 
 
-def query_file(settings: Settings, engine: Analyser, index: NeighbourIndex, path: Path, k: int) -> list[Neighbour]:
+def query_file(settings: Settings, embedder: Embedder, index: NeighbourIndex, path: Path, k: int) -> list[Neighbour]:
     """The ``k`` nearest stored cases of one DICOM file (other patients and studies only)."""
-    [item] = list(embed(engine, [(path, None, None)], settings.worker.max_side))
+    [item] = list(embedder.embed([(path, None, None)]))
     if item.embedding is None:
         raise CxrNodeError(f"{path}: not analysed: {item.reason}")
     return index.query(
-        engine.model[1],
+        embedder.version,
         item.embedding,
         k,
         patient_hash=item.case.patient_hash,
@@ -209,16 +220,16 @@ def query_file(settings: Settings, engine: Analyser, index: NeighbourIndex, path
 
 
 def rebuild(
-    settings: Settings, engine: Analyser, index: NeighbourIndex, jobs: JobStore | None
+    settings: Settings, embedder: Embedder, index: NeighbourIndex, jobs: JobStore | None
 ) -> tuple[int, str, list[str]]:
     """Re-embed every stored input and library file with the current model; return (count, version, problems)."""
-    version = engine.model[1]
+    version = embedder.version
     labels = _library_labels(settings)
     library = settings.storage.root / LIBRARY
     problems: list[str] = []
 
     def items() -> Iterator[tuple[NewCase, np.ndarray]]:
-        for item in embed(engine, stored_cases(settings, jobs), settings.worker.max_side):
+        for item in embedder.embed(stored_cases(settings, jobs)):
             if item.embedding is None:
                 problems.append(f"{item.path}: {item.reason}")
                 continue

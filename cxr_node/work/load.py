@@ -12,8 +12,8 @@ from pydicom.errors import InvalidDicomError
 from cxr_node.dicom.pixels import DecodedImage, decode
 from cxr_node.errors import PixelDecodeError
 from cxr_node.jobs.records import Job
-from cxr_node.logs import hash_identifier
 from cxr_node.neighbours import Label, NewCase, Source
+from cxr_node.privacy import PatientHasher
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -68,14 +68,16 @@ def study_date(header: Dataset) -> str:
     return value if len(value) == 8 and value.isdigit() else ""
 
 
-def index_case(header: Dataset, label: Label | None = None, source: Source = "store") -> NewCase:
-    """The neighbour index's view of an image: identifiers and a hash of the patient ID, never the ID itself."""
+def index_case(
+    header: Dataset, hasher: PatientHasher, label: Label | None = None, source: Source = "store"
+) -> NewCase:
+    """The neighbour index's view of an image: identifiers and a keyed hash of the patient ID, never the ID."""
     return NewCase(
         sop_instance_uid=str(header.SOPInstanceUID).strip(),
         study_instance_uid=str(header.StudyInstanceUID).strip(),
         accession_number=str(header.get("AccessionNumber", "") or "")[:64],
         study_date=study_date(header),
-        patient_hash=hash_identifier(str(header.get("PatientID", "") or "")),
+        patient_hash=hasher(str(header.get("PatientID", "") or "")),
         label=label,
         source=source,
     )

@@ -30,6 +30,7 @@ from cxr_node.jobs.interfaces import JobStore, ResultStore
 from cxr_node.jobs.leases import Holder, recover_jobs, this_process
 from cxr_node.jobs.records import Job
 from cxr_node.jobs.states import JobState
+from cxr_node.privacy import PatientHasher
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
 from cxr_node.work.load import Loaded, index_case, load
 from cxr_node.work.retrieve import NoRetrieval, Retriever
@@ -110,6 +111,8 @@ class Worker:
         The neighbour index; None turns retrieval off.
     holder : Holder or None
         Who claims the jobs (this process by default); its leases are renewed while :meth:`run` runs.
+    hasher : PatientHasher or None
+        Hashes patient IDs for the neighbour index (needed with a retriever).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class Worker:
         writer: OutputWriter | None = None,
         retriever: Retriever | None = None,
         holder: Holder | None = None,
+        hasher: PatientHasher | None = None,
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -135,6 +139,9 @@ class Worker:
         self.writer = writer
         self.retriever: Retriever = retriever or NoRetrieval()
         self.holder = holder or this_process("worker")
+        if retriever is not None and hasher is None:
+            raise ValueError("a worker with a retriever needs the site's patient hasher")
+        self.hasher = hasher
         self._progress = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -252,8 +259,8 @@ class Worker:
     def _record_bound(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
         model = (self.provenance.model_name, self.provenance.model_version)
         similar: tuple[SimilarCase, ...] = ()
-        if analysis.analysed and analysis.embedding is not None:
-            case = index_case(item.header)
+        if analysis.analysed and analysis.embedding is not None and self.hasher is not None:
+            case = index_case(item.header, self.hasher)
             similar = self.retriever.similar(case, analysis.embedding, model[1])
             self.retriever.add(case, analysis.embedding, model[1])
         summary = summary_of(image, analysis, model, similar)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import warnings
 
 import structlog
 from structlog.testing import capture_logs
@@ -11,8 +13,8 @@ from structlog.testing import capture_logs
 from cxr_node import logs
 
 
-def test_phi_keys_are_hashed_in_rendered_logs() -> None:
-    """A patient ID or name bound to an event is written as a stable hash, never in clear."""
+def test_phi_keys_are_withheld_in_rendered_logs() -> None:
+    """A patient ID or name bound to an event is withheld, never written in clear."""
     stream = io.StringIO()
     logs.configure("info", "json", stream=stream)
     try:
@@ -22,13 +24,25 @@ def test_phi_keys_are_hashed_in_rendered_logs() -> None:
     event = json.loads(stream.getvalue().splitlines()[-1])
     assert event["event"] == "store.accepted" and event["job_id"] == 7
     assert "12345" not in stream.getvalue() and "Doe" not in stream.getvalue()
-    assert event["patient_id"] == logs.hash_identifier("12345")
+    assert event["patient_id"] == event["patient_name"] == logs.WITHHELD
 
 
-def test_hash_is_stable_and_short() -> None:
-    """The same identifier always hashes the same (so events can be correlated), in 16 hex digits."""
-    assert logs.hash_identifier("12345") == logs.hash_identifier(" 12345 ")
-    assert len(logs.hash_identifier("x")) == 16
+def test_library_warnings_reach_the_log_without_their_values() -> None:
+    """pydicom's validation warning about a bad birth date is logged, the date itself withheld."""
+    stream = io.StringIO()
+    logs.configure("info", "json", stream=stream)
+    try:
+        from pydicom.dataset import Dataset
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            Dataset().PatientBirthDate = "1970-13-45x"
+        logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Doe^Jane'")
+    finally:
+        logs.configure("info", "console")
+    text = stream.getvalue()
+    assert "Invalid value for VR DA" in text and "1970-13-45x" not in text
+    assert "Doe" not in text and logs.WITHHELD in text
 
 
 def test_capture_store_events() -> None:
