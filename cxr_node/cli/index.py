@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """The neighbour index: import the labelled library, label a study, query a file, rebuild."""
+    """The neighbour index: import the labelled library, label a study, query a file, rebuild, check, clean."""
     from cxr_node.app import load_model, open_index, patient_hasher
     from cxr_node.work.library import Embedder
 
@@ -26,6 +26,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         if args.index_command == "label":
             return _label(args, found, index)
+        if args.index_command in ("check", "drop-invalid"):
+            return {"check": _check, "drop-invalid": _drop_invalid}[args.index_command](index)
         _, engine = load_model(found)
         embedder = Embedder(engine, patient_hasher(found), found.worker.max_side)
         action = {"import": _import, "query": _query, "rebuild": _rebuild}[args.index_command]
@@ -43,6 +45,30 @@ def _label(args: argparse.Namespace, found: Settings, index: SqliteNeighbourInde
     if not count:
         raise CxrNodeError(f"study {args.study} is not in the index (cxr-node status; index import)")
     print(f"labelled {count} image(s) of study {args.study} {args.label}")
+    return 0
+
+
+def _check(index: SqliteNeighbourIndex) -> int:
+    """List the cases that fail today's identifier checks; exit 1 when there are any (0 when none)."""
+    from cxr_node.neighbours.cases import indexable
+
+    found = index.invalid_cases()
+    if not found:
+        print("every indexed case passes today's identifier checks")
+        return 0
+    print(f"{'case':<10}  {'source':<7}  {'drop-invalid':<12}  problems")
+    for case, problems in found:
+        action = "delete" if indexable(case)[0] is None else "clear"
+        print(f"{case.case_number:<10}  {case.source:<7}  {action:<12}  {'; '.join(problems)}")
+    print(f"{len(found)} case(s) fail today's checks: `cxr-node index drop-invalid` deletes those that cannot be named")
+    print("and clears accession numbers and dates that cannot be written")
+    return 1
+
+
+def _drop_invalid(index: SqliteNeighbourIndex) -> int:
+    """Delete the cases that cannot be named, clear identifiers that cannot be written."""
+    deleted, cleared = index.drop_invalid()
+    print(f"deleted {deleted} case(s) that cannot be named; cleared identifiers of {cleared} case(s)")
     return 0
 
 
@@ -78,7 +104,7 @@ def _rebuild(args: argparse.Namespace, found: Settings, embedder: Embedder, inde
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    """Add ``index import|label|query|rebuild`` to ``sub``."""
+    """Add ``index import|label|query|rebuild|check|drop-invalid`` to ``sub``."""
     p = sub.add_parser("index", help="the neighbour index: reference library, labels, queries, rebuild")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
     i = isub.add_parser("import", parents=[common], help="embed labelled reference cases (DICOM) as the library")
@@ -91,4 +117,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     i.add_argument("file", type=Path)
     i.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
     isub.add_parser("rebuild", parents=[common], help="re-embed every stored case with the current model")
+    isub.add_parser(
+        "check", parents=[common], help="list indexed cases whose identifiers fail today's checks (exit 1 if any)"
+    )
+    isub.add_parser(
+        "drop-invalid",
+        parents=[common],
+        help="delete cases that cannot be named (bad UIDs); clear accession numbers and dates that cannot be written",
+    )
     p.set_defaults(func=cmd_index)

@@ -9,12 +9,16 @@ organisation root is needed.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final, Literal
 
 UID_ROOT: Final = "2.25."
 NODE_MANUFACTURER: Final = "cxr-node"
 """The Manufacturer every output of the node carries."""
 Part = Literal["series", "instance", "tracking", "device"]
+
+UID_MAX_LENGTH: Final = 64
+_UID_COMPONENT: Final = re.compile(r"0|[1-9][0-9]*")
 
 
 def derived_uid(*parts: str) -> str:
@@ -40,3 +44,18 @@ def output_uid(source_sop_instance_uid: str, model: str, kind: str, part: Part) 
 def device_uid(ae_title: str) -> str:
     """Return the UID that identifies this node as a device (SR observer, contributing equipment)."""
     return derived_uid("device", ae_title)
+
+
+def uid_problem(value: object) -> str:
+    """Return why ``value`` is not a valid UID (PS3.5 §9.1), or "" when it is one.
+
+    A UID is at most 64 characters: numeric components separated by dots, none empty and none with a
+    leading zero (except the component ``0`` itself). The reason never repeats the value.
+    """
+    if not isinstance(value, str) or not value:
+        return "empty"
+    if len(value) > UID_MAX_LENGTH:
+        return f"over {UID_MAX_LENGTH} characters"
+    if not all(_UID_COMPONENT.fullmatch(part) for part in value.split(".")):
+        return "not digits and dots without leading zeros"
+    return ""

@@ -1,14 +1,23 @@
-"""What a stored embedding points at: the case records that cross stages, and their checks on construction."""
+"""What a stored embedding points at: the case records that cross stages, and their checks on construction.
+
+A :class:`NewCase` describes any image the worker analysed (it is also the key of a query), so its
+construction checks only that its texts are bounded and printable. What may *enter* the index is stricter:
+identifiers a report can write (:func:`identifier_problems`, :func:`indexable`): a case without usable UIDs
+is never indexed, and an accession number or date that cannot be written is left empty, never truncated.
+"""
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from cxr_node.dicom.uids import uid_problem
 
 Label = Literal["covid", "non-covid"]
 """A confirmed finding; ``None`` where nobody has confirmed one."""
@@ -21,6 +30,8 @@ CASE_NUMBER_PREFIX: Final = "C"
 CASE_NUMBER_DIGITS: Final = 7
 _STUDY_DATE: Final = re.compile(r"\d{8}")
 _MAX_TEXT: Final = 256  # UIDs are at most 64 characters; generous, yet bounds a row
+ACCESSION_MAX: Final = 16  # SH (PS3.5 §6.2)
+UID_FIELDS: Final = ("sop_instance_uid", "study_instance_uid")
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,11 @@ class NewCase:
     ------
     ValueError
         Naming the field, when a value is empty, too long, of the wrong form, or not one of the choices.
+
+    Notes
+    -----
+    Only a case without :func:`identifier_problems` enters the index; :func:`indexable` says what becomes
+    of one that has some.
     """
 
     sop_instance_uid: str
@@ -125,6 +141,60 @@ def check_study_date(value: object) -> None:
     """Raise ValueError naming ``study_date`` unless it is ``YYYYMMDD`` or ""."""
     if not isinstance(value, str) or (value and not _STUDY_DATE.fullmatch(value)):
         raise ValueError(f"study_date must be YYYYMMDD or '', found {value!r}")
+
+
+def accession_problem(value: str) -> str:
+    """Return why ``value`` cannot be written as an Accession Number (SH), or ""; never repeats the value."""
+    if len(value) > ACCESSION_MAX:
+        return f"over {ACCESSION_MAX} characters"
+    if "\\" in value or not value.isprintable():
+        return "holds a backslash or a control character"
+    return ""
+
+
+def date_problem(value: str) -> str:
+    """Return why ``value`` is neither "" nor a calendar date ``YYYYMMDD``, or ""."""
+    if not value:
+        return ""
+    if not _STUDY_DATE.fullmatch(value):
+        return "not YYYYMMDD"
+    try:
+        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return "not a calendar date"
+    return ""
+
+
+def identifier_problems(case: NewCase) -> tuple[str, ...]:
+    """Why ``case``'s identifiers cannot be written into a report: one ``"field: reason"`` each, no values.
+
+    Today's checks: both UIDs valid (PS3.5 §9.1: at most 64 characters, digits and dots, no leading zeros),
+    an accession number of at most 16 characters without a backslash or control character, a study date
+    that is "" or a calendar date ``YYYYMMDD``.
+    """
+    found = [f"{name}: {problem}" for name in UID_FIELDS if (problem := uid_problem(getattr(case, name)))]
+    if problem := accession_problem(case.accession_number):
+        found.append(f"accession_number: {problem}")
+    if problem := date_problem(case.study_date):
+        found.append(f"study_date: {problem}")
+    return tuple(found)
+
+
+def indexable(case: NewCase) -> tuple[NewCase | None, tuple[str, ...]]:
+    """Return ``case`` as it may enter the index, and its :func:`identifier_problems`.
+
+    None when a UID is unusable (the case could never be named in a report); otherwise the case, with an
+    accession number or study date that cannot be written left empty (never truncated: a cut accession
+    number can name another study).
+    """
+    problems = identifier_problems(case)
+    if any(problem.split(":")[0] in UID_FIELDS for problem in problems):
+        return None, problems
+    if not problems:
+        return case, problems
+    accession = "" if accession_problem(case.accession_number) else case.accession_number
+    date = "" if date_problem(case.study_date) else case.study_date
+    return replace(case, accession_number=accession, study_date=date), problems
 
 
 def check_label(value: object) -> None:

@@ -37,6 +37,7 @@ from cxr_node.neighbours.cases import (
     check_text,
     check_version,
     finite_similarity,
+    indexable,
     unit_vectors,
 )
 from cxr_node.neighbours.engine import (
@@ -188,7 +189,9 @@ class SqliteNeighbourIndex:
         """Replace every embedding of ``version`` by ``items`` (e.g. after re-embedding), in one transaction.
 
         The caller computes the new embeddings. Cases keep their case numbers (same SOP Instance UID); cases
-        of the version that ``items`` leaves out, and in no other version, are deleted. The search
+        of the version that ``items`` leaves out, and in no other version, are deleted, and so are items whose
+        UIDs no report could write (an accession number or date that cannot be written is stored empty:
+        :func:`~cxr_node.neighbours.cases.indexable`). The search
         structure is then built from the stored rows and checkpointed, so the same items always give the
         same index and the same query results. Returns how many embeddings were written.
 
@@ -240,6 +243,28 @@ class SqliteNeighbourIndex:
             for version in changes.versions() & set(self._loaded):
                 self.checkpoint(version)
         return count
+
+    def invalid_cases(self) -> list[tuple[Case, tuple[str, ...]]]:
+        """Return the stored cases that fail today's identifier checks, each with its ``"field: reason"``
+        problems (:func:`~cxr_node.neighbours.cases.identifier_problems`), in case-number order."""
+        with self._lock:
+            return self._store.invalid()
+
+    def drop_invalid(self) -> tuple[int, int]:
+        """Delete the cases whose UIDs are unusable and clear accession numbers and dates that cannot be
+        written, from the database, memory and checkpoints, as :meth:`purge_study` does; return
+        ``(deleted, cleared)``."""
+        with self._lock:
+            with self._store.transaction() as db:
+                self._sync()
+                dropped, cleared, changes = self._store.clean(db)
+                for version in changes.versions():
+                    checkpoint.remove(self._checkpoint_path(version))
+            self._apply(changes)
+            self._store.truncate_wal()
+            for version in changes.versions() & set(self._loaded):
+                self.checkpoint(version)
+        return dropped, cleared
 
     def checkpoint(self, version: str | None = None) -> int:
         """Write the search structure of ``version`` (loading it first), or of every version held in memory.
@@ -566,12 +591,15 @@ def _item(pair: object) -> tuple[NewCase, Floats]:
 
 
 def _validated_items(first: object, rest: Iterator[object], dim: int) -> Iterator[tuple[NewCase, Floats]]:
-    """Yield ``items`` checked and normalised, lazily (a rebuild may stream millions)."""
+    """Yield ``items`` checked and normalised, lazily (a rebuild may stream millions); cases that cannot be
+    named are left out."""
     if first is None:
         return
     for raw in itertools.chain([first], rest):
         case, vector = _item(raw)
-        yield case, unit_vectors("items", vector, dim)[0]
+        kept, _ = indexable(case)
+        if kept is not None:
+            yield kept, unit_vectors("items", vector, dim)[0]
 
 
 def _source(library: bool) -> str:

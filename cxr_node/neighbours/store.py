@@ -5,6 +5,12 @@ loss. ``secure_delete`` is on, so a purged case's rows are overwritten, not just
 (``cases``, keyed by SOP Instance UID; its id gives the case number) and one row per image and model version
 (``embeddings``: the unit float32 vector, the partition it belongs to and its two exclusion keys). Embedding
 ids only grow (AUTOINCREMENT), which is what lets a checkpoint name the rows it holds by a watermark.
+
+Schema versions (SQLite's ``user_version``): 1, the first layout; 2, the same tables, cleaned once when a
+version-1 file is first opened: cases whose identifiers no report can write (an invalid UID, which an
+older node indexed) are deleted, and accession numbers or dates that cannot be written are cleared
+(:func:`~cxr_node.neighbours.cases.indexable`). ``cxr-node index check`` / ``drop-invalid`` run the
+same checks on demand.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from typing import Any, Final, Protocol, TypeVar, cast
 import numpy as np
 
 from cxr_node.errors import StorageError
-from cxr_node.neighbours.cases import Case, Label, NewCase, Source
+from cxr_node.neighbours.cases import Case, Label, NewCase, Source, identifier_problems, indexable
 from cxr_node.neighbours.engine import Floats, Int64s, Rows, empty_rows, key_of
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+FIRST_SCHEMA: Final = 1  # files of this version are cleaned of invalid cases when first opened
 PAGE_SIZE: Final = 16384  # a 512-d float32 vector (2 KiB) wastes little of a page; set before the first table
 BATCH_ROWS: Final = 1000  # rows written per executemany
 CHUNK_ROWS: Final = 16384  # rows read per statement when streaming a partition (32 MiB at 512-d)
@@ -191,6 +198,15 @@ class CaseStore(Protocol[Tx]):
         """The cases of the given embedding ids."""
         ...
 
+    def invalid(self) -> list[tuple[Case, tuple[str, ...]]]:
+        """Every stored case that fails today's identifier checks, with its problems."""
+        ...
+
+    def clean(self, tx: Tx) -> tuple[int, int, Changes]:
+        """Inside ``tx``, delete the cases that cannot be named and clear identifiers that cannot be written;
+        return (cases deleted, cases cleared, changes)."""
+        ...
+
 
 class SqliteCaseStore:
     """Cases and embeddings in one SQLite file; safe to share between threads and processes.
@@ -225,11 +241,27 @@ class SqliteCaseStore:
             raise StorageError(f"{path}: cannot open the neighbour index database: {exc}") from exc
 
     def _migrate(self) -> None:
-        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        found = self._schema()
         if found > SCHEMA_VERSION:
             raise StorageError(f"{self.path}: index schema {found} is newer than this cxr-node ({SCHEMA_VERSION})")
-        if found < SCHEMA_VERSION:
+        if found < FIRST_SCHEMA:
             self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        elif found < SCHEMA_VERSION:
+            self._upgrade()
+
+    def _schema(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _upgrade(self) -> None:
+        """Version 1 → 2, once, whichever process opens the file first: clean it of invalid cases.
+
+        Checkpoints written before keep the deleted vectors' ids; loading one reconciles it with the
+        database, so none is ever served.
+        """
+        with self.transaction() as db:
+            if self._schema() < SCHEMA_VERSION:  # another process may have upgraded it meanwhile
+                self.clean(db)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -371,6 +403,33 @@ class SqliteCaseStore:
             "DELETE FROM embeddings WHERE case_id IN (SELECT id FROM cases WHERE study_instance_uid = ?)", (study_uid,)
         )
         return db.execute("DELETE FROM cases WHERE study_instance_uid = ?", (study_uid,)).rowcount, changes
+
+    def clean(self, db: sqlite3.Connection) -> tuple[int, int, Changes]:
+        """Inside the caller's transaction, delete the cases whose UIDs are unusable (with their embeddings)
+        and clear accession numbers and dates that cannot be written; return (deleted, cleared, changes)."""
+        changes, dropped, cleared = Changes(), [], 0
+        for case, _ in self._invalid(db):
+            kept, _problems = indexable(case)
+            if kept is None:
+                dropped.append(case.case_id)
+                continue
+            db.execute(
+                "UPDATE cases SET accession_number = ?, study_date = ? WHERE id = ?",
+                (kept.accession_number, kept.study_date, case.case_id),
+            )
+            cleared += 1
+        for start in range(0, len(dropped), _IN_LIMIT):
+            self._delete_cases(db, dropped[start : start + _IN_LIMIT], changes)
+        return len(dropped), cleared, changes
+
+    def _delete_cases(self, db: sqlite3.Connection, case_ids: Sequence[int], changes: Changes) -> None:
+        """Delete some cases and their embeddings inside the caller's transaction, recording the changes."""
+        marks = ", ".join("?" * len(case_ids))
+        rows = db.execute(f"SELECT id, model_version FROM embeddings WHERE case_id IN ({marks})", case_ids)
+        for row_id, version in rows.fetchall():
+            changes.remove(version, row_id)
+        db.execute(f"DELETE FROM embeddings WHERE case_id IN ({marks})", case_ids)
+        db.execute(f"DELETE FROM cases WHERE id IN ({marks})", case_ids)
 
     def _write_batch(
         self,
@@ -565,6 +624,20 @@ class SqliteCaseStore:
                     chunk,
                 ).fetchall()
             found.update((row[0], _case(row[2:], row[1])) for row in rows)
+        return found
+
+    def invalid(self) -> list[tuple[Case, tuple[str, ...]]]:
+        """Return every stored case that fails today's identifier checks, with its problems, in id order."""
+        with self._lock:
+            return self._invalid(self._db)
+
+    def _invalid(self, db: sqlite3.Connection) -> list[tuple[Case, tuple[str, ...]]]:
+        found = []
+        for row in db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c ORDER BY c.id"):
+            case = _case(row, "")
+            problems = identifier_problems(case)
+            if problems:
+                found.append((case, problems))
         return found
 
 

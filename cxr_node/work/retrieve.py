@@ -1,4 +1,10 @@
-"""Retrieval as the worker sees it: the similar past cases of an image, then the image added to the index."""
+"""Retrieval as the worker sees it: the similar past cases of an image, then the image added to the index.
+
+Retrieval never costs an image its result: a query that fails gives no similar cases, a neighbour whose
+identifiers no report could write is left out, and an image whose own identifiers cannot be written is not
+indexed (an accession number or date that cannot be written is indexed empty). Each is logged with the
+field names and case numbers only, never the values.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import structlog
 
 from cxr_node.config import NeighbourSettings
 from cxr_node.neighbours import Neighbour, NeighbourIndex, NewCase
+from cxr_node.neighbours.cases import identifier_problems, indexable
 from cxr_node.results.findings import SimilarCase
 
 log = structlog.get_logger("cxr_node.worker")
@@ -61,16 +68,28 @@ class IndexRetriever:
         self._checkpointed = time.monotonic()
 
     def similar(self, case: NewCase, embedding: np.ndarray, model_version: str) -> tuple[SimilarCase, ...]:
-        """The ``neighbours.k`` nearest cases, as the policy allows them to be shown."""
-        found = self.index.query(
-            model_version,
-            embedding,
-            self.settings.k,
-            patient_hash=case.patient_hash,
-            study_instance_uid=case.study_instance_uid,
-            library_only=self.settings.library_only,
-        )
-        return tuple(self._shown(n) for n in found)
+        """The ``neighbours.k`` nearest cases with writable identifiers, as the policy allows them to be shown."""
+        try:
+            found = self.index.query(
+                model_version,
+                embedding,
+                self.settings.k,
+                patient_hash=case.patient_hash,
+                study_instance_uid=case.study_instance_uid,
+                library_only=self.settings.library_only,
+            )
+        except ValueError as exc:
+            log.warning("index.query_failed", argument=_argument(exc))
+            return ()
+        return tuple(self._shown(n) for n in found if self._writable(n))
+
+    @staticmethod
+    def _writable(neighbour: Neighbour) -> bool:
+        problems = identifier_problems(neighbour.case)
+        if problems:
+            fields = sorted({problem.split(":")[0] for problem in problems})
+            log.warning("index.neighbour_left_out", case=neighbour.case.case_number, fields=fields)
+        return not problems
 
     def _shown(self, neighbour: Neighbour) -> SimilarCase:
         case = neighbour.case
@@ -89,8 +108,20 @@ class IndexRetriever:
         )
 
     def add(self, case: NewCase, embedding: np.ndarray, model_version: str) -> None:
-        """Index ``case``; write a checkpoint of the search structure every :attr:`CHECKPOINT_EVERY_S`."""
-        self.index.add(model_version, embedding, case)
+        """Index ``case`` when its identifiers can be written; write a checkpoint of the search structure every
+        :attr:`CHECKPOINT_EVERY_S`. Never raises for a bad case or embedding: it is logged and left out."""
+        kept, problems = indexable(case)
+        fields = sorted({problem.split(":")[0] for problem in problems})
+        if kept is None:
+            log.warning("index.case_skipped", fields=fields)
+            return
+        if problems:
+            log.warning("index.case_cleared", fields=fields)
+        try:
+            self.index.add(model_version, embedding, kept)
+        except ValueError as exc:
+            log.warning("index.case_skipped", argument=_argument(exc))
+            return
         if time.monotonic() - self._checkpointed >= self.CHECKPOINT_EVERY_S:
             written = self.index.checkpoint(model_version)
             self._checkpointed = time.monotonic()
@@ -100,3 +131,9 @@ class IndexRetriever:
         """Checkpoint and close the index."""
         self.index.checkpoint()
         self.index.close()
+
+
+def _argument(exc: ValueError) -> str:
+    """The argument a ValueError of the index names (its first word): logged instead of the message, which
+    may quote a value."""
+    return str(exc).split(" ", 1)[0][:40]
