@@ -40,6 +40,7 @@ STUDY_INSTANCE_UID: Final = Code("110180", "DCM", "Study Instance UID")
 ACCESSION_NUMBER: Final = Code("121022", "DCM", "Accession Number")
 STUDY_DATE: Final = Code("111060", "DCM", "Study Date")
 QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT: Final = Code("121106", "DCM", "Comment")
 
 # Private concepts: no standard code says these.
 LUNG_MASK_QUALITY: Final = Code("CXRN001", PRIVATE_SCHEME, "Lung segmentation quality")

@@ -65,16 +65,25 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class Identity:
-    """The deterministic UIDs, numbers and description of one output, given to its builder."""
+    """The deterministic UIDs, numbers and description of one output, given to its builder, and the notes on
+    what was repaired or left out of the values copied from the source (the SR's processing summary lists them)."""
 
     series_instance_uid: str
     sop_instance_uid: str
     series_number: int
     series_description: str
     instance_number: int = 1
+    notes: tuple[str, ...] = ()
 
 
-def identity(source: Dataset, findings: Findings, kind: Kind, series_number: int, description: str) -> Identity:
+def identity(
+    source: Dataset,
+    findings: Findings,
+    kind: Kind,
+    series_number: int,
+    description: str,
+    notes: tuple[str, ...] = (),
+) -> Identity:
     """Return the UIDs of the ``kind`` output of ``source``: the same inputs always give the same UIDs."""
     sop = str(source.SOPInstanceUID)
     model = findings.provenance.model_key
@@ -83,6 +92,7 @@ def identity(source: Dataset, findings: Findings, kind: Kind, series_number: int
         sop_instance_uid=output_uid(sop, model, kind, "instance"),
         series_number=series_number,
         series_description=description,
+        notes=notes,
     )
 
 

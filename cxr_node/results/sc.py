@@ -97,8 +97,6 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: I
 
 def _describe(sc: Dataset, source: Dataset, findings: Findings, ids: Identity) -> None:
     sc.SeriesDescription = ids.series_description
-    if source.get("StudyDescription"):
-        sc.StudyDescription = source.StudyDescription
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     rows, columns = findings.image.shape if findings.image is not None else findings.summary.source_shape

@@ -34,6 +34,8 @@ from cxr_node.results.common import (
 from cxr_node.results.findings import Findings, SimilarCase
 
 _LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
+REPAIRS_LIMIT = 1024
+"""Characters of the processing summary's line on repaired source values that are kept."""
 
 
 def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
@@ -64,7 +66,7 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
             title=dcm_codes.DCM.ImagingMeasurementReport,
             referenced_images=[evidence] if _library_ready(evidence) else None,
         )
-        report[0].ContentSequence.append(_evaluations(findings))
+        report[0].ContentSequence.append(_evaluations(findings, ids.notes))
         sr = hsr.ComprehensiveSR(
             evidence=[evidence],
             content=report[0],
@@ -79,7 +81,7 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"structured report cannot be built: {exc}") from exc
-    copy_character_set(source, sr, _own_texts(findings))
+    copy_character_set(source, sr, (*_own_texts(findings), repairs_text(ids.notes)))
     return sr
 
 
@@ -248,17 +250,30 @@ def _case_identifiers(case: SimilarCase) -> list[hsr.ContentItem]:
     return items
 
 
-def _evaluations(findings: Findings) -> hsr.ContainerContentItem:
-    """The report-level Qualitative Evaluations container: processing summary, impression, intended use."""
+def _evaluations(findings: Findings, notes: Sequence[str]) -> hsr.ContainerContentItem:
+    """The report-level Qualitative Evaluations container: processing summary, impression, what was repaired
+    in the values copied from the source (when anything was), intended use."""
     contains = hsr.RelationshipTypeValues.CONTAINS
     items: list[hsr.ContentItem] = [hsr.CodeContentItem(codes.PROCESSING_SUMMARY, _summary(findings), contains)]
     items.append(hsr.TextContentItem(codes.IMPRESSION, impression(findings), contains))
     if not findings.summary.analysed:
         items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.summary.reason, contains))
+    if notes:
+        items.append(hsr.TextContentItem(codes.COMMENT, repairs_text(notes), contains))
     items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))
     container = hsr.ContainerContentItem(codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hsr.ContentSequence(items)
     return container
+
+
+def repairs_text(notes: Sequence[str], limit: int = REPAIRS_LIMIT) -> str:
+    """The processing summary's line on the source values repaired or left out ("" when none), e.g.
+    ``Source values repaired: StudyDate 2020.03.01 -> 20200301; AccessionNumber left empty (over 16
+    characters)``; at most ``limit`` characters. Names the attributes, never a patient's values."""
+    if not notes:
+        return ""
+    text = "Source values repaired: " + "; ".join(notes)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _summary(findings: Findings) -> Code:

@@ -1,7 +1,9 @@
 """Writing a job's outputs: rebuild its findings from the store, build every output, write them durably, record.
 
 The writers always work from what is stored (:mod:`cxr_node.jobs.codec`), so the outputs written right after
-inference and those written after a crash or a full disk are the same objects.
+inference and those written after a crash or a full disk are the same objects. A source value repaired or left
+out, or a similar case left out, never stops the outputs: it is logged (``job.values_repaired``, attribute
+names only) and listed in the SR's processing summary.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cxr_node.jobs.records import Job, Output
 from cxr_node.jobs.spool import output_path, write_durably
 from cxr_node.jobs.states import JobState
 from cxr_node.results.common import OutputError
+from cxr_node.results.copied import Note
 from cxr_node.results.findings import Findings, Provenance
 from cxr_node.results.kinds import kinds_for, options_from, send_rank
 from cxr_node.results.outputs import Built, build_outputs
@@ -108,13 +111,20 @@ class OutputWriter:
             self.jobs.transition(job.id, JobState.DEAD, reason)
             log.error("job.dead", reason=reason)
             return False
+        if built.notes:
+            log.warning("job.values_repaired", attributes=repaired_attributes(built.notes))
         try:
             outputs = [self._write_file(job, item) for item in built]
         except OSError as exc:
             log.error("job.write_failed", error=str(exc))
             return False
         self.results.save_outputs(job.id, outputs, self.destinations)
-        log.info("job.written", outputs=[item.kind for item in built], analysed=findings.summary.analysed)
+        log.info(
+            "job.written",
+            outputs=[item.kind for item in built],
+            analysed=findings.summary.analysed,
+            repaired=len(built.notes),
+        )
         return True
 
     def _write_file(self, job: Job, item: Built) -> Output:
@@ -127,3 +137,8 @@ class OutputWriter:
     def _requeue(self, job: Job, reason: str) -> None:
         self.jobs.transition(job.id, JobState.QUEUED, reason)
         log.warning("job.requeued", reason=reason)
+
+
+def repaired_attributes(notes: Sequence[Note]) -> list[str]:
+    """The attributes (or ``similar case <rank>``) the notes name, in order, each once: what the log records."""
+    return list(dict.fromkeys(note.attribute for note in notes))

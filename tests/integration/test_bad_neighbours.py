@@ -139,6 +139,24 @@ def test_a_bad_case_already_indexed_is_left_out_of_reports(node: Receiver) -> No
     assert BAD_UID not in str(logs)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_repaired_values_are_logged_by_name_and_the_outputs_written(node: Receiver) -> None:
+    """A dotted study date and a 20-character accession number are repaired or left empty, the job is written,
+    and job.values_repaired names the attributes without their values."""
+    ds = patient(21, StudyDate="2020.03.01", AccessionNumber="ACC-1234567890123456")
+    worker = build_worker(node.settings, node.store)
+    try:
+        assert store_all(node.port, [ds]) == [0]
+        with capture_logs() as logs:
+            run(worker)
+    finally:
+        worker.close()
+    assert written_kinds(node, ds) == ["sc", "sr"]
+    [event] = [e for e in logs if e["event"] == "job.values_repaired"]
+    assert event["attributes"] == ["StudyDate", "AccessionNumber"]
+    assert "2020.03.01" not in str(logs) and "ACC-1234567890123456" not in str(logs)
+
+
 # ------------------------------------------------------------------------------------ the index itself
 
 
