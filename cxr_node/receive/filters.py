@@ -16,7 +16,14 @@ from pydicom.uid import UID
 
 from cxr_node.config import TriageSettings
 from cxr_node.dicom.sop import RADIOGRAPH_CLASSES
-from cxr_node.dicom.uids import NODE_MANUFACTURER
+from cxr_node.dicom.uids import (
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    PRIVATE_KIND,
+    PRIVATE_MODEL,
+    PRIVATE_SOURCE_UID,
+    is_own_output,
+)
 
 PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH: Final = 0xFFFFFFFF
@@ -70,7 +77,26 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _own_output(ds: Dataset, _rules: TriageSettings) -> str:
-    return "own output routed back" if _text(ds, "Manufacturer") == NODE_MANUFACTURER.upper() else ""
+    """An output of this node routed back: its private block is there and its SOP Instance UID is the one the
+    block's source UID, model and kind derive. The Manufacturer alone proves nothing (anyone may write it)."""
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        source, model, kind = (_private_text(ds, block.get_tag(offset)) for offset in _OWN_BLOCK)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return ""
+    own = is_own_output(str(ds.get("SOPInstanceUID", "") or ""), source, model, kind)
+    return "own output routed back" if own else ""
+
+
+_OWN_BLOCK: Final = (PRIVATE_SOURCE_UID, PRIVATE_MODEL, PRIVATE_KIND)
+
+
+def _private_text(ds: Dataset, tag: int) -> str:
+    """A private element's text: read as its VR (explicit VR) or as raw bytes (implicit VR gives UN)."""
+    value = ds[tag].value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    return str(value or "").strip(" \0")
 
 
 def _sop_class(ds: Dataset, _rules: TriageSettings) -> str:

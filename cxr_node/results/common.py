@@ -21,7 +21,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
 from cxr_node.config import SeriesNumbers
-from cxr_node.dicom.uids import output_uid
+from cxr_node.dicom.uids import (
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    PRIVATE_KIND,
+    PRIVATE_MODEL,
+    PRIVATE_SOURCE_UID,
+    output_uid,
+)
 from cxr_node.results.findings import Findings, Provenance
 
 Kind = Literal["sr", "sc", "seg", "pr"]
@@ -94,6 +101,18 @@ def identity(
         series_description=description,
         notes=notes,
     )
+
+
+def mark_as_own(output: Dataset, source_sop_instance_uid: str, model: str, kind: Kind) -> None:
+    """Add the node's private block (PS3.5 §7.8.1): the source image, model and kind its UIDs derive from.
+
+    An object routed back is recognised as the node's own only when this block is there and its SOP
+    Instance UID is the one they derive (:func:`cxr_node.dicom.uids.is_own_output`).
+    """
+    block = output.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(PRIVATE_SOURCE_UID, "UI", source_sop_instance_uid)
+    block.add_new(PRIVATE_MODEL, "UT", model)
+    block.add_new(PRIVATE_KIND, "CS", kind.upper())
 
 
 class EquipmentArgs(TypedDict):

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from cxr_node.dicom.uids import uid_problem
 from cxr_node.neighbours.cases import accession_problem, date_problem
-from cxr_node.results.common import Kind, OutputOptions, encode, identity
+from cxr_node.results.common import Kind, OutputOptions, encode, identity, mark_as_own
 from cxr_node.results.copied import Copied, Note, copy_source
 from cxr_node.results.findings import Findings, SimilarCase
 from cxr_node.results.kinds import kind
@@ -97,13 +97,14 @@ def _prepare(source: Dataset, findings: Findings) -> tuple[Copied, Findings, tup
 
 
 def _build(copied: Copied, findings: Findings, options: OutputOptions, name: Kind, notes: tuple[Note, ...]) -> Dataset:
-    """One output from the checked header: its builder, then the shared Patient and Study."""
+    """One output from the checked header: its builder, then the shared Patient and Study, then the private block."""
     entry = kind(name)
     description = options.description(entry.title)
     header = copied.header
     ids = identity(header, findings, name, options.series_numbers[name], description, tuple(map(str, notes)))
     dataset = entry.build(header, findings, options, ids)
     copied.apply(dataset)
+    mark_as_own(dataset, str(header.SOPInstanceUID), findings.provenance.model_key, name)
     return dataset
 
 

@@ -7,7 +7,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from cxr_node.config import TriageSettings
-from cxr_node.dicom.uids import NODE_MANUFACTURER
 from cxr_node.receive.filters import triage
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -59,7 +58,6 @@ def test_eligible_variants(changes: dict[str, object]) -> None:
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"Manufacturer": NODE_MANUFACTURER}, "own output"),
         ({"SOPClassUID": CT, "Modality": "CT"}, "is not CR or DX"),
         ({"Modality": "OT"}, "modality OT"),
         ({"ViewPosition": "LL"}, "view position LL is not frontal"),
