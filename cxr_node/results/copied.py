@@ -76,7 +76,8 @@ _MAX_LENGTH: Final = {
 }  # fmt: skip
 _TEXT_BLOCK_VRS: Final = frozenset({"LT", "ST", "UT"})
 _REGEX_VRS: Final = frozenset({"AE", "AS", "CS", "DS", "DT", "IS", "UR"})
-_SHOWN_VRS: Final = frozenset({"DA", "TM", "DT"})
+SHOWN: Final = frozenset({"StudyDate", "StudyTime", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime"})
+"""The only attributes whose values a note repeats (before and after a repair): no patient's values."""
 _FORMAT_FIRST: Final = frozenset({"DA", "TM", "DT", "UI"})  # their format says more than their length
 _DATE: Final = re.compile(r"\d{8}")
 _DOTTED_DATE: Final = re.compile(r"(\d{4})[./-](\d{2})[./-](\d{2})")
@@ -98,7 +99,7 @@ class Note:
     why : str
         The kind of problem or repair, never the value (e.g. ``over 16 characters``).
     before, after : str
-        The value before and after a repair, only for dates and times outside the Patient module.
+        The value before and after a repair, only for the study and acquisition dates and times (:data:`SHOWN`).
     """
 
     attribute: str
@@ -243,7 +244,7 @@ def _empty(tag: BaseTag) -> DataElement:
 
 def _repaired(before: DataElement, after: DataElement, why: str) -> Note:
     keyword = before.keyword or str(before.tag)
-    if before.VR in _SHOWN_VRS and not keyword.startswith("Patient") and before.VM == 1:
+    if keyword in SHOWN and before.VM == 1:
         return Note(keyword, "repaired", why, str(before.value), str(after.value))
     return Note(keyword, "repaired", why)
 
@@ -400,7 +401,7 @@ def _repair(vr: str, value: str, keyword: str) -> tuple[str, str] | None:
     if stripped != value:
         candidate = stripped
         whys.append("surrounding spaces or NULs removed")
-    for fix in (_fix_date, _fix_time, _fix_code, _fix_name, _fix_sex):
+    for fix in (_fix_date, _fix_time, _fix_sex, _fix_code, _fix_name):
         if not value_problem(vr, candidate, keyword):
             break
         repaired = fix(vr, candidate, keyword)
