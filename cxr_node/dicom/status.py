@@ -26,6 +26,12 @@ INSTANCE_CONFLICT: Final = 0xC002
 already received with another patient, study, series, SOP class or pixel data."""
 UNEXPECTED_FAILURE: Final = 0xC211
 """Error: Cannot understand, used (as pynetdicom does) for an unexpected error in our handler."""
+INSTANCE_TOO_LARGE: Final = 0xCB01
+"""Error: Cannot understand (PS3.4 B.2.3, range C000-CFFF), the node's code for a data set larger than
+``node.max_instance_mb`` as received or once inflated: a failure, not 0xA7xx, since a retry cannot succeed."""
+HEADER_TOO_COMPLEX: Final = 0xCB02
+"""Error: Cannot understand (PS3.4 B.2.3, range C000-CFFF), the node's code for a header over the structure
+bounds (sequence items, nesting depth, elements or bytes held while parsing)."""
 
 # C-STORE warnings (PS3.4 B.2.3)
 COERCION_OF_DATA_ELEMENTS: Final = 0xB000

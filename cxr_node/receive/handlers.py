@@ -7,6 +7,7 @@ Each association runs in a thread of its own: when it is established, its identi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -16,6 +17,8 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from cxr_node.dicom import status
+from cxr_node.errors import RejectedInstance
+from cxr_node.receive.guards import admitted, installed_spool
 from cxr_node.receive.intake import DEFER_SIZE, Intake, Peer, StoreOutcome
 
 log = structlog.get_logger("cxr_node.receive")
@@ -33,19 +36,36 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, intake: Intake) -> Dataset:
-    """C-STORE: hand the spooled data set to the intake and turn its outcome into a response.
+    """C-STORE: check the spooled data set's bounds, hand it to the intake and turn its outcome into a response.
 
     pynetdicom has written the data set, as received, to a file in the DICOM file format
-    (``STORE_RECV_CHUNKED_DATASET``); only its header is parsed here, the pixel data is never read.
+    (``STORE_RECV_CHUNKED_DATASET``); its size, inflated size and header shape are checked first
+    (:func:`~cxr_node.receive.guards.admitted`), then only its header is parsed, the pixel data is never read.
+    A deflated data set is parsed from its inflated copy; the file kept is the one received.
     """
-    peer = _peer(event)
+    path, syntax = Path(event.dataset_path), str(event.context.transfer_syntax)
     try:
-        path = event.dataset_path
-        ds = dcmread(path, defer_size=DEFER_SIZE)
+        with admitted(path, syntax, intake.max_bytes, installed_spool()) as readable:
+            ds = _header(readable)
+            if ds is None:
+                return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
+            return _response(intake.accept(ds, path, syntax, _peer(event)))
+    except RejectedInstance as exc:
+        path.unlink(missing_ok=True)
+        log.warning("store.rejected", reason=exc.reason, status=f"0x{exc.status:04X}")
+        return _response(StoreOutcome(exc.status, status.error_comment(exc.reason)))
+    except Exception as exc:
+        log.exception("store.unexpected_error")
+        return _response(StoreOutcome(status.UNEXPECTED_FAILURE, f"internal error: {type(exc).__name__}"))
+
+
+def _header(path: Path) -> Dataset | None:
+    """The data set at ``path`` with large values deferred; None when pydicom cannot decode it at all."""
+    try:
+        return dcmread(path, defer_size=DEFER_SIZE)
     except Exception as exc:  # the peer sent bytes pydicom cannot decode at all
         log.warning("store.undecodable", error=str(exc).splitlines()[0][:120])
-        return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
-    return _response(intake.accept(ds, path, str(event.context.transfer_syntax), peer))
+        return None
 
 
 def _response(outcome: StoreOutcome) -> Dataset:
