@@ -60,9 +60,11 @@ class NodeSettings(_Section):
     allowed_ips: list[str] = []
     require_called_aet: bool = True
     max_associations: int = Field(default=64, ge=1, le=4096)
+    max_associations_per_peer: int = Field(default=16, ge=1, le=4096)
     max_pdu: int = Field(default=262144, ge=0)
     max_instance_mb: float = Field(default=512.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
+    artim_timeout_s: float = Field(default=10.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     receiver_processes: int = Field(default=2, ge=1, le=64)
