@@ -15,6 +15,11 @@ to ``[0, 1]`` float32 where higher is brighter (MONOCHROME2 sense), so that stag
 
 Steps 2-4 run on bands of rows, and with ``max_side`` each band is reduced by an integer block mean at once,
 so a 4096x4096 image never exists as a full-size float array.
+
+Before any decoder runs, the header is checked against what it would make the decoder allocate: the decoded frame
+(Rows x Columns x SamplesPerPixel x BitsAllocated / 8) against ``max_frame_bytes``; for compressed pixel data, the
+Basic and Extended Offset Tables and the fragments against NumberOfFrames, and the size and components in the
+JPEG / JPEG-LS / JPEG 2000 codestream itself against the header (a decoder allocates what the codestream says).
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ DECODER_FAILURES: Final = (AttributeError, KeyError, NotImplementedError, Runtim
 """What pydicom and its plugins raise for data they cannot decode (MemoryError is left to propagate)."""
 LUT_FAILURES: Final = (*DECODER_FAILURES, IndexError, struct.error)
 """What pydicom raises for a malformed LUT Descriptor or LUT Data."""
+MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+"""The largest decoded frame a decoder is asked for by default (a 16-bit 11585 x 11585 image)."""
+ITEM_TAG: Final = b"\xfe\xff\x00\xe0"
+SEQUENCE_DELIMITER: Final = b"\xfe\xff\xdd\xe0"
+JPEG_SOF: Final = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7))
+"""JPEG start-of-frame markers (ISO 10918-1 B.1.1.3) and JPEG-LS SOF55 (ISO 14495-1)."""
 
 Voi = Literal["lut", "window", "none"]
 Window = tuple[float, float]
@@ -82,7 +93,7 @@ class DecodedImage:
     voi: Voi
 
 
-def decode(ds: Dataset, max_side: int | None = None) -> DecodedImage:
+def decode(ds: Dataset, max_side: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> DecodedImage:
     """Decode the single greyscale frame of ``ds`` into presentation values in ``[0, 1]``.
 
     Parameters
@@ -92,6 +103,8 @@ def decode(ds: Dataset, max_side: int | None = None) -> DecodedImage:
     max_side : int, optional
         When given, the image is reduced by the smallest integer block mean (area average) that makes its
         longer side at most ``max_side``; the reduction is done band by band before any full-size float array.
+    max_frame_bytes : int, optional
+        The largest decoded frame the header may describe; larger is refused before any decoder runs.
 
     Returns
     -------
@@ -101,13 +114,15 @@ def decode(ds: Dataset, max_side: int | None = None) -> DecodedImage:
     Raises
     ------
     PixelDecodeError
-        No pixel data, colour, several frames, no decoder for the transfer syntax, corrupt data, or an invalid
+        No pixel data, colour, several frames, a frame over ``max_frame_bytes``, offset tables, fragments or a
+        codestream that contradict the header, no decoder for the transfer syntax, corrupt data, or an invalid
         Modality LUT; the message says which in one line.
     ValueError
         ``max_side`` is not a positive integer.
     """
     _check_max_side(max_side)
     photometric = _check_header(ds)
+    _check_allocation(ds, max_frame_bytes)
     stored = _stored_values(ds)
     factor = block_factor(stored.shape, max_side)
     transform, window, voi = _presentation(ds, stored, invert=photometric == "MONOCHROME1")
@@ -186,6 +201,117 @@ def _check_header(ds: Dataset) -> str:
         raise PixelDecodeError(f"NumberOfFrames is {frames}; only single-frame images are decoded")
     _header_int(ds, "BitsStored")
     return photometric
+
+
+def _check_allocation(ds: Dataset, max_frame_bytes: int) -> None:
+    """Raise PixelDecodeError when decoding ``ds`` would allocate beyond what its header and the bound allow."""
+    rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    samples, bits = _header_int(ds, "SamplesPerPixel", default=1), _header_int(ds, "BitsAllocated")
+    if min(rows, columns, bits) < 1:
+        raise PixelDecodeError(f"Rows {rows}, Columns {columns}, BitsAllocated {bits}: not an image")
+    size = rows * columns * samples * -(-bits // 8)
+    if size > max_frame_bytes:
+        raise PixelDecodeError(
+            f"decoded frame of {rows} x {columns} x {samples} x {bits} bits is {size / 2**20:.0f} MB,"
+            f" over the {max_frame_bytes / 2**20:.0f} MB bound"
+        )
+    syntax = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_transfer_syntax and syntax.is_encapsulated:
+        try:
+            _check_encapsulated(ds, (rows, columns, samples))
+        except ValueError as e:
+            raise PixelDecodeError(f"pixel data not decodable ({syntax.name}): {e}") from e
+
+
+def _check_encapsulated(ds: Dataset, shape: tuple[int, int, int]) -> None:
+    """Raise ValueError when the offset tables, fragments or first codestream's size contradict the header."""
+    frames = _header_int(ds, "NumberOfFrames", default=1)
+    value = ds.PixelData
+    data = memoryview(value if isinstance(value, bytes | bytearray) else b"")
+    offsets, fragments, first = _encapsulated_items(data)
+    if offsets not in (0, frames):
+        raise ValueError(f"Basic Offset Table has {offsets} entries for {frames} frame(s)")
+    extended = ds.get("ExtendedOffsetTable")
+    if extended is not None and len(extended) // 8 != frames:
+        raise ValueError(f"Extended Offset Table has {len(extended) // 8} entries for {frames} frame(s)")
+    if fragments < frames:
+        raise ValueError(f"{fragments} fragment(s) of compressed pixel data for {frames} frame(s)")
+    found = _codestream_shape(first)
+    if found is not None and found != shape:
+        raise ValueError(
+            f"codestream is {found[0]} x {found[1]} x {found[2]}, the header says {shape[0]} x {shape[1]} x {shape[2]}"
+        )
+
+
+def _encapsulated_items(data: memoryview) -> tuple[int, int, memoryview]:
+    """(Basic Offset Table entries, fragments, first fragment) of encapsulated Pixel Data (PS3.5 A.4)."""
+    at, offsets, fragments, first = 0, -1, 0, memoryview(b"")
+    while at + 8 <= len(data) and bytes(data[at : at + 4]) != SEQUENCE_DELIMITER:
+        if bytes(data[at : at + 4]) != ITEM_TAG:
+            raise ValueError(f"encapsulated Pixel Data has no item at byte {at}")
+        length = int.from_bytes(data[at + 4 : at + 8], "little")
+        if at + 8 + length > len(data):
+            raise ValueError(f"encapsulated Pixel Data item at byte {at} runs past the end")
+        if offsets < 0:
+            offsets = length // 4
+        else:
+            first = data[at + 8 : at + 8 + length] if not fragments else first
+            fragments += 1
+        at += 8 + length
+    if offsets < 0:
+        raise ValueError("encapsulated Pixel Data has no Basic Offset Table item")
+    return offsets, fragments, first
+
+
+def _codestream_shape(data: memoryview) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG, JPEG-LS, JPEG 2000 or JP2 codestream declares; None for others."""
+    head = bytes(data[:12])
+    if head.startswith(b"\xff\x4f\xff\x51") and len(data) >= 42:
+        width = int.from_bytes(data[8:12], "big") - int.from_bytes(data[16:20], "big")
+        height = int.from_bytes(data[12:16], "big") - int.from_bytes(data[20:24], "big")
+        return height, width, int.from_bytes(data[40:42], "big")
+    if head == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
+        return _codestream_shape(_jp2_codestream(data))
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_shape(data)
+    return None
+
+
+def _jp2_codestream(data: memoryview) -> memoryview:
+    """The contents of the first 'jp2c' box of a JP2 file (ISO 15444-1 I.4), empty when there is none."""
+    at = 0
+    while at + 8 <= len(data):
+        length, kind, header = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8]), 8
+        if length == 1 and at + 16 <= len(data):
+            length, header = int.from_bytes(data[at + 8 : at + 16], "big"), 16
+        if kind == b"jp2c":
+            return data[at + header : at + length] if length else data[at + header :]
+        if length < header:
+            break
+        at += length
+    return memoryview(b"")
+
+
+def _jpeg_shape(data: memoryview) -> tuple[int, int, int] | None:
+    """(lines, samples per line, components) of the first SOF segment before the first scan; None without one."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length: TEM, RSTn, SOI
+            at += 2
+            continue
+        if marker in JPEG_SOF and at + 10 <= len(data):
+            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            return height, width, data[at + 9]
+        if marker in (0xDA, 0xD9):  # a scan or the end before any frame header
+            return None
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
 
 
 def _header_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
