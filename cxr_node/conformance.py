@@ -68,9 +68,9 @@ SCP_STATUSES: Final[tuple[StatusRow, ...]] = (
     StatusRow(
         "OUT_OF_RESOURCES",
         "Refused: Out of Resources",
-        "The data set is larger than `node.max_instance_mb`; or writing, fsyncing or committing failed (disk "
-        "full, I/O or database error); or the node applies back-pressure (see Back-pressure in 4.2.1.4.1). "
-        "Nothing is kept; the sender is expected to retry later.",
+        "Writing, fsyncing or committing failed (disk full, I/O or database error); or the node applies "
+        "back-pressure: queue, disk space, inodes (see Back-pressure in 4.2.1.4.1). Nothing is kept; the sender "
+        "is expected to retry later.",
     ),
     StatusRow(
         "DATASET_DOES_NOT_MATCH_SOP_CLASS",
@@ -97,6 +97,21 @@ SCP_STATUSES: Final[tuple[StatusRow, ...]] = (
         "An instance with this SOP Instance UID was already received with another patient, study, series, SOP "
         "class or pixel data; the ErrorComment says which. The new one is refused (never stored over the first, "
         "never combined with it); an identical re-send is answered Success.",
+    ),
+    StatusRow(
+        "INSTANCE_TOO_LARGE",
+        "Error: Cannot understand (instance too large)",
+        "The data set is larger than `node.max_instance_mb` as received, or once inflated (Deflated Explicit VR "
+        "Little Endian, inflated as a stream and counted before anything is parsed). Receiving stops writing at "
+        "the limit; the rest of the data set is read and dropped, then this is answered. Nothing is kept; a "
+        "re-send fails the same way (a failure, not 0xA7xx, so the sender does not retry it forever).",
+    ),
+    StatusRow(
+        "HEADER_TOO_COMPLEX",
+        "Error: Cannot understand (header over bounds)",
+        "The header, walked before it is parsed, has more than 50,000 sequence items, sequences nested more than "
+        "32 deep, more than 200,000 elements or 100,000 pixel data fragments, or over 64 MB of values to hold in "
+        "memory; the ErrorComment says which. Nothing is kept.",
     ),
     StatusRow(
         "UNEXPECTED_FAILURE",
