@@ -13,8 +13,11 @@ hands pynetdicom sockets whose ``recv`` follows the PDU framing of the bytes it 
 - refuses a P-DATA-TF PDU whose header announces more than the node's ``max_pdu`` (:data:`HARD_MAX_PDU` when
   ``max_pdu`` is 0) and any other PDU over :data:`MAX_CONTROL_PDU` as soon as its 6-byte header is in, before
   one byte of its body is read: the peer gets an A-ABORT (service provider, invalid PDU parameter value);
-- on either, closes the connection and returns end-of-stream, which pynetdicom handles as a closed transport
-  (an aborted association, its thread ended, its slot freed).
+- follows the PDV items inside P-DATA-TF PDUs (:class:`PdvStream`): pynetdicom keeps a command set, and the data
+  set of any message but a C-STORE-RQ (those are spooled to a file), in memory, so a command set over
+  :data:`MAX_COMMAND_SET` or such a data set over :data:`MAX_MEMORY_DATASET` is refused the same way;
+- on any of these, closes the connection and returns end-of-stream, which pynetdicom handles as a closed
+  transport (an aborted association, its thread ended, its slot freed).
 
 :class:`PeerSlots` counts open connections per peer address and in all, so one address cannot take every slot
 and a flood cannot create threads without bound. ``tests/integration/test_hostile_peers.py`` pins the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import threading
 import time
 import weakref
@@ -45,6 +49,11 @@ HARD_MAX_PDU: Final = 64 * 1024 * 1024
 """The largest P-DATA-TF accepted when ``node.max_pdu`` is 0 (unlimited): a 4 GB length never allocates."""
 MAX_CONTROL_PDU: Final = 1024 * 1024
 """The largest other PDU (an A-ASSOCIATE-RQ with every storage class proposed is about 100 kB)."""
+MAX_COMMAND_SET: Final = 64 * 1024
+"""The largest DIMSE command set accepted (one is a few hundred bytes)."""
+MAX_MEMORY_DATASET: Final = 4 * 1024 * 1024
+"""The largest data set of a message other than a C-STORE-RQ (pynetdicom holds those in memory)."""
+C_STORE_RQ: Final = 0x0001
 A_ABORT_INVALID_PDU_PARAMETER: Final = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
 """A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value): PS3.8 9.3.8, Table 9-26."""
 
@@ -88,6 +97,8 @@ class PduGate:
         self.deadline: float | None = accepted_at + limits.artim_s
         self._header = bytearray()
         self._remaining = 0
+        self._pdvs: PdvStream | None = None
+        self._messages = PdvStream()
 
     def timeout(self, now: float) -> float:
         """The socket timeout for the next read.
@@ -124,6 +135,8 @@ class PduGate:
         while at < len(view):
             if self._remaining:
                 taken = min(self._remaining, len(view) - at)
+                if self._pdvs is not None:
+                    self._pdvs.feed(view[at : at + taken])
                 self._remaining -= taken
                 at += taken
                 if not self._remaining:
@@ -142,8 +155,73 @@ class PduGate:
             which = "P-DATA-TF" if pdu_type == P_DATA_TF else f"PDU type 0x{pdu_type:02X}"
             raise PduTooLong(f"{which} of {length} bytes over the {limit} accepted{f' ({key})' if key else ''}")
         self._remaining = length
+        self._pdvs = self._messages if pdu_type == P_DATA_TF else None
         if not length:
             self.deadline = None
+
+
+class PdvStream:
+    """Follows the PDV items of the P-DATA-TF bodies of one connection (PS3.8 9.3.5, Annex E.2) and bounds what
+    pynetdicom buffers in memory: command sets, and the data sets of messages other than C-STORE-RQ."""
+
+    def __init__(self, max_command: int = MAX_COMMAND_SET, max_dataset: int = MAX_MEMORY_DATASET) -> None:
+        self.max_command, self.max_dataset = max_command, max_dataset
+        self._head = bytearray()
+        self._left = 0
+        self._control = 0
+        self._command = bytearray()
+        self._spooled = False
+        self._dataset = 0
+
+    def feed(self, data: memoryview) -> None:
+        """Account for bytes of P-DATA-TF bodies; raise PduTooLong past a bound."""
+        at = 0
+        while at < len(data):
+            if self._left:
+                part = data[at : at + min(self._left, len(data) - at)]
+                self._fragment(part)
+                self._left -= len(part)
+                at += len(part)
+                if not self._left:
+                    self._fragment_done()
+                continue
+            part = data[at : at + 6 - len(self._head)]
+            self._head += part
+            at += len(part)
+            if len(self._head) == 6:  # item length (4), context ID (1), message control header (1)
+                self._left, self._control = max(int.from_bytes(self._head[:4], "big") - 2, 0), self._head[5]
+                self._head.clear()
+                if not self._left:
+                    self._fragment_done()
+
+    def _fragment(self, part: memoryview) -> None:
+        if self._control & 1:
+            self._command += part
+            if len(self._command) > self.max_command:
+                raise PduTooLong(f"command set over {self.max_command} bytes")
+        elif not self._spooled:
+            self._dataset += len(part)
+            if self._dataset > self.max_dataset:
+                raise PduTooLong(f"data set of a message other than C-STORE over {self.max_dataset} bytes")
+
+    def _fragment_done(self) -> None:
+        if self._control & 3 == 3:  # the last fragment of a command set
+            self._spooled = command_field(bytes(self._command)) == C_STORE_RQ
+            self._command.clear()
+            self._dataset = 0
+        elif self._control & 3 == 2:  # the last fragment of a data set
+            self._spooled, self._dataset = False, 0
+
+
+def command_field(command: bytes) -> int | None:
+    """The Command Field (0000,0100) of an encoded command set (implicit VR little endian), if present."""
+    at = 0
+    while at + 8 <= len(command):
+        tag, length = struct.unpack_from("<LL", command, at)
+        if tag == 0x01000000:  # (0000,0100): group 0000 then element 0100, little endian
+            return int.from_bytes(command[at + 8 : at + 10], "little") if length >= 2 else None
+        at += 8 + length
+    return None
 
 
 class GuardedSocket(socket.socket):

@@ -24,6 +24,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from structlog.testing import capture_logs
 
@@ -251,6 +252,31 @@ def test_over_long_pdu_before_the_association_gets_an_a_abort(start_node: StartN
     sock = stalled(node, struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))
     assert sock.recv(64) == A_ABORT_INVALID_PDU_PARAMETER
     sock.close()
+
+
+def test_oversized_echo_data_set_aborts(start_node: StartNode) -> None:
+    """A C-ECHO-RQ carrying a data set over 4 MiB (pynetdicom would hold it in memory) aborts the association."""
+    node = start_node()
+    command = Dataset()
+    command.AffectedSOPClassUID, command.CommandField, command.MessageID = Verification, 0x0030, 1
+    command.CommandDataSetType = 0x0001
+    encoded = encode(command, True, True)
+    assert encoded is not None
+
+    def p_data(control: int, fragment: bytes) -> bytes:
+        item = struct.pack(">LBB", len(fragment) + 2, 1, control) + fragment
+        return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+    with capture_logs() as logs, associated(node) as assoc:
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        raw.sendall(p_data(0x03, encoded))
+        with suppress(OSError):
+            for _ in range(5 * MB // 200_000 + 1):
+                raw.sendall(p_data(0x00, bytes(200_000)))
+        assert wait_for(lambda: assoc.is_aborted, timeout_s=5.0)
+    assert wait_for(lambda: idle(node))
+    assert any("other than C-STORE" in entry.get("reason", "") for entry in logs if entry["event"] == "assoc.dropped")
 
 
 def test_pdus_of_exactly_max_pdu_are_accepted(start_node: StartNode, chest_cr: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
+from pynetdicom.dsutils import encode
 
 from cxr_node.dicom import pixels, status
 from cxr_node.dicom.pixels import decode
@@ -34,13 +35,16 @@ from cxr_node.receive import pressure
 from cxr_node.receive.connections import (
     A_ABORT_INVALID_PDU_PARAMETER,
     HARD_MAX_PDU,
+    MAX_MEMORY_DATASET,
     ConnectionLimits,
     Dropped,
     GuardedSocket,
     PduGate,
     PduTooLong,
+    PdvStream,
     PeerSlots,
     RateLimitedLog,
+    command_field,
 )
 from cxr_node.receive.guards import (
     HEADER_LIMITS,
@@ -97,6 +101,59 @@ def test_unlimited_max_pdu_keeps_a_hard_cap() -> None:
     PduGate(limits, 0.0).feed(pdu(0x01, 0) + pdu(0x04, HARD_MAX_PDU))
     with pytest.raises(PduTooLong):
         PduGate(limits, 0.0).feed(pdu(0x01, 0) + pdu(0x04, HARD_MAX_PDU + 1))
+
+
+def command_set(field: int, with_dataset: bool) -> bytes:
+    """An encoded DIMSE command set (implicit VR little endian) with ``field`` as its Command Field."""
+    ds = Dataset()
+    ds.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    ds.CommandField = field
+    ds.MessageID = 1
+    ds.CommandDataSetType = 0x0001 if with_dataset else 0x0101
+    encoded = encode(ds, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def pdv(control: int, fragment: bytes) -> bytes:
+    """One PDV item of presentation context 1."""
+    return struct.pack(">LBB", len(fragment) + 2, 1, control) + fragment
+
+
+def test_command_field_is_read_from_an_encoded_command_set() -> None:
+    """The Command Field is found in an encoded command set; None when there is none."""
+    assert command_field(command_set(0x0001, True)) == 0x0001
+    assert command_field(command_set(0x0030, False)) == 0x0030
+    assert command_field(b"") is None
+
+
+def test_pdv_stream_bounds_what_pynetdicom_keeps_in_memory() -> None:
+    """A C-ECHO's data set past the bound is refused; a C-STORE's data set (spooled to a file) is not counted."""
+    stream = PdvStream(max_command=1024, max_dataset=10_000)
+    chunk = pdv(0x00, bytes(4000))
+    stream.feed(memoryview(pdv(0x03, command_set(0x0001, True)) + chunk * 5 + pdv(0x02, b"end")))
+    stream.feed(memoryview(pdv(0x03, command_set(0x0030, True)) + chunk * 2))
+    with pytest.raises(PduTooLong, match="other than C-STORE over 10000 bytes"):
+        stream.feed(memoryview(chunk))
+    with pytest.raises(PduTooLong, match="command set over 1024 bytes"):
+        PdvStream(max_command=1024).feed(memoryview(pdv(0x01, bytes(1000)) + pdv(0x01, bytes(100))))
+
+
+def test_gate_follows_pdv_items_split_across_reads() -> None:
+    """PDV items in P-DATA PDUs read in arbitrary pieces are followed: the bound is met at its very byte."""
+    gate = PduGate(ConnectionLimits(artim_s=5.0, stall_s=2.0, max_pdata=100_000), accepted_at=0.0)
+    items = [pdv(0x03, command_set(0x0030, True))] + [pdv(0x00, bytes(50_000))] * (MAX_MEMORY_DATASET // 50_000)
+    items.append(pdv(0x00, bytes(MAX_MEMORY_DATASET % 50_000 + 1)))
+    stream = pdu(0x01, 0) + b"".join(pdu(0x04, len(item)) + item for item in items)
+    refused_at = None
+    for at in range(0, len(stream), 4093):
+        try:
+            gate.feed(stream[at : at + 4093])
+        except PduTooLong:
+            refused_at = at
+            break
+    assert refused_at is not None
+    assert refused_at + 4093 >= len(stream)
 
 
 def test_gate_timeout_counts_down_to_the_artim_deadline() -> None:
