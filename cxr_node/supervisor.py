@@ -189,7 +189,10 @@ class Supervisor:
             if self.stopping.wait(delay):
                 return
             self.restarts[name] = count + 1
-            self._spawn(name)
+            try:
+                self._spawn(name)
+            except CxrNodeError as exc:  # the other roles keep running; the next loop tries again, later
+                log.error("child.failed", child=name, error=str(exc))
 
     def _stop_all(self) -> int:
         log.info("node.stopping")

@@ -24,6 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def status_report(args: argparse.Namespace) -> dict[str, Any]:
     """The node at a glance, as ``status --json`` prints it."""
     from cxr_node.app import open_store
+    from cxr_node.jobs.states import VALUES_REPAIRED, JobState
     from cxr_node.metrics import health, snapshot
 
     found = settings(args)
@@ -31,12 +32,14 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
     try:
         now = time.time()
         snap = snapshot(found, store, now)
+        repaired = store.jobs.moves(JobState.WRITTEN, VALUES_REPAIRED)
     finally:
         store.close()
     stale = found.metrics.stuck_after_s
     return {
         "problems": health(found, snap, now),
         "stuck_jobs": [job_id for job_id, seconds in snap.stuck if seconds > stale],
+        "jobs_with_values_repaired": repaired,
         "alive_s_ago": {role: round(now - at, 1) for role, at in sorted(snap.alive.items())},
         "storage_root": str(found.storage.root),
         "model_manifest": str(found.models.manifest),
@@ -68,6 +71,9 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     lines += [f"  {state:<12}{count:>8}" for state, count in report["jobs"].items()]
     alive = ", ".join(f"{role} {seconds:g} s ago" for role, seconds in report["alive_s_ago"].items())
     lines.append(f"last alive    {alive or 'no worker or sender has run yet'}")
+    if report["jobs_with_values_repaired"]:
+        count = report["jobs_with_values_repaired"]
+        lines.append(f"repaired      {count} job(s) had source values repaired or left out (see the SR, the logs)")
     if report["stuck_jobs"]:
         lines.append(f"stuck jobs    {', '.join(map(str, report['stuck_jobs']))} (running, no live worker)")
     for name, state in report["destinations"].items():

@@ -70,6 +70,10 @@ class JobStore(Protocol):
         """Jobs in ``state`` counted by reason."""
         ...
 
+    def moves(self, target: JobState, reason_prefix: str) -> int:
+        """How many jobs ever moved to ``target`` with a reason starting ``reason_prefix``."""
+        ...
+
     def oldest_open_age(self, now: float) -> float:
         """Seconds since the oldest job still in flight was received (0 when none is)."""
         ...
@@ -98,9 +102,11 @@ class ResultStore(Protocol):
         """The stored result of ``job_id``, or None."""
         ...
 
-    def save_outputs(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str]) -> Job:
+    def save_outputs(
+        self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str], reason: str | None = None
+    ) -> Job:
         """Record an inferred job's written outputs and a pending delivery per destination and output; move it
-        to written; drop the arrays."""
+        to written (with ``reason``, e.g. the source values repaired); drop the arrays."""
         ...
 
     def outputs(self, job_id: int) -> list[Output]:

@@ -389,6 +389,15 @@ class SqliteJobs:
             ).fetchall()
         return {reason: count for reason, count in rows}
 
+    def moves(self, target: JobState, reason_prefix: str) -> int:
+        """How many distinct jobs ever moved to ``target`` with a reason starting ``reason_prefix``."""
+        with self.db.read() as db:
+            row = db.execute(
+                "SELECT COUNT(DISTINCT job_id) FROM job_events WHERE to_state = ? AND substr(reason, 1, ?) = ?",
+                (target.value, len(reason_prefix), reason_prefix),
+            ).fetchone()
+        return int(row[0])
+
     def oldest_open_age(self, now: float) -> float:
         """Seconds since the oldest job still waiting (queued, running, inferred or written) was received."""
         waiting = tuple(state.value for state in IN_FLIGHT)
@@ -492,9 +501,11 @@ class SqliteResults:
             return None
         return StoredResult(row[0], row[1], codec.decode_summary(row[2]), row[3], row[4])
 
-    def save_outputs(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str]) -> Job:
+    def save_outputs(
+        self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str], reason: str | None = None
+    ) -> Job:
         """Record an inferred job's written outputs, one pending delivery per destination and output,
-        and move it to written, in one transaction; the result's arrays are dropped (no longer needed)."""
+        and move it to written (with ``reason``), in one transaction; the result's arrays are dropped."""
         now = time.time()
         with self.db.transaction() as db:
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
@@ -516,7 +527,7 @@ class SqliteResults:
                 ],
             )
             db.execute("UPDATE results SET arrays = NULL WHERE job_id = ?", (job_id,))
-            return self.jobs.move(db, job_id, JobState.WRITTEN, None)
+            return self.jobs.move(db, job_id, JobState.WRITTEN, reason)
 
     def outputs(self, job_id: int) -> list[Output]:
         """Return the outputs written for ``job_id``, in send order."""

@@ -34,6 +34,10 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
 }
 """Allowed moves. Quarantined and dead jobs can be re-queued by an operator; nothing leaves delivered."""
 
+VALUES_REPAIRED: Final = "values repaired: "
+"""How a written job's reason starts when source values were repaired or left out of its outputs (``cxr-node
+status`` counts them); the attribute names follow, never a value."""
+
 TERMINAL: Final = frozenset(state for state, nexts in TRANSITIONS.items() if not nexts)
 
 

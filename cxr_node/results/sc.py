@@ -27,6 +27,9 @@ from cxr_node.results.render import Banner, render_overlay, window_to_uint8
 
 TITLE = "AI RESULT"
 NEIGHBOURS_ON_BANNER = 3
+UNKNOWN_ORIENTATION = ("L", "F")
+"""What highdicom is given when the source has no usable PatientOrientation (it insists on one); the overlay is
+then written with an empty PatientOrientation, never this placeholder."""
 
 
 def banner(findings: Findings) -> Banner:
@@ -71,6 +74,7 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: I
         When the findings have no image or highdicom refuses the content.
     """
     pixels = overlay_pixels(findings)
+    orientation = _orientation(source)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -83,12 +87,14 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: I
             sop_instance_uid=ids.sop_instance_uid,
             instance_number=ids.instance_number,
             manufacturer=findings.provenance.manufacturer,
-            patient_orientation=_orientation(source),
+            patient_orientation=orientation or UNKNOWN_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=contributing_equipment(findings.provenance, options),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"overlay cannot be built: {exc}") from exc
+    if orientation is None:
+        sc.PatientOrientation = []  # Type 2: the source says nothing usable, so neither does the overlay
     _describe(sc, source, findings, ids)
     copy_series_context(source, sc)
     copy_character_set(source, sc, (findings.provenance.intended_use, findings.summary.reason))

@@ -26,6 +26,7 @@ from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import JobStore
 from cxr_node.jobs.states import JobState
 from cxr_node.neighbours import LABELS, Label, Neighbour, NeighbourIndex, NewCase, Source
+from cxr_node.neighbours.cases import indexable
 from cxr_node.privacy import PatientHasher
 from cxr_node.work.load import index_case
 from cxr_node.work.loop import Analyser
@@ -190,12 +191,13 @@ def import_library(
     remembered: dict[str, tuple[str, str]] = {}
     items = ((path, None, label) for path, label in pairs)
     for number, item in enumerate(embedder.embed(items, source="library"), start=1):
-        if item.embedding is None:
-            problems.append(f"{item.path}: {item.reason}")
+        case, why = indexable(item.case)
+        if item.embedding is None or case is None:
+            problems.append(f"{item.path}: {item.reason or 'identifiers a report cannot name: ' + '; '.join(why)}")
             continue
-        index.add(version, item.embedding, item.case)
-        keep_copy(settings, item.path, item.case)
-        remembered[item.case.sop_instance_uid] = (item.case.study_instance_uid, item.case.label or "")
+        index.add(version, item.embedding, case)
+        keep_copy(settings, item.path, case)
+        remembered[case.sop_instance_uid] = (case.study_instance_uid, case.label or "")
         imported += 1
         if number % 20 == 0 or number == len(pairs):
             print(f"  {number}/{len(pairs)} embedded", flush=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from cxr_node.jobs.interfaces import JobStore, ResultStore
 from cxr_node.jobs.leases import Holder, recover_jobs, this_process
 from cxr_node.jobs.records import Job
 from cxr_node.jobs.states import JobState
+from cxr_node.neighbours import NewCase
 from cxr_node.privacy import PatientHasher
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
 from cxr_node.work.load import Loaded, index_case, load
@@ -220,7 +222,7 @@ class Worker:
         decoded = [(item, item.image) for item in loaded if item.image is not None]
         for item in loaded:
             if item.image is None:
-                self._not_decodable(item)
+                self._guarded(item.job, partial(self._not_decodable, item))
         if not decoded:
             return
         clock = time.perf_counter()
@@ -234,14 +236,17 @@ class Worker:
         metrics.observe_batch(len(decoded), seconds)
         for (item, image), analysis in zip(decoded, analyses, strict=True):
             if analysis is not None:
-                self._record(item, image, analysis)
+                self._guarded(item.job, partial(self._record, item, image, analysis))
 
     def _load(self, job: Job) -> Loaded | None:
         try:
             return load(self.root, job, self.settings.max_side)
         except PixelDecodeError as exc:
             self._quarantine(job, f"stored file cannot be read: {exc}")
-            return None
+        except Exception as exc:  # a header pydicom chokes on: this job only
+            log.exception("job.failed", job_id=job.id)
+            self._quarantine(job, f"stored file cannot be read: {type(exc).__name__}: {str(exc)[:160]}")
+        return None
 
     def _analyse_alone(self, item: Loaded, image: DecodedImage) -> Analysis | None:
         """After a batch failure, analyse one image by itself so one bad image cannot sink the others."""
@@ -259,8 +264,8 @@ class Worker:
     def _record_bound(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
         model = (self.provenance.model_name, self.provenance.model_version)
         similar: tuple[SimilarCase, ...] = ()
-        if analysis.analysed and analysis.embedding is not None and self.hasher is not None:
-            case = index_case(item.header, self.hasher)
+        case = self._case(item) if analysis.analysed and analysis.embedding is not None else None
+        if case is not None and analysis.embedding is not None:
             similar = self.retriever.similar(case, analysis.embedding, model[1])
             self.retriever.add(case, analysis.embedding, model[1])
         summary = summary_of(image, analysis, model, similar)
@@ -280,6 +285,16 @@ class Worker:
         if self.writer is not None:
             self.writer.write(item)
 
+    def _case(self, item: Loaded) -> NewCase | None:
+        """The image as the neighbour index sees it, or None (no retrieval, or identifiers it cannot hold)."""
+        if self.hasher is None:
+            return None
+        try:
+            return index_case(item.header, self.hasher)
+        except ValueError as exc:
+            log.warning("index.case_skipped", reason=str(exc)[:200])
+            return None
+
     def _not_decodable(self, item: Loaded) -> None:
         """An image whose pixels cannot be decoded is recorded as not analysed (the site gets a short SR)."""
         self._progress = time.monotonic()
@@ -289,6 +304,19 @@ class Worker:
             log.warning("job.inferred", status="not_analysed", reason=item.reason)
             if self.writer is not None:
                 self.writer.write(item)
+
+    def _guarded(self, job: Job, step: Callable[[], None]) -> None:
+        """Run one job's step; an unexpected error ends that job (with the reason), never the worker or the batch."""
+        try:
+            step()
+        except Exception as exc:
+            log.exception("job.failed", job_id=job.id)
+            reason = f"processing failed: {type(exc).__name__}: {str(exc)[:160]}"
+            current = self.jobs.get(job.id)
+            if current is not None and current.state is JobState.RUNNING:
+                self._quarantine(job, reason)
+            elif current is not None and current.state is JobState.INFERRED:
+                self.jobs.transition(job.id, JobState.DEAD, reason)
 
     def _quarantine(self, job: Job, reason: str) -> None:
         with bound_contextvars(job_id=job.id):

@@ -21,7 +21,7 @@ from cxr_node.jobs import codec
 from cxr_node.jobs.interfaces import JobStore, ResultStore
 from cxr_node.jobs.records import Job, Output
 from cxr_node.jobs.spool import output_path, write_durably
-from cxr_node.jobs.states import JobState
+from cxr_node.jobs.states import VALUES_REPAIRED, JobState
 from cxr_node.results.common import OutputError
 from cxr_node.results.copied import Note
 from cxr_node.results.findings import Findings, Provenance
@@ -106,8 +106,9 @@ class OutputWriter:
         kinds = kinds_for(findings, self.settings)
         try:
             built = build_outputs(header, findings, self.options, kinds)
-        except OutputError as exc:
-            reason = f"output invalid, not sent: {str(exc)[:200]}"
+        except Exception as exc:  # OutputError, or a library failing on this one source header: this job only
+            what = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
+            reason = f"output invalid, not sent: {what[:200]}"
             self.jobs.transition(job.id, JobState.DEAD, reason)
             log.error("job.dead", reason=reason)
             return False
@@ -118,7 +119,8 @@ class OutputWriter:
         except OSError as exc:
             log.error("job.write_failed", error=str(exc))
             return False
-        self.results.save_outputs(job.id, outputs, self.destinations)
+        repaired = f"{VALUES_REPAIRED}{', '.join(repaired_attributes(built.notes))}"[:200] if built.notes else None
+        self.results.save_outputs(job.id, outputs, self.destinations, repaired)
         log.info(
             "job.written",
             outputs=[item.kind for item in built],

@@ -19,7 +19,7 @@ from cxr_node.dicom import status
 from cxr_node.infer.classify import RuntimeOptions
 from cxr_node.infer.engine import Analysis, Engine
 from cxr_node.infer.registry import load_manifest
-from cxr_node.jobs.states import JobState
+from cxr_node.jobs.states import VALUES_REPAIRED, JobState
 from cxr_node.results.findings import Summary
 from tests.integration.helpers import small_cr, store_all
 
@@ -149,3 +149,19 @@ def test_job_events_carry_the_job_and_store_events_the_association(
     [job] = receiver.store.jobs.query()
     assert [e.get("job_id") for e in logged if e["event"] in ("job.inferred", "job.written")] == [job.id, job.id]
     assert "job_id" not in structlog.contextvars.get_contextvars()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_unwritable_accession_number_costs_the_patient_nothing(
+    receiver: Receiver, engine: Engine, chest_cr: Path
+) -> None:
+    """An accession number with a control character is left out of the index and the outputs, the job is
+    written, and the store counts it among the jobs whose values were repaired."""
+    assert store_all(receiver.port, [small_cr(chest_cr, "acc", AccessionNumber="ACC\x01X")]) == [status.SUCCESS]
+    worker = build_worker(receiver.settings, receiver.store, engine)
+    worker.process(worker.take_batch(threading.Event()))
+    worker.close()
+    [job] = receiver.store.jobs.query()
+    assert job.state is JobState.WRITTEN
+    assert receiver.store.jobs.moves(JobState.WRITTEN, VALUES_REPAIRED) == 1
+    assert any(reason and "AccessionNumber" in reason for _, _, reason in receiver.store.jobs.history(job.id))
