@@ -93,6 +93,7 @@ class StorageSettings(_Section):
     max_disk_percent: float = Field(default=90.0, gt=0, le=100)
     retention_days: float = Field(default=30.0, ge=0)
     identifier_key: Path | None = None
+    max_jobs: int = Field(default=1_000_000, ge=0)
 
     @property
     def identifier_key_file(self) -> Path:

@@ -86,7 +86,11 @@ class Intake:
         self.max_bytes = settings.node.max_instance_bytes
         self.jobs = jobs
         self.hasher = hasher
-        self.pressure = Pressure(jobs, self.root, settings.node.max_queue_depth, settings.storage.max_disk_percent)
+        storage = settings.storage
+        max_jobs = storage.max_jobs or None
+        self.pressure = Pressure(
+            jobs, self.root, settings.node.max_queue_depth, storage.max_disk_percent, max_jobs=max_jobs
+        )
 
     def accept(self, ds: Dataset, encoded: bytes | Path, transfer_syntax: str, peer: Peer) -> StoreOutcome:
         """Handle one C-STORE data set; never raises.
@@ -122,8 +126,8 @@ class Intake:
         if full:
             raise RejectedInstance(status.OUT_OF_RESOURCES, full)
         size = encoded.stat().st_size if isinstance(encoded, Path) else len(encoded)
-        if size > self.max_bytes:
-            raise RejectedInstance(status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds node.max_instance_mb")
+        if size > self.max_bytes:  # the spool cap refuses these first; this covers orphans adopted at start-up
+            raise RejectedInstance(status.INSTANCE_TOO_LARGE, f"instance of {size} bytes exceeds node.max_instance_mb")
         new = _identify(ds, transfer_syntax, peer, size, self.hasher)
         existing = self.jobs.find(new.instance_key)
         if existing is not None:

@@ -36,3 +36,18 @@ def test_a_full_disk_answers_out_of_resources(make_settings: Callable[..., Setti
         assert sum(node.store.jobs.counts().values()) == 0
     finally:
         node.stop(grace_s=5)
+
+
+def test_a_store_holding_max_jobs_answers_out_of_resources(
+    make_settings: Callable[..., Settings], chest_cr: Path
+) -> None:
+    """With storage.max_jobs 2 and two jobs kept (skipped ones count too), the next instance gets 0xA700."""
+    node = Receiver(make_settings(**{"storage.max_jobs": 2})).start()
+    try:
+        images = [small_cr(chest_cr, "rows-0"), small_cr(chest_cr, "rows-1", ViewPosition="LL")]
+        assert store_all(node.port, images) == [status.SUCCESS] * 2
+        time.sleep(1.1)  # the limit is measured at most once a second
+        assert store_all(node.port, [small_cr(chest_cr, "rows-over")]) == [status.OUT_OF_RESOURCES]
+        assert sum(node.store.jobs.counts().values()) == 2
+    finally:
+        node.stop(grace_s=5)

@@ -337,11 +337,12 @@ def test_association_over_max_associations_is_rejected_transiently(start_node: S
 def test_instance_over_max_instance_mb_is_refused_and_not_stored(
     start_node: StartNode, chest_cr: Path, small_cr: Path
 ) -> None:
-    """An instance over node.max_instance_mb gets 0xA700 and an ErrorComment, leaving no job and no file."""
+    """An instance over node.max_instance_mb gets 0xCB01 (no endless retries) and an ErrorComment, leaving no job
+    and no file."""
     node = start_node(**{"node.max_instance_mb": 1})
     response = store(node, chest_cr)
     assert response is not None
-    assert response.Status == status.OUT_OF_RESOURCES
+    assert response.Status == status.INSTANCE_TOO_LARGE
     assert "max_instance_mb" in response.ErrorComment
     assert job_count(node) == 0
     assert spooled_files(node) == []
