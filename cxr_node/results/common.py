@@ -6,6 +6,7 @@ writes a dataset with pydicom's writing validation raising, so an invalid object
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from typing import Final, Literal, TypedDict, get_args
 
 import highdicom as hd
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
@@ -155,6 +156,17 @@ def contributing_equipment(provenance: Provenance, options: OutputOptions) -> li
             contribution_description=f"AI analysis; {provenance.intended_use}"[:64],
         )
     ]
+
+
+def without_pixels(source: Dataset) -> Dataset:
+    """A deep copy of ``source``'s header and File Meta Information, without its pixel data (group 7FE0)."""
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    meta = getattr(source, "file_meta", None)
+    header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
+    return header
 
 
 def copy_character_set(source: Dataset, output: Dataset, own_texts: tuple[str, ...]) -> None:

@@ -35,13 +35,13 @@ import pydicom
 from highdicom._standard_utils import get_module_attribute_map  # the standard's IOD tables highdicom copies by
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
 from cxr_node.dicom.uids import uid_problem
-from cxr_node.results.common import OutputError
+from cxr_node.results.common import OutputError, without_pixels
 
 Action = Literal["repaired", "left empty", "left out"]
 
@@ -183,7 +183,7 @@ def copy_source(source: Dataset) -> Copied:
             raise OutputError(f"the source's {keyword} cannot be referenced: {problem}")
     notes: list[Note] = []
     attributes = tuple(_module_attributes(source, notes))
-    header = _header(source)
+    header = without_pixels(source)
     for tag in module_tags():
         header.pop(tag, None)
     for element in attributes:
@@ -191,17 +191,6 @@ def copy_source(source: Dataset) -> Copied:
     for keyword in CONTEXT:
         _check_context(header, keyword, notes)
     return Copied(header, attributes, tuple(notes))
-
-
-def _header(source: Dataset) -> Dataset:
-    """A copy of the source without its pixel data."""
-    header = Dataset()
-    for element in source:
-        if element.tag.group != 0x7FE0:
-            header.add(copy.deepcopy(element))
-    meta = getattr(source, "file_meta", None)
-    header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
-    return header
 
 
 def _module_attributes(source: Dataset, notes: list[Note]) -> Iterable[DataElement]:

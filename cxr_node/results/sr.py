@@ -11,13 +11,12 @@ shows the tree.
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Sequence
 
 import highdicom.sr as hsr
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 
@@ -30,6 +29,7 @@ from cxr_node.results.common import (
     OutputOptions,
     contributing_equipment,
     copy_character_set,
+    without_pixels,
 )
 from cxr_node.results.findings import Findings, SimilarCase
 
@@ -90,12 +90,7 @@ def usable_evidence(source: Dataset) -> Dataset:
 
     A spacing of ``0\\0`` is treated as unknown (TRAPS.md): highdicom and viewers would divide by it.
     """
-    header = Dataset()
-    for element in source:
-        if element.tag.group != 0x7FE0:
-            header.add(copy.deepcopy(element))
-    meta = getattr(source, "file_meta", None)
-    header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
+    header = without_pixels(source)
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = header.get(keyword)
         if value is not None and (len(value) != 2 or any(float(v) <= 0 for v in value)):

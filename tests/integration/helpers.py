@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,13 @@ def echo(port: int, calling: str = "PACS") -> int | None:
         return int(assoc.send_c_echo().Status)
     finally:
         assoc.release()
+
+
+def wait_for(check: Callable[[], bool], seconds: float, every: float = 0.1) -> bool:
+    """Poll ``check()`` every ``every`` seconds for at most ``seconds``; return its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return check()

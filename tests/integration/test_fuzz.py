@@ -15,8 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from pynetdicom import AE, _config
 
 from cxr_node.config import Settings
 from cxr_node.dicom import status
-from tests.integration.helpers import echo, small_cr, write_config
+from tests.integration.helpers import echo, small_cr, wait_for, write_config
 from tests.integration.pacs import Pacs
 
 SEED = 2026
@@ -155,14 +154,6 @@ def source_uids(ds: Dataset) -> set[str]:
     return found
 
 
-def wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``check()`` every 0.2 s for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return check()
 
 
 @pytest.mark.filterwarnings("ignore")

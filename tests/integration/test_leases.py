@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cxr_node.config import Settings
@@ -15,21 +13,13 @@ from cxr_node.dicom import status
 from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
-from tests.integration.helpers import echo, small_cr, store_all, write_config
+from tests.integration.helpers import echo, small_cr, store_all, wait_for, write_config
 from tests.integration.test_crash import start_node
 
 REPO = Path(__file__).resolve().parents[2]
 DONE = (JobState.WRITTEN, JobState.DELIVERED)
 
 
-def wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``check()`` every 0.1 s for at most ``seconds``; return its last answer."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def test_a_worker_killed_alone_gives_its_jobs_back_when_it_restarts(

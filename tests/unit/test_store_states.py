@@ -20,6 +20,7 @@ from cxr_node.jobs.records import NewJob, Output
 from cxr_node.jobs.sqlite import SCHEMA_VERSION, SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.results.findings import Findings, Provenance, Summary
+from tests.unit.test_jobs import new_job
 
 PROVENANCE: Final = Provenance("demo", "1", "demo only", ("m",), "0.1.0", "2.25.1")
 NOT_ANALYSED: Final = Findings(PROVENANCE, Summary("demo", "1", False, (64, 64), reason="pixels cannot be decoded"))
@@ -108,23 +109,6 @@ CREATE TABLE IF NOT EXISTS destinations (
 HOLDER = Holder("worker", "test-host", 1, 1)
 
 
-def new_job(uid: str) -> NewJob:
-    """Return a NewJob for SOP Instance UID ``uid``."""
-    return NewJob(
-        instance_key=spool.instance_key(uid),
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.4",
-        accession_number="A1",
-        patient_hash="ab" * 8,
-        modality="CR",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        calling_aet="PACS",
-        peer="127.0.0.1:1",
-        path="inbox/x.dcm",
-        size_bytes=10,
-    )
 
 
 def output(kind: str) -> Output:
