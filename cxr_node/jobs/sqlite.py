@@ -752,17 +752,8 @@ class SqliteDeliveries:
 
 
 class SqliteStore:
-    """The embedded store: jobs, results and deliveries over one SQLite database.
-
-    Parameters
-    ----------
-    path : Path
-        The database file; created with its schema when missing.
-    fsync : bool
-        ``synchronous=FULL`` when True (a returned commit survives power loss), ``NORMAL`` otherwise.
-    readonly : bool
-        Open without creating or writing (for ``cxr-node status``).
-    """
+    """The embedded store: jobs, results and deliveries over one SQLite database (the arguments are
+    :class:`Database`'s)."""
 
     def __init__(self, path: Path, fsync: bool = True, readonly: bool = False) -> None:
         self.db = Database(path, fsync=fsync, readonly=readonly)
