@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -39,6 +39,8 @@ from cxr_node.work.retrieve import NoRetrieval, Retriever
 from cxr_node.work.write import OutputWriter
 
 log = structlog.get_logger("cxr_node.worker")
+
+T = TypeVar("T")
 
 REASON_LIMIT = 300
 """Characters of a "not analysed" reason that are kept."""
@@ -197,9 +199,13 @@ class Worker:
 
     def finish_inferred(self) -> int:
         """Write the outputs of jobs left ``inferred`` (a crash or a full disk); return how many got written."""
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return 0
-        return sum(self.writer.finish(job, self.settings.max_side) for job in self.jobs.query(JobState.INFERRED))
+        side = self.settings.max_side
+        return sum(
+            bool(self._guarded(job, partial(writer.finish, job, side))) for job in self.jobs.query(JobState.INFERRED)
+        )
 
     def take_batch(self, stop: threading.Event) -> list[Job]:
         """Claim up to batch_size queued jobs, waiting up to batch_wait_ms after the first to fill the batch.
@@ -305,10 +311,10 @@ class Worker:
             if self.writer is not None:
                 self.writer.write(item)
 
-    def _guarded(self, job: Job, step: Callable[[], None]) -> None:
+    def _guarded(self, job: Job, step: Callable[[], T]) -> T | None:
         """Run one job's step; an unexpected error ends that job (with the reason), never the worker or the batch."""
         try:
-            step()
+            return step()
         except Exception as exc:
             log.exception("job.failed", job_id=job.id)
             reason = f"processing failed: {type(exc).__name__}: {str(exc)[:160]}"
@@ -317,6 +323,7 @@ class Worker:
                 self._quarantine(job, reason)
             elif current is not None and current.state is JobState.INFERRED:
                 self.jobs.transition(job.id, JobState.DEAD, reason)
+            return None
 
     def _quarantine(self, job: Job, reason: str) -> None:
         with bound_contextvars(job_id=job.id):
