@@ -180,20 +180,15 @@ def receiver(workdir: Path, port: int) -> Iterator[int]:
 
 
 def echo(port: int) -> int | None:
-    """C-ECHO the node; its status, or None without an association."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    """C-ECHO the node with the node's own SCU; its status, or None without an association."""
+    from cxr_node.errors import SendError
+    from cxr_node.send.scu import PeerAddress
+    from cxr_node.send.scu import echo as c_echo
 
-    ae = AE(ae_title="PACS")
-    ae.acse_timeout = ae.network_timeout = 5
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
-    if not assoc.is_established:
-        return None
     try:
-        return int(assoc.send_c_echo().Status)
-    finally:
-        assoc.release()
+        return c_echo(PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="PACS", timeout_s=5)
+    except SendError:
+        return None
 
 
 def flood(port: int, count: int, source: str, state: Flood, opened: queue.SimpleQueue[socket.socket | None]) -> None:
