@@ -7,6 +7,7 @@ components. Points returned as outlines are (column, row), DICOM SCOORD order.
 
 from __future__ import annotations
 
+import math
 from typing import Final, Literal
 
 import numpy as np
@@ -45,11 +46,23 @@ def downsample(mask: NDArray[np.bool_], factor: int, rule: Rule) -> NDArray[np.b
     if (height, width) != mask.shape:
         padded = np.zeros((height, width), dtype=bool)
         padded[: mask.shape[0], : mask.shape[1]] = mask
-    blocks = padded.reshape(height // factor, factor, width // factor, factor)
     if rule == "any":
-        return np.asarray(blocks.any(axis=(1, 3)))
+        return _any_blocks(padded, factor)
+    blocks = padded.reshape(height // factor, factor, width // factor, factor)
     counts = padded.view(np.uint8).reshape(blocks.shape).sum(axis=(1, 3))
     return np.asarray(counts * 2 >= factor * factor)
+
+
+def _any_blocks(padded: NDArray[np.bool_], factor: int) -> NDArray[np.bool_]:
+    """OR over ``factor`` x ``factor`` blocks: strided ORs along the columns, then the rows (exact, and far cheaper
+    than ``any`` over a 4-D view)."""
+    columns = padded[:, 0::factor].copy()
+    for offset in range(1, factor):
+        columns |= padded[:, offset::factor]
+    rows = columns[0::factor].copy()
+    for offset in range(1, factor):
+        rows |= columns[offset::factor]
+    return rows
 
 
 def reduce_to_grid(mask: NDArray[np.bool_], grid: int, rule: Rule) -> tuple[NDArray[np.bool_], int]:
@@ -152,18 +165,22 @@ def components(mask: np.ndarray, keep: int = 2) -> list[NDArray[np.bool_]]:
 
 
 def trace(component: np.ndarray) -> np.ndarray:
-    """Return the outer boundary of one connected component as (row, col) pixel centres, in order (Moore tracing)."""
+    """Return the outer boundary of one connected component as (row, col) pixel centres, in order (Moore tracing).
+
+    The walk reads the padded mask as bytes by flat index (a numpy scalar look-up per step cost far more).
+    """
     padded = np.pad(component, 1)
-    rows, cols = np.nonzero(padded)
-    start = (int(rows[0]), int(cols[0]))
+    width = padded.shape[1]
+    pixels = padded.astype(np.uint8).tobytes()
+    offsets = [dr * width + dc for dr, dc in _NEIGHBOURS]
+    start = int(np.argmax(padded))  # the first set pixel in row-major order
     path = [start]
     current, came_from = start, 6  # entered from the west
     for _ in range(4 * padded.size):
         for step in range(8):
             direction = (came_from + 1 + step) % 8
-            dr, dc = _NEIGHBOURS[direction]
-            candidate = (current[0] + dr, current[1] + dc)
-            if padded[candidate]:
+            candidate = current + offsets[direction]
+            if pixels[candidate]:
                 came_from = (direction + 4) % 8
                 current = candidate
                 break
@@ -172,35 +189,71 @@ def trace(component: np.ndarray) -> np.ndarray:
         if current == start:
             break
         path.append(current)
-    return np.asarray(path, dtype=np.float64) - 1.0
+    flat = np.asarray(path, dtype=np.int64)
+    return np.column_stack([flat // width, flat % width]).astype(np.float64) - 1.0
+
+
+SMALL_SEGMENT: Final = 64
+"""Segments with fewer points than this are measured in plain Python (numpy's per-call cost dominates there)."""
 
 
 def simplify(points: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker simplification of a closed or open polyline of (N, 2) points."""
+    """Douglas-Peucker simplification of a closed or open polyline of (N, 2) points.
+
+    Short segments are measured in plain Python with the same operations, in the same order, as the numpy
+    path; for the integer pixel coordinates outlines have, both give the same bits (the dot product is exact).
+    """
     if len(points) < 3:
         return points
     keep = np.zeros(len(points), dtype=bool)
     keep[[0, -1]] = True
+    pairs = points.tolist()
     stack = [(0, len(points) - 1)]
     while stack:
         first, last = stack.pop()
         if last - first < 2:
             continue
-        distances = _distance_to_segment(points[first + 1 : last], points[first], points[last])
-        index = int(np.argmax(distances))
-        if distances[index] > tolerance:
+        if last - first < SMALL_SEGMENT:
+            index, distance = _farthest(pairs, first, last)
+        else:
+            distances = _distance_to_segment(points[first + 1 : last], points[first], points[last])
+            index = int(np.argmax(distances))
+            distance = float(distances[index])
+        if distance > tolerance:
             keep[first + 1 + index] = True
             stack += [(first, first + 1 + index), (first + 1 + index, last)]
     return points[keep]
+
+
+def _farthest(pairs: list[list[float]], first: int, last: int) -> tuple[int, float]:
+    """The index (after ``first``) and distance of the point farthest from segment ``first``-``last``."""
+    ax, ay = pairs[first]
+    bx, by = pairs[last]
+    abx, aby = bx - ax, by - ay
+    length = abx * abx + aby * aby
+    best, best_index = -1.0, 0
+    for index, (px, py) in enumerate(pairs[first + 1 : last]):
+        if length == 0.0:
+            dx, dy = px - ax, py - ay
+        else:
+            t = ((px - ax) * abx + (py - ay) * aby) / length
+            t = 0.0 if t < 0.0 else 1.0 if t > 1.0 else t
+            dx, dy = px - (ax + t * abx), py - (ay + t * aby)
+        distance = math.sqrt(dx * dx + dy * dy)
+        if distance > best:
+            best, best_index = distance, index
+    return best_index, best
 
 
 def _distance_to_segment(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ab = b - a
     length = float(np.dot(ab, ab))
     if length == 0.0:
-        return np.asarray(np.linalg.norm(points - a, axis=1))
+        offset = points - a
+        return np.asarray(np.sqrt(np.add.reduce(offset * offset, axis=1)))
     t = np.clip((points - a) @ ab / length, 0.0, 1.0)
-    return np.asarray(np.linalg.norm(points - (a + t[:, None] * ab), axis=1))
+    offset = points - (a + t[:, None] * ab)
+    return np.asarray(np.sqrt(np.add.reduce(offset * offset, axis=1)))
 
 
 def lung_outlines(mask: np.ndarray, target_shape: tuple[int, int], max_points: int = 128) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ from typing import Final, Literal, TypedDict, get_args
 
 import highdicom as hd
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -30,6 +31,7 @@ from cxr_node.dicom.uids import (
     PRIVATE_SOURCE_UID,
     output_uid,
 )
+from cxr_node.results.encoding import write_explicit_le
 from cxr_node.results.findings import Findings, Provenance
 
 Kind = Literal["sr", "sc", "seg", "pr"]
@@ -158,12 +160,30 @@ def contributing_equipment(provenance: Provenance, options: OutputOptions) -> li
     ]
 
 
+def copy_element(element: DataElement) -> DataElement:
+    """A copy of ``element`` as independent as ``copy.deepcopy`` makes it, for a fraction of the cost: values that
+    cannot change (text, numbers, bytes, UIDs) are shared, anything else (multi-values, sequences, names) is
+    deep-copied."""
+    if not isinstance(element, DataElement) or element.is_buffered:
+        return copy.deepcopy(element)
+    value = element.__dict__.get("_value")
+    result = DataElement.__new__(DataElement)
+    result.__dict__.update(element.__dict__)
+    if value is not None and not isinstance(value, _IMMUTABLE_VALUES):
+        result.__dict__["_value"] = copy.deepcopy(value)
+    return result
+
+
+_IMMUTABLE_VALUES: Final = (str, bytes, int, float)
+"""Value types an element copy may share (UID, IS, DSfloat and BaseTag derive from them)."""
+
+
 def without_pixels(source: Dataset) -> Dataset:
     """A deep copy of ``source``'s header and File Meta Information, without its pixel data (group 7FE0)."""
     header = Dataset()
     for element in source:
         if element.tag.group != 0x7FE0:
-            header.add(copy.deepcopy(element))
+            header.add(copy_element(element))
     meta = getattr(source, "file_meta", None)
     header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
     return header
@@ -257,20 +277,34 @@ def validate_values(dataset: Dataset) -> None:
 
 
 def encode(dataset: Dataset) -> bytes:
-    """Return the Part 10 bytes of an output, written with pydicom's validation raising.
+    """Return the Part 10 bytes of an output, its values validated and written as pydicom's strict writer
+    writes them (:func:`cxr_node.results.encoding.write_explicit_le`, pydicom itself for anything it does not
+    cover).
 
     Raises
     ------
     OutputError
         When pydicom refuses a value (too long, wrong VR format, missing file meta).
     """
+    return _encode(dataset, fast=True)
+
+
+def encode_reference(dataset: Dataset) -> bytes:
+    """Return the Part 10 bytes of an output written by pydicom's own ``dcmwrite`` (what :func:`encode` must equal)."""
+    return _encode(dataset, fast=False)
+
+
+def _encode(dataset: Dataset, *, fast: bool) -> bytes:
     if dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         raise OutputError(f"outputs are written Explicit VR Little Endian, found {dataset.file_meta.TransferSyntaxUID}")
-    buffer = io.BytesIO()
     try:
         validate_values(dataset)
         with _strict_writing():
-            pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+            data = write_explicit_le(dataset) if fast else None
+            if data is None:
+                buffer = io.BytesIO()
+                pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+                data = buffer.getvalue()
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise OutputError(f"{dataset.get('SOPClassUID', 'output')} failed validation: {exc}") from exc
-    return buffer.getvalue()
+    return data

@@ -41,7 +41,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
 from cxr_node.dicom.uids import uid_problem
-from cxr_node.results.common import OutputError, without_pixels
+from cxr_node.results.common import OutputError, copy_element, without_pixels
 
 Action = Literal["repaired", "left empty", "left out"]
 
@@ -138,7 +138,7 @@ class Copied:
         for tag in module_tags():
             output.pop(tag, None)
         for element in self.attributes:
-            output.add(copy.deepcopy(element))
+            output.add(copy_element(element))
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def copy_source(source: Dataset) -> Copied:
     for tag in module_tags():
         header.pop(tag, None)
     for element in attributes:
-        header.add(copy.deepcopy(element))
+        header.add(copy_element(element))
     for keyword in CONTEXT:
         _check_context(header, keyword, notes)
     return Copied(header, attributes, tuple(notes))

@@ -19,7 +19,7 @@ from cxr_node.neighbours.cases import accession_problem, date_problem
 from cxr_node.results.common import Kind, OutputOptions, encode, identity, mark_as_own
 from cxr_node.results.copied import Copied, Note, copy_source
 from cxr_node.results.findings import Findings, SimilarCase
-from cxr_node.results.kinds import kind
+from cxr_node.results.kinds import Builder, kind
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,12 @@ def build_outputs(source: Dataset, findings: Findings, options: OutputOptions, k
     return Outputs(tuple(built), notes)
 
 
-def build_dataset(source: Dataset, findings: Findings, options: OutputOptions, name: Kind) -> Dataset:
+def build_dataset(
+    source: Dataset, findings: Findings, options: OutputOptions, name: Kind, builder: Builder | None = None
+) -> Dataset:
     """Build the ``name`` output of ``findings`` on ``source`` as a data set, with its deterministic identity.
+
+    ``builder`` replaces the kind's own builder (the tests pass the highdicom reference builder of the SR).
 
     Raises
     ------
@@ -87,7 +91,7 @@ def build_dataset(source: Dataset, findings: Findings, options: OutputOptions, n
         When the output cannot be built.
     """
     copied, findings, notes = _prepare(source, findings)
-    return _build(copied, findings, options, name, notes)
+    return _build(copied, findings, options, name, notes, builder)
 
 
 def _prepare(source: Dataset, findings: Findings) -> tuple[Copied, Findings, tuple[Note, ...]]:
@@ -96,13 +100,20 @@ def _prepare(source: Dataset, findings: Findings) -> tuple[Copied, Findings, tup
     return copied, findings, copied.notes + left_out
 
 
-def _build(copied: Copied, findings: Findings, options: OutputOptions, name: Kind, notes: tuple[Note, ...]) -> Dataset:
+def _build(
+    copied: Copied,
+    findings: Findings,
+    options: OutputOptions,
+    name: Kind,
+    notes: tuple[Note, ...],
+    builder: Builder | None = None,
+) -> Dataset:
     """One output from the checked header: its builder, then the shared Patient and Study, then the private block."""
     entry = kind(name)
     description = options.description(entry.title)
     header = copied.header
     ids = identity(header, findings, name, options.series_numbers[name], description, tuple(map(str, notes)))
-    dataset = entry.build(header, findings, options, ids)
+    dataset = (builder or entry.build)(header, findings, options, ids)
     copied.apply(dataset)
     mark_as_own(dataset, str(header.SOPInstanceUID), findings.provenance.model_key, name)
     return dataset

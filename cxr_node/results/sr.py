@@ -5,24 +5,35 @@ measurement groups with an image region, so the probability sits in a planar-ROI
 whose region is the lung outline. TID 1500 is extensible; what it has no row for (the neighbours'
 UIDs, the intended-use text, the reason an image was not analysed) is added as UIDREF, DATE and TEXT
 items; Comprehensive SR holds them with the SCOORD region and is the SR class viewers handle most
-widely. docs/outputs.md
-shows the tree.
+widely. docs/outputs.md shows the tree.
+
+How it is built: the content items and the document are written directly as pydicom data sets
+(:mod:`~cxr_node.results.sr_content`, :mod:`~cxr_node.results.sr_document`), about twenty times cheaper
+than through highdicom's templates, which re-read and deep-copy the tree. highdicom stays the reference:
+:func:`cxr_node.results.sr_reference.build_sr_reference` builds the same report with its templates and
+``ComprehensiveSR``, and ``tests/dicom/test_sr_equivalence.py`` requires the two to be equal element by element
+(and byte for byte) on many inputs, so a change in highdicom shows up as a failing test. The Image Library
+entry, when the source can be described, is still written by highdicom.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from typing import Final
 
 import highdicom.sr as hsr
 import numpy as np
+from highdicom.sr.content import _check_valid_source_image_dataset  # the check highdicom makes of a source
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA
 
 from cxr_node.dicom import codes
 from cxr_node.dicom.uids import NODE_MANUFACTURER, derived_uid
 from cxr_node.imaging.masks import convex_hull, lung_outlines
+from cxr_node.results import sr_content as item
 from cxr_node.results.common import (
     Identity,
     OutputError,
@@ -32,8 +43,10 @@ from cxr_node.results.common import (
     without_pixels,
 )
 from cxr_node.results.findings import Findings, SimilarCase
+from cxr_node.results.sr_document import comprehensive_sr
 
-_LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
+_REPORT_TITLE: Final = dcm_codes.DCM.ImagingMeasurementReport
+LABEL_VALUES = {"covid": codes.PRESENT, "non-covid": codes.ABSENT}
 REPAIRS_LIMIT = 1024
 """Characters of the processing summary's line on repaired source values that are kept."""
 
@@ -41,10 +54,14 @@ REPAIRS_LIMIT = 1024
 def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: Identity) -> Dataset:
     """Return the Comprehensive SR (TID 1500) of ``findings`` on the ``source`` image.
 
+    The content items and the document are written directly (:mod:`~cxr_node.results.sr_content`,
+    :mod:`~cxr_node.results.sr_document`); the result equals, element by element, what highdicom builds
+    (:func:`cxr_node.results.sr_reference.build_sr_reference`).
+
     Parameters
     ----------
     source : pydicom.dataset.Dataset
-        The source image's header (pixel data not needed).
+        The source image's header (pixel data not needed); only read.
     findings : Findings
         What was found, or why the image was not analysed.
     options : OutputOptions
@@ -55,34 +72,35 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
     Raises
     ------
     OutputError
-        When highdicom refuses the content.
+        When the content cannot be built (where highdicom would refuse it).
     """
-    evidence = usable_evidence(source)
     try:
-        report = hsr.MeasurementReport(
-            observation_context=_observation_context(findings),
-            procedure_reported=codes.PLAIN_CHEST_XRAY,
-            imaging_measurements=_groups(evidence, findings),
-            title=dcm_codes.DCM.ImagingMeasurementReport,
-            referenced_images=[evidence] if _library_ready(evidence) else None,
-        )
-        report[0].ContentSequence.append(_evaluations(findings, ids.notes))
-        sr = hsr.ComprehensiveSR(
-            evidence=[evidence],
-            content=report[0],
-            series_instance_uid=ids.series_instance_uid,
-            series_number=ids.series_number,
-            sop_instance_uid=ids.sop_instance_uid,
-            instance_number=ids.instance_number,
-            manufacturer=findings.provenance.manufacturer,
-            is_complete=True,
-            contributing_equipment=contributing_equipment(findings.provenance, options),
-            series_description=ids.series_description,
+        content = report_content(source, findings, ids.notes)
+        sr = comprehensive_sr(
+            source,
+            content,
+            ids,
+            findings.provenance.manufacturer,
+            contributing_equipment(findings.provenance, options),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"structured report cannot be built: {exc}") from exc
-    copy_character_set(source, sr, (*_own_texts(findings), repairs_text(ids.notes)))
+    copy_character_set(source, sr, (*own_texts(findings), repairs_text(ids.notes)))
     return sr
+
+
+def report_content(source: Dataset, findings: Findings, notes: Sequence[str]) -> Dataset:
+    """The root CONTAINER of the report: TID 1500 with one group for the finding (or for why there is none),
+    one per similar case, and the report-level evaluations."""
+    provenance = findings.provenance
+    observer = item.device_observer(
+        provenance.device_uid, NODE_MANUFACTURER, provenance.manufacturer, provenance.algorithm[:64]
+    )
+    groups = [_finding_group(source, findings) if findings.summary.analysed else _not_analysed_group(source, findings)]
+    groups += [_neighbour_group(source, findings, case) for case in findings.summary.similar]
+    root = item.measurement_report(_REPORT_TITLE, observer, codes.PLAIN_CHEST_XRAY, _library(source), groups)
+    root.ContentSequence.append(_evaluations(findings, notes))
+    return root
 
 
 def usable_evidence(source: Dataset) -> Dataset:
@@ -92,104 +110,119 @@ def usable_evidence(source: Dataset) -> Dataset:
     """
     header = without_pixels(source)
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = header.get(keyword)
-        if value is not None and (len(value) != 2 or any(float(v) <= 0 for v in value)):
+        if not _valid_spacing(header.get(keyword)):
             del header[keyword]
     return header
 
 
-def _library_ready(evidence: Dataset) -> bool:
+def _valid_spacing(value: Sequence[float] | None) -> bool:
+    """Whether a spacing is absent or two positive numbers."""
+    return value is None or (len(value) == 2 and all(float(v) > 0 for v in value))
+
+
+def library_ready(evidence: Dataset) -> bool:
     """Whether highdicom can describe the image in the Image Library: for a radiograph it needs Patient
     Orientation and a valid Imager Pixel Spacing, which real CRs often lack (the library is then left empty)."""
     orientation = evidence.get("PatientOrientation")
     spacing = evidence.get("ImagerPixelSpacing")
-    return bool(orientation and len(orientation) == 2 and spacing and len(spacing) == 2)
+    return bool(orientation and len(orientation) == 2 and spacing and len(spacing) == 2 and _valid_spacing(spacing))
 
 
-def _observation_context(findings: Findings) -> hsr.ObservationContext:
-    provenance = findings.provenance
-    device = hsr.DeviceObserverIdentifyingAttributes(
-        uid=provenance.device_uid,
-        name=NODE_MANUFACTURER,
-        manufacturer_name=provenance.manufacturer,
-        model_name=provenance.algorithm[:64],
-    )
-    return hsr.ObservationContext(
-        observer_device_context=hsr.ObserverContext(
-            observer_type=dcm_codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
+def _library(source: Dataset) -> list[Dataset]:
+    """The Image Library (TID 1600) entry of the source when it can be described; highdicom writes it (rare)."""
+    if not library_ready(source):
+        return []
+    return list(hsr.ImageLibrary([usable_evidence(source)]))
 
 
-Group = hsr.MeasurementsAndQualitativeEvaluations | hsr.PlanarROIMeasurementsAndQualitativeEvaluations
-
-
-def _groups(evidence: Dataset, findings: Findings) -> list[Group]:
-    groups: list[Group] = []
-    if findings.summary.analysed:
-        groups.append(_finding_group(evidence, findings))
-    else:
-        groups.append(_not_analysed_group(evidence, findings))
-    groups += [_neighbour_group(evidence, findings, case) for case in findings.summary.similar]
-    return groups
-
-
-def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The planar-ROI group a viewer draws: the lung region, the probabilities and the decision."""
-    provenance = findings.provenance
-    ensemble = hsr.AlgorithmIdentification(name=provenance.model_name, version=provenance.model_version)
+def _finding_group(source: Dataset, findings: Findings) -> Dataset:
+    """The planar-ROI group (TID 1410) a viewer draws: the lung region, the probabilities and the decision."""
+    provenance, summary = findings.provenance, findings.summary
+    version = provenance.model_version
+    ensemble = item.algorithm(provenance.model_name, version)
     measurements = [
-        hsr.Measurement(
-            codes.PROBABILITY, _round(findings.summary.probability), codes.UNIT_PROBABILITY, algorithm_id=ensemble
-        )
-    ]
-    measurements += [
-        hsr.Measurement(
-            codes.PROBABILITY,
-            _round(probability),
-            codes.UNIT_PROBABILITY,
-            algorithm_id=hsr.AlgorithmIdentification(name=name, version=provenance.model_version),
-        )
-        for name, probability in findings.summary.members
-    ]
-    measurements.append(
-        hsr.Measurement(codes.OPERATING_POINT, _round(findings.summary.operating_point), codes.UNIT_PROBABILITY)
-    )
-    return hsr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(str(evidence.SOPInstanceUID), provenance.model_key, "sr", "lung-region"),
-            identifier="AI lung region",
+        item.measurement(codes.PROBABILITY, rounded(summary.probability), codes.UNIT_PROBABILITY, ensemble),
+        *(
+            item.measurement(codes.PROBABILITY, rounded(p), codes.UNIT_PROBABILITY, item.algorithm(name, version))
+            for name, p in summary.members
         ),
-        referenced_region=hsr.ImageRegion(
-            graphic_type=hsr.GraphicTypeValues.POLYLINE,
-            graphic_data=lung_region(findings),
-            source_image=hsr.SourceImageForRegion.from_source_image(evidence),
+        item.measurement(codes.OPERATING_POINT, rounded(summary.operating_point), codes.UNIT_PROBABILITY),
+    ]
+    children = [
+        *item.tracking("AI lung region", _tracking_uid(source, findings, "lung-region")),
+        item.code(item.FINDING, codes.COVID19, item.CONTAINS),
+        item.code(item.FINDING_SITE, codes.LUNG, item.HAS_CONCEPT_MOD),
+        *item.algorithm(provenance.model_name, version),
+        *measurements,
+        item.code(codes.COVID19, codes.PRESENT if summary.positive else codes.ABSENT, item.CONTAINS),
+        item.code(
+            codes.LUNG_MASK_QUALITY, codes.PLAUSIBLE if summary.mask_plausible else codes.IMPLAUSIBLE, item.CONTAINS
         ),
-        finding_type=codes.COVID19,
-        algorithm_id=ensemble,
-        finding_sites=[hsr.FindingSite(codes.LUNG)],
-        measurements=measurements,
-        qualitative_evaluations=[
-            hsr.QualitativeEvaluation(codes.COVID19, codes.PRESENT if findings.summary.positive else codes.ABSENT),
-            hsr.QualitativeEvaluation(
-                codes.LUNG_MASK_QUALITY, codes.PLAUSIBLE if findings.summary.mask_plausible else codes.IMPLAUSIBLE
-            ),
-        ],
-    )
+        _region(source, findings),
+    ]
+    return item.container(item.MEASUREMENT_GROUP, item.CONTAINS, children, template="1410")
 
 
-def _not_analysed_group(evidence: Dataset, findings: Findings) -> hsr.MeasurementsAndQualitativeEvaluations:
-    """TID 1500 needs one group: for an image not analysed it holds the processing summary (and mask verdict)."""
-    evaluations = [hsr.QualitativeEvaluation(codes.PROCESSING_SUMMARY, codes.NONE_SUCCEEDED)]
+def _region(source: Dataset, findings: Findings) -> Dataset:
+    """The lung region (SCOORD) on the source image, which must be one a region can be drawn on."""
+    _check_valid_source_image_dataset(source)
+    return item.polyline_region(lung_region(findings), str(source.SOPClassUID), str(source.SOPInstanceUID))
+
+
+def _not_analysed_group(source: Dataset, findings: Findings) -> Dataset:
+    """TID 1500 needs one group (TID 1501): for an image not analysed, the processing summary and mask verdict."""
+    children = [
+        *item.tracking("AI analysis: not analysed", _tracking_uid(source, findings, "not-analysed")),
+        item.code(codes.PROCESSING_SUMMARY, codes.NONE_SUCCEEDED, item.CONTAINS),
+    ]
     if findings.summary.mask_plausible is False:
-        evaluations.append(hsr.QualitativeEvaluation(codes.LUNG_MASK_QUALITY, codes.IMPLAUSIBLE))
-    return hsr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", "not-analysed"),
-            identifier="AI analysis: not analysed",
-        ),
-        qualitative_evaluations=evaluations,
-    )
+        children.append(item.code(codes.LUNG_MASK_QUALITY, codes.IMPLAUSIBLE, item.CONTAINS))
+    return item.container(item.MEASUREMENT_GROUP, item.CONTAINS, children, template="1501")
+
+
+def _neighbour_group(source: Dataset, findings: Findings, case: SimilarCase) -> Dataset:
+    """A TID 1501 group per similar past case: similarity, known label and identifiers the site allows."""
+    children = [
+        *item.tracking(case_title(case), _tracking_uid(source, findings, f"similar-{case.rank}")),
+        item.measurement(codes.SIMILARITY, rounded(case.similarity), codes.UNIT_RATIO),
+    ]
+    if case.label:
+        children.append(item.code(codes.COVID19, LABEL_VALUES[case.label], item.CONTAINS))
+    children += _case_identifiers(case)
+    return item.container(item.MEASUREMENT_GROUP, item.CONTAINS, children, template="1501")
+
+
+def _tracking_uid(source: Dataset, findings: Findings, what: str) -> str:
+    return derived_uid(str(source.SOPInstanceUID), findings.provenance.model_key, "sr", what)
+
+
+def _case_identifiers(case: SimilarCase) -> list[Dataset]:
+    items = [item.text(codes.CASE_NUMBER, case.case_number, item.CONTAINS)]
+    if case.accession_number:
+        items.append(item.text(codes.ACCESSION_NUMBER, case.accession_number, item.CONTAINS))
+    date = study_date(case.study_date)
+    if date is not None:
+        items.append(item.date(codes.STUDY_DATE, DA(date), item.CONTAINS))
+    if case.study_instance_uid:
+        items.append(item.uidref(codes.STUDY_INSTANCE_UID, case.study_instance_uid, item.CONTAINS))
+    if case.sop_instance_uid:
+        items.append(item.uidref(codes.SIMILAR_CASE_SOP_INSTANCE_UID, case.sop_instance_uid, item.CONTAINS))
+    return items
+
+
+def _evaluations(findings: Findings, notes: Sequence[str]) -> Dataset:
+    """The report-level Qualitative Evaluations container: processing summary, impression, what was repaired
+    in the values copied from the source (when anything was), intended use."""
+    children = [
+        item.code(codes.PROCESSING_SUMMARY, summary_code(findings), item.CONTAINS),
+        item.text(codes.IMPRESSION, impression(findings), item.CONTAINS),
+    ]
+    if not findings.summary.analysed:
+        children.append(item.text(codes.REASON_NOT_ANALYSED, findings.summary.reason, item.CONTAINS))
+    if notes:
+        children.append(item.text(codes.COMMENT, repairs_text(notes), item.CONTAINS))
+    children.append(item.text(codes.INTENDED_USE, findings.provenance.intended_use, item.CONTAINS))
+    return item.container(codes.QUALITATIVE_EVALUATIONS, item.CONTAINS, children)
 
 
 def lung_region(findings: Findings) -> np.ndarray:
@@ -207,58 +240,11 @@ def lung_region(findings: Findings) -> np.ndarray:
     return np.round(convex_hull(np.vstack(outlines)), 1).astype(np.float32)
 
 
-def _neighbour_group(
-    evidence: Dataset, findings: Findings, case: SimilarCase
-) -> hsr.MeasurementsAndQualitativeEvaluations:
-    """A TID 1501 group per similar past case: similarity, known label and identifiers the site allows."""
-    qualitative = [hsr.QualitativeEvaluation(codes.COVID19, _LABEL_VALUES[case.label])] if case.label else None
-    group = hsr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hsr.TrackingIdentifier(
-            uid=derived_uid(str(evidence.SOPInstanceUID), findings.provenance.model_key, "sr", f"similar-{case.rank}"),
-            identifier=_case_title(case),
-        ),
-        measurements=[hsr.Measurement(codes.SIMILARITY, _round(case.similarity), codes.UNIT_RATIO)],
-        qualitative_evaluations=qualitative,
-    )
-    group[0].ContentSequence.extend(_case_identifiers(case))
-    return group
-
-
-def _case_title(case: SimilarCase) -> str:
+def case_title(case: SimilarCase) -> str:
+    """The tracking identifier of a similar case's group, e.g. ``Similar case 1: ACC123, 2020-03-01, covid``."""
     label = f", {case.label}" if case.label else ""
     date = f", {_iso_date(case.study_date)}" if case.study_date else ""
     return f"Similar case {case.rank}: {case.display_id}{date}{label}"[:64]
-
-
-def _case_identifiers(case: SimilarCase) -> list[hsr.ContentItem]:
-    contains = hsr.RelationshipTypeValues.CONTAINS
-    items: list[hsr.ContentItem] = [hsr.TextContentItem(codes.CASE_NUMBER, case.case_number, contains)]
-    if case.accession_number:
-        items.append(hsr.TextContentItem(codes.ACCESSION_NUMBER, case.accession_number, contains))
-    study_date = _date(case.study_date)
-    if study_date is not None:
-        items.append(hsr.DateContentItem(codes.STUDY_DATE, study_date, contains))
-    if case.study_instance_uid:
-        items.append(hsr.UIDRefContentItem(codes.STUDY_INSTANCE_UID, case.study_instance_uid, contains))
-    if case.sop_instance_uid:
-        items.append(hsr.UIDRefContentItem(codes.SIMILAR_CASE_SOP_INSTANCE_UID, case.sop_instance_uid, contains))
-    return items
-
-
-def _evaluations(findings: Findings, notes: Sequence[str]) -> hsr.ContainerContentItem:
-    """The report-level Qualitative Evaluations container: processing summary, impression, what was repaired
-    in the values copied from the source (when anything was), intended use."""
-    contains = hsr.RelationshipTypeValues.CONTAINS
-    items: list[hsr.ContentItem] = [hsr.CodeContentItem(codes.PROCESSING_SUMMARY, _summary(findings), contains)]
-    items.append(hsr.TextContentItem(codes.IMPRESSION, impression(findings), contains))
-    if not findings.summary.analysed:
-        items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.summary.reason, contains))
-    if notes:
-        items.append(hsr.TextContentItem(codes.COMMENT, repairs_text(notes), contains))
-    items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))
-    container = hsr.ContainerContentItem(codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
-    container.ContentSequence = hsr.ContentSequence(items)
-    return container
 
 
 def repairs_text(notes: Sequence[str], limit: int = REPAIRS_LIMIT) -> str:
@@ -271,7 +257,7 @@ def repairs_text(notes: Sequence[str], limit: int = REPAIRS_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _summary(findings: Findings) -> Code:
+def summary_code(findings: Findings) -> Code:
     if not findings.summary.analysed:
         return codes.NONE_SUCCEEDED
     return codes.SUCCEEDED_WITH_FINDINGS if findings.summary.positive else codes.SUCCEEDED_WITHOUT_FINDINGS
@@ -288,17 +274,17 @@ def impression(findings: Findings) -> str:
     )
 
 
-def _own_texts(findings: Findings) -> tuple[str, ...]:
+def own_texts(findings: Findings) -> tuple[str, ...]:
     cases: Sequence[SimilarCase] = findings.summary.similar
     return (
         impression(findings),
         findings.provenance.intended_use,
         findings.summary.reason,
-        *(_case_title(case) for case in cases),
+        *(case_title(case) for case in cases),
     )
 
 
-def _date(value: str | None) -> datetime.date | None:
+def study_date(value: str | None) -> datetime.date | None:
     try:
         return datetime.datetime.strptime(value or "", "%Y%m%d").date()
     except ValueError:
@@ -309,5 +295,5 @@ def _iso_date(value: str) -> str:
     return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 else value
 
 
-def _round(value: float | None) -> float:
+def rounded(value: float | None) -> float:
     return round(float(value or 0.0), 4)
