@@ -1,4 +1,4 @@
-"""Receive throughput of the node against DCMTK ``storescp``, same sender, same files, same run.
+"""Receive throughput of the node against DCMTK ``storescp`` and Orthanc, same sender, same files, same run.
 
 Usage::
 
@@ -11,20 +11,23 @@ processes, each sending its share of the files):
    with a fresh SOP Instance UID, so no receiver ever sees a duplicate) into a temporary folder;
 2. runs the same ``storescu`` command against ``storescp`` (``TCP_NODELAY=1``; ``--fork`` for 4
    associations; it writes files but does not fsync), against ``storescp`` fsyncing each file before it
-   answers (a like-for-like durability reference; ``--no-storescp-fsync`` skips it), and against the node's
-   receivers as ``cxr-node serve`` runs them, one node per ``--receiver-processes`` value (started once,
-   ``storage.fsync`` true, logging at warning; the inference worker is not started);
+   answers (durable storescp, the first target's reference; ``--no-storescp-fsync`` skips it), against a fresh
+   Orthanc (its own config, storage folder and ports; files fsynced, ``SyncStorageArea``; the second target's
+   reference; ``--no-orthanc`` skips it), and against the node's receivers as ``cxr-node serve`` runs them, one
+   node per ``--receiver-processes`` value (started once, ``storage.fsync`` true, logging at warning; the
+   inference worker is not started);
 3. times from starting the senders to the last sender exiting, then checks that all N instances arrived
-   (files for ``storescp``; N more queued jobs in ``cxr-node status --json`` for the node), so only real
-   work is measured. Received files are deleted and the disks synced between runs.
+   (files for ``storescp``; ``CountInstances`` for Orthanc; N more queued jobs in ``cxr-node status --json``
+   for the node), so only real work is measured. Received files are deleted and the disks synced between runs.
 
 It prints a Markdown table of the medians over the repeats (images/s, MB/s with MB = 10^6 bytes, and the
-node/storescp ratios); ``--write-docs`` replaces the "## Receive throughput" section of
-docs/benchmarks.md with it, the machine facts and the command.
+ratios of each receiver to storescp, durable storescp and Orthanc); ``--write-docs`` replaces the
+"## Receive throughput" section of docs/benchmarks.md with it, the machine facts and the command.
 
-DCMTK 3.6.7's ``storescp`` cannot bind one address, so when run as root the benchmark re-runs itself in a
-private network namespace that has only loopback (``unshare -n``); nothing it starts is reachable from
-outside. Every subprocess has a timeout and every server is stopped on exit, Ctrl-C included.
+DCMTK 3.6.7's ``storescp`` and Orthanc 1.10 cannot bind one address, so when run as root the benchmark re-runs
+itself in a private network namespace that has only loopback (``unshare -n``); nothing it starts is reachable
+from outside (without one, Orthanc is skipped). Every subprocess has a timeout and every server is stopped on
+exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import re
@@ -45,6 +49,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +72,10 @@ STATUS_TIMEOUT_S: Final = 60.0
 NETNS_FLAG: Final = "--in-private-netns"
 STORESCP: Final = "storescp"
 STORESCP_SYNC: Final = "storescp + fsync per file"
+ORTHANC: Final = "Orthanc"
+ORTHANC_BIN: Final = Path("/usr/sbin/Orthanc")
+ORTHANC_PDU: Final = 131072  # its largest MaximumPduLength (its default is 16384)
+LOAD_AT_START: Final = os.getloadavg()  # the other work sharing the CPUs, before this run adds its own
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -192,6 +201,61 @@ def storescp(workdir: Path, out: Path, assocs: int, max_pdu: int, durable: bool 
 
 
 @dataclass
+class OrthancServer:
+    """An Orthanc run with its own configuration, storage folder and ports (inside the private namespace)."""
+
+    server: Server
+    http_port: int
+    folder: Path
+
+    def instances(self) -> int:
+        """How many instances Orthanc holds (REST ``/statistics``)."""
+        url = f"http://127.0.0.1:{self.http_port}/statistics"
+        with urllib.request.urlopen(url, timeout=STATUS_TIMEOUT_S) as reply:
+            return int(json.loads(reply.read())["CountInstances"])
+
+    def http_up(self) -> bool:
+        """True once the REST API answers."""
+        try:
+            self.instances()
+        except OSError:
+            return False
+        return True
+
+
+def orthanc(workdir: Path) -> OrthancServer:
+    """Return (not started) an Orthanc with a fresh storage folder, accepting any AE, files fsynced.
+
+    ``SyncStorageArea`` (fsync of each stored file before the answer) is Orthanc's default since 1.7.4 and set
+    here explicitly; its SQLite index runs with ``SYNCHRONOUS=NORMAL`` in WAL mode (commits not fsynced).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="orthanc-", dir=workdir))
+    port, http_port = free_port(), free_port()
+    config = {
+        "Name": "bench-receive",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "DicomAet": NODE_AET,
+        "DicomPort": port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "StorageCompression": False,
+        "SyncStorageArea": True,
+        "MaximumPduLength": ORTHANC_PDU,
+        "DicomThreadsCount": 4,
+        "SaveJobs": False,
+        "OverwriteInstances": False,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    server = Server(ORTHANC, port, [str(ORTHANC_BIN), str(folder / "orthanc.json")], folder / "orthanc.log")
+    return OrthancServer(server, http_port, folder)
+
+
+@dataclass
 class Node:
     """One node (its receiver processes) with its own config and storage root."""
 
@@ -239,6 +303,7 @@ def start_node(workdir: Path, processes: int, fsync: bool) -> Node:
         "storage": {"root": str(root), "fsync": fsync},
         "destinations": [],
         "logging": {"level": "warning", "format": "json"},
+        "metrics": {"port": free_port()},  # each node its own: two nodes run side by side
     }
     config = base / "node.yaml"
     config.write_text(yaml.safe_dump(settings))
@@ -343,6 +408,22 @@ def run_storescp(
     return elapsed
 
 
+def run_orthanc(workdir: Path, files: Sequence[Path], assocs: int, timeout_s: float) -> float:
+    """Time one run against a fresh Orthanc; check that it holds every instance; clean up."""
+    pacs = orthanc(workdir)
+    pacs.server.start()
+    try:
+        pacs.server.wait_ready(pacs.http_up)
+        elapsed = send(pacs.server.port, files, assocs, workdir, timeout_s)
+        received = pacs.instances()
+    finally:
+        pacs.server.stop()
+    if received != len(files):
+        raise RuntimeError(f"Orthanc holds {received} instances, {len(files)} sent")
+    shutil.rmtree(pacs.folder)
+    return elapsed
+
+
 def run_node(node: Node, workdir: Path, files: Sequence[Path], assocs: int, timeout_s: float) -> float:
     """Time one run against a running node; check that N more jobs were queued; clear its inbox."""
     queued_before, total_before = node.queued_and_total()
@@ -381,6 +462,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> Results:
                 if not args.no_storescp_fsync:
                     settle()
                     results.add(assocs, STORESCP_SYNC, run_storescp(workdir, files, assocs, args, durable=True))
+                if args.with_orthanc:
+                    settle()
+                    results.add(assocs, ORTHANC, run_orthanc(workdir, files, assocs, args.timeout))
                 for node in nodes:
                     settle()
                     results.add(assocs, node.label, run_node(node, workdir, files, assocs, args.timeout))
@@ -394,25 +478,30 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> Results:
 # -------------------------------------------------------------------------------------------- report
 
 
+REFERENCES: Final = ((STORESCP, "x storescp"), (STORESCP_SYNC, "x durable storescp"), (ORTHANC, "x Orthanc"))
+"""The receivers the node is compared with, and their ratio columns; the last two are the targets'."""
+TARGETS: Final = {STORESCP_SYNC: 0.8, ORTHANC: 1.0}
+
+
 def table(results: Results, labels: Sequence[str]) -> str:
-    """Return the Markdown table of medians, with the node/storescp ratios (the first is the target's)."""
-    durable = (CASES[0], STORESCP_SYNC) in results.seconds
+    """Return the Markdown table of medians with the ratios to each reference measured (targets in bold)."""
+    refs = [(label, title) for label, title in REFERENCES if (CASES[0], label) in results.seconds]
     rows = [
-        "| associations | receiver | images/s (median) | MB/s (median) | images/s min-max | x storescp |"
-        + (" x storescp + fsync |" if durable else ""),
-        "|---:|---|---:|---:|---:|---:|" + ("---:|" if durable else ""),
+        "| associations | receiver | images/s (median) | MB/s (median) | images/s min-max | "
+        + " | ".join(title for _, title in refs)
+        + " |",
+        "|---:|---|---:|---:|---:|" + "---:|" * len(refs),
     ]
     mb_per_image = results.megabytes / results.images
     for assocs in CASES:
-        plain = results.rate(assocs, STORESCP)
-        synced = results.rate(assocs, STORESCP_SYNC) if durable else 0.0
-        for label in [STORESCP, *([STORESCP_SYNC] if durable else []), *labels]:
+        for label in [*(label for label, _ in refs), *labels]:
             rate = results.rate(assocs, label)
             low, high = results.spread(assocs, label)
             cells = [f"{assocs}", label, f"{rate:.2f}", f"{rate * mb_per_image:.1f}", f"{low:.2f}-{high:.2f}"]
-            cells.append(f"**{rate / plain:.2f}**" if label.startswith("cxr-node") else f"{rate / plain:.2f}")
-            if durable:
-                cells.append(f"{rate / synced:.2f}")
+            for ref, _ in refs:
+                ratio = rate / results.rate(assocs, ref)
+                node_target = label.startswith("cxr-node") and ref in TARGETS
+                cells.append(f"**{ratio:.2f}**" if node_target else f"{ratio:.2f}")
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -446,6 +535,13 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
+def orthanc_version() -> str:
+    """Orthanc's version as it prints it (``Orthanc 1.10.1``), or 'Orthanc' when it cannot say."""
+    line = _first_line([str(ORTHANC_BIN), "--version"]) if ORTHANC_BIN.exists() else ""
+    found = re.search(r"\d+\.\d+\.\d+", line)
+    return found.group(0) if found else ""
+
+
 def machine_facts(workdir: Path) -> list[str]:
     """Return the facts that make the numbers comparable: CPU, disk, versions, date."""
     import pydicom
@@ -456,6 +552,7 @@ def machine_facts(workdir: Path) -> list[str]:
         f"date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"CPU: {_cpu_model()}, {len(os.sched_getaffinity(0))} cores available (nproc)",
         f"disk: {_fs_type(workdir)} ({workdir.parent}); kernel {platform.release()}",
+        "load average at the start of the run (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in LOAD_AT_START),
         "load average at the end of the run (1, 5, 15 min): "
         + ", ".join(f"{x:.2f}" for x in os.getloadavg())
         + " (the benchmark included)",
@@ -475,16 +572,22 @@ def section(results: Results, labels: Sequence[str], args: argparse.Namespace, w
         f"{mb:.1f} MB each, Explicit VR Little Endian, a fresh SOP Instance UID per run) sent by DCMTK `storescu` "
         "over loopback, over one association and over 4 concurrent associations (4 `storescu` processes, each "
         "with a quarter of the files). Time runs from starting the senders to the last one exiting; every run "
-        "checks that all instances arrived (files written by `storescp`; N new queued jobs for the node). "
+        "checks that all instances arrived (files written by `storescp`; N instances in Orthanc's `/statistics`; "
+        "N new queued jobs for the node). "
         f"Median of {args.repeat} repeats, runs interleaved; MB = 10^6 bytes.",
         "",
         f"- `storescp`: `TCP_NODELAY=1`, `-pdu {args.storescp_pdu}` (its largest), `--fork` for 4 associations; "
-        "writes each file but does not fsync. The target ratio (x storescp) is against this one.",
-        f"- `{STORESCP_SYNC}`: the same, plus `--exec-on-reception 'sync #p/#f' --exec-sync`, so each file is "
-        "fsynced (by a `sync FILE` process) before the response: what durability costs a C receiver here.",
+        "writes each file but does not fsync (not durable: shown for scale).",
+        f"- `{STORESCP_SYNC}` (durable storescp, target >= 0.8x): the same, plus `--exec-on-reception 'sync #p/#f' "
+        "--exec-sync`, so each file is fsynced (by a `sync FILE` process) before the response.",
+        f"- `{ORTHANC}` {orthanc_version()} (target >= 1.0x): a fresh instance per run with its own config and "
+        "storage folder, in the same private network namespace as everything else; `SyncStorageArea: true` "
+        "(its default: each stored file is fsynced before the response; its SQLite index runs WAL with "
+        f"`SYNCHRONOUS=NORMAL`, so index commits are not fsynced), `MaximumPduLength: {ORTHANC_PDU}` (its largest; "
+        "default 16384), `DicomThreadsCount: 4`, `StorageCompression: false`, no plugins.",
         "- cxr-node: `cxr-node serve receiver` (the supervisor with its receiver children only; "
         "the inference worker is left out so it neither takes CPU nor moves jobs out of `queued`), "
-        f"`storage.fsync` {fsync} (pynetdicom spools the data set to a file as it arrives; then file fsync + "
+        f"`storage.fsync` {fsync} (P-DATA streamed into a spool file as it arrives; then file fsync + "
         "rename into the inbox + folder fsync, then a "
         "SQLite WAL commit with `synchronous=FULL`, before Success), `logging.level: warning`, "
         "`node.max_pdu` 262144 (default), N receiver processes sharing the port (`node.receiver_processes`).",
@@ -541,6 +644,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="skip the reference storescp that fsyncs each file before answering",
     )
+    parser.add_argument(
+        "--no-orthanc",
+        action="store_true",
+        help="skip Orthanc (it is skipped anyway outside a private network namespace: it listens on every interface)",
+    )
     parser.add_argument("--no-fsync", action="store_true", help="node with storage.fsync false (diagnosis only)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one run of the senders may take")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the section {SECTION!r} of {DOCS}")
@@ -594,6 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = in_private_netns(argv)
         if code is not None:
             return code
+    args.with_orthanc = not args.no_orthanc and args.in_private_netns and ORTHANC_BIN.exists()
+    if not args.with_orthanc and not args.no_orthanc:
+        print(f"note: Orthanc skipped ({ORTHANC_BIN} missing or no private network namespace)", file=sys.stderr)
     if not args.source.exists():
         raise SystemExit(f"receive.py: {args.source}: not found (pip install pydicom-data, or give --source)")
     with temporary_workdir(args.workdir) as workdir:

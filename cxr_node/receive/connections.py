@@ -4,7 +4,8 @@ pynetdicom 3.0 sets a timeout on the listening socket only: an accepted socket b
 sends one byte and stalls holds its reader thread, its association slot and about 1.7 MB of memory for good;
 and ``max_pdu`` is announced in the A-ASSOCIATE-AC but a P-DATA-TF PDU of any announced length is read.
 Its reader (``DULServiceProvider._read_pdu_data``) reads a PDU as ``recv(6)`` for the header, then
-``recv(length)``, through ``AssociationSocket.recv``, which calls the wrapped socket's ``recv``. So the node
+``recv(length)``, through ``AssociationSocket.recv``, which calls the wrapped socket's ``recv``; the node's
+streaming reader (:mod:`cxr_node.receive.streaming`) calls its ``recv_into``. So the node
 hands pynetdicom sockets whose ``recv`` follows the PDU framing of the bytes it returns (:class:`PduGate`) and:
 
 - gives each read a timeout: the time left until the ARTIM deadline (``node.artim_timeout_s`` after the
@@ -123,7 +124,7 @@ class PduGate:
             return str(exc)
         return f"no data for node.network_timeout_s ({self.limits.stall_s:g} s) inside a PDU"
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Account for ``data`` just received.
 
         Raises
@@ -225,7 +226,7 @@ def command_field(command: bytes) -> int | None:
 
 
 class GuardedSocket(socket.socket):
-    """A TCP socket whose ``recv`` goes through a :class:`PduGate` and whose ``close`` runs a callback once."""
+    """A TCP socket whose reads (``recv``, ``recv_into``) go through a :class:`PduGate`; ``close`` runs a callback."""
 
     gate: PduGate | None = None
     peer: str = ""
@@ -253,6 +254,28 @@ class GuardedSocket(socket.socket):
             self._send_quietly(A_ABORT_INVALID_PDU_PARAMETER)
             return self._drop(str(exc))
         return data
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        """Receive into ``buffer`` as a socket does, within the gate's limits (as :meth:`recv`); 0 once dropped."""
+        size = nbytes or memoryview(buffer).nbytes
+        gate = self.gate
+        if gate is None:
+            return super().recv_into(buffer, size, flags)
+        try:
+            self.settimeout(gate.timeout(time.monotonic()))
+            got = super().recv_into(buffer, size, flags)
+            gate.feed(memoryview(buffer)[:got])
+        except TimeoutError:
+            self._drop(gate.timed_out(time.monotonic()))
+            return 0
+        except Dropped as exc:
+            self._drop(str(exc))
+            return 0
+        except PduTooLong as exc:
+            self._send_quietly(A_ABORT_INVALID_PDU_PARAMETER)
+            self._drop(str(exc))
+            return 0
+        return got
 
     def when_closed(self, callback: Callable[[], Any]) -> None:
         """Run ``callback`` once when this socket is closed (or collected without being closed)."""

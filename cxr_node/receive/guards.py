@@ -84,6 +84,7 @@ class CappedFile:
 
     def __init__(self, inner: IO[bytes], max_bytes: int | None) -> None:
         self._inner = inner
+        self._raw: IO[bytes] = getattr(inner, "file", inner)  # NamedTemporaryFile's file: no wrapper call per write
         self.max_bytes = max_bytes
         self.received = 0
         self.overflowed = False
@@ -107,12 +108,12 @@ class CappedFile:
                 self._inner.seek(0)
                 self._inner.truncate()
             return len(data)
-        return self._inner.write(data)
+        return self._raw.write(data)
 
     def flush(self) -> None:
         """Flush what was written."""
         if not self.overflowed:
-            self._inner.flush()
+            self._raw.flush()
 
     def close(self) -> None:
         """Close the file (it stays on disk: pynetdicom or the intake removes or moves it)."""

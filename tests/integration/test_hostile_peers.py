@@ -314,7 +314,7 @@ def test_over_size_instance_is_refused_without_spooling_past_the_limit(
         watcher.join()
     assert response.Status == status.INSTANCE_TOO_LARGE
     assert response.ErrorComment == "instance over node.max_instance_mb (1 MB)"
-    assert 0 < largest[0] <= MB
+    assert largest[0] <= MB  # the watcher may miss the spool file's short life on a busy machine: see test_guards
     assert jobs(node) == 0
     assert files_under(node, spool.RECEIVING, spool.INBOX, spool.QUARANTINE) == []
     path = tmp_path / "small.dcm"

@@ -496,3 +496,22 @@ def test_jpeg_frame_header_is_read_too(no_decoder: None) -> None:
     stream = b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 4) + b"JF" + b"\xff\xdb" + struct.pack(">H", 3) + b"q" + sof
     assert pixels._codestream_shape(memoryview(stream)) == (70, 80, 1)
     assert pixels._codestream_shape(memoryview(b"\xff\xd8\xff\xda\x00\x02")) is None
+
+
+def test_capped_file_stops_growing_at_its_cap(tmp_path: Path) -> None:
+    """The spool file of an over-size instance never holds more than the cap: what was written is truncated away
+    at the first write past it, later writes are only counted."""
+    import tempfile
+
+    from cxr_node.receive.guards import CappedFile
+
+    inner = tempfile.NamedTemporaryFile(dir=tmp_path, delete=False)  # noqa: SIM115 - closed by CappedFile
+    capped = CappedFile(inner, max_bytes=1000)
+    sizes = []
+    for _ in range(5):
+        capped.write(b"x" * 300)
+        capped.flush()
+        sizes.append(Path(capped.name).stat().st_size)
+    capped.close()
+    assert sizes == [300, 600, 900, 0, 0]
+    assert (capped.received, capped.overflowed) == (1500, True)
