@@ -35,11 +35,15 @@ What it measures, in one process, with ``torch.set_num_threads(T)`` (default: th
 6. ``--variants`` (adds about 4 minutes on 2 cores): what else the same CPU could do with the ensemble at batch 8:
    one thread, oneDNN off, batch norm folded into the convolutions (``torch.fx``), TorchScript trace + freeze,
    ``torch.compile`` (inductor with the local C++ compiler). None of these is what the node runs.
-7. On a CUDA device (or ``--gpu-only``): the ensemble at bf16 autocast (``RuntimeOptions(precision="bf16")``),
+7. **CPU precision** (``--precision-only`` runs just this, about 5 minutes on 2 cores): the ensemble at fp32 and at
+   bf16 autocast (``RuntimeOptions(cpu_precision="bf16")``), channels_last and NCHW, batches 1, 4, 8 and 16,
+   each timed run starting with a best-of-3 fp32 and bf16 matmul probe; images/s as ratios to both.
+8. On a CUDA device (or ``--gpu-only``): the ensemble at bf16 autocast (``RuntimeOptions(precision="bf16")``),
    batches 1, 8 and 32, against a bf16 matmul reference (n = 8192). Without one it says so.
 
 It prints Markdown tables; ``--write-docs`` replaces the "## Inference" section of docs/benchmarks.md with
-them, the machine facts and the command (``--gpu-only --write-docs`` replaces only its "### GPU" part).
+them, the machine facts and the command (``--gpu-only --write-docs`` replaces only its "### GPU" part,
+``--precision-only --write-docs`` only its "### CPU: fp32 against bf16" part).
 ``--quick`` is a sanity run of the same code at 64 px with single repeats (well under 30 s).
 Nothing is downloaded: every network is built with ``weights=None``.
 """
@@ -71,6 +75,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cxr_node.infer.classify import Ensemble, RuntimeOptions
+from cxr_node.infer.device import CpuFeatures, resolve_cpu_precision
 from cxr_node.infer.engine import Engine
 from cxr_node.infer.registry import build_classifier, load_manifest
 from cxr_node.training.phantoms import make_phantom
@@ -79,6 +84,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 DOCS: Final = REPO / "docs" / "benchmarks.md"
 SECTION: Final = "## Inference"
 GPU_SUBSECTION: Final = "### GPU (bf16)"
+CPU_PRECISION_SUBSECTION: Final = "### CPU: fp32 against bf16 autocast, layouts and batch sizes"
 DEMO_MANIFEST: Final = REPO / "models" / "demo" / "manifest.yaml"
 PAPER: Final = ("resnet34", "resnet50", "resnet152", "vgg16")
 EXPLAIN: Final = "resnet50"  # the explain member of the paper ensemble, as in tests/gpu/test_cuda.py
@@ -101,6 +107,8 @@ class Plan:
     repeat_one: int = 5  # timed runs at batch 1
     repeat_many: int = 5  # timed runs at larger batches
     repeat_variants: int = 3  # timed runs of each --variants configuration
+    sweep_batches: tuple[int, ...] = (1, 4, TARGET_BATCH, 16)  # the CPU precision sweep
+    repeat_sweep: int = 3  # timed runs of the sweep, per batch
     matmul_n: int = 2048
     gpu_matmul_n: int = 8192
     matmul_repeat: int = 10
@@ -118,6 +126,8 @@ QUICK: Final = Plan(
     repeat_one=2,
     repeat_many=1,
     repeat_variants=1,
+    sweep_batches=(1, 4),
+    repeat_sweep=1,
     matmul_n=1024,
     gpu_matmul_n=2048,
     matmul_repeat=3,
@@ -226,14 +236,14 @@ def classify_only(module: nn.Module, x: torch.Tensor, options: RuntimeOptions) -
         return module(x)
 
 
-def time_once(ensemble: Ensemble, batch: torch.Tensor) -> tuple[dict[str, float], float]:
+def time_once(ensemble: Ensemble, batch: torch.Tensor, with_forward: bool = True) -> tuple[dict[str, float], float]:
     """Time each member's pure pass on ``batch``, one after the other, then the node's ``Ensemble.forward``."""
     options = ensemble.options
     x = batch.to(options.device).contiguous(memory_format=options.memory_format)
     pure = {
         name: timed(lambda m=m: classify_only(m, x, options), options.device) for name, m in ensemble.members.items()
     }
-    return pure, timed(lambda: ensemble.forward(batch), options.device)
+    return pure, timed(lambda: ensemble.forward(batch), options.device) if with_forward else 0.0
 
 
 def ensembles(members: Mapping[str, nn.Module], options: Sequence[RuntimeOptions]) -> list[Ensemble]:
@@ -522,6 +532,131 @@ def demo_batch(engine: Engine, images: Sequence[np.ndarray], batch: int, plan: P
     return DemoTimes(batch, statistics.median(wall), statistics.median(segment), median_classify, analysed, total)
 
 
+# ------------------------------------------------------------------------------------ CPU precision
+
+PRECISIONS: Final = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionSweep:
+    """The paper's ensemble at fp32 and bf16 autocast, both layouts, several batches, with matmul probes.
+
+    Every timed run starts with a best-of-3 matmul probe in fp32 and in bf16, then times every
+    configuration one after the other. On a machine others load too, the least disturbed run is the
+    measure: rates are the best run's, ratios the best run's rate over the best probe in those runs.
+    """
+
+    batches: tuple[int, ...]
+    matmul: Mapping[str, list[float]]  # precision -> GFLOP/s of the probe at the start of each run, all batches
+    runs: Mapping[tuple[str, str, int], list[float]]  # (precision, layout, batch) -> pure ensemble seconds per run
+    probes: Mapping[tuple[str, int], list[float]]  # (precision, batch) -> the probe of each run at that batch
+    node: Mapping[str, list[float]]  # precision -> Ensemble.forward seconds per run at node_batch, channels_last
+    node_batch: int  # the node's default batch (TARGET_BATCH) if swept, else the largest swept
+
+    def rate(self, key: tuple[str, str, int]) -> float:
+        """Best images/s over the runs."""
+        return key[2] / min(self.runs[key])
+
+    def ratio(self, key: tuple[str, str, int], flops: int, reference: str) -> float:
+        """The best GFLOP/s of the ensemble over the best ``reference`` matmul probe of the same runs."""
+        return flops * self.rate(key) / GB / max(self.probes[reference, key[2]])
+
+    def best(self) -> tuple[str, str, int]:
+        """The fastest configuration (images/s)."""
+        return max(self.runs, key=self.rate)
+
+
+def _options(precision: str, channels_last: bool) -> RuntimeOptions:
+    return RuntimeOptions(CPU, channels_last, "fp32", cpu_precision="bf16" if precision == "bf16" else "fp32")
+
+
+def measure_precisions(members: Mapping[str, nn.Module], plan: Plan) -> PrecisionSweep:
+    """Time the pure ensemble in every (precision, layout, batch) of the plan, interleaved within each run."""
+    configs = [(p, cl) for p in PRECISIONS for cl in (True, False)]
+    copies = {name: copy.deepcopy(module) for name, module in members.items()}
+    placed = ensembles(copies, [_options(p, cl) for p, cl in configs])
+    runs: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    probes: dict[tuple[str, int], list[float]] = defaultdict(list)
+    node: dict[str, list[float]] = defaultdict(list)
+    node_batch = TARGET_BATCH if TARGET_BATCH in plan.sweep_batches else max(plan.sweep_batches)
+    for ensemble in placed:  # warm-up: oneDNN creates and caches its kernels on the first passes
+        warm = ensemble.prepare(random_images(1, plan.size))
+        _pure_seconds(ensemble, warm)
+        ensemble.forward(warm)
+    for batch in plan.sweep_batches:
+        inputs = [e.prepare(random_images(batch, plan.size)) for e in placed]
+        for _ in range(plan.repeat_sweep):
+            for precision, dtype in zip(PRECISIONS, (torch.float32, torch.bfloat16), strict=True):
+                probes[precision, batch].append(matmul_gflops(plan.matmul_n, 3, CPU, dtype))
+            for (precision, cl), ensemble, x in zip(configs, placed, inputs, strict=True):
+                runs[precision, layout_label(cl), batch].append(_pure_seconds(ensemble, x))
+                if batch == node_batch and cl:
+                    node[precision].append(timed(lambda e=ensemble, x=x: e.forward(x), CPU))
+        line = ", ".join(f"{p} {layout_label(cl)} {min(runs[p, layout_label(cl), batch]):.3f} s"
+                         for p, cl in configs)  # fmt: skip
+        print(f"  precision sweep batch {batch}: {line}", file=sys.stderr)
+    matmul = {p: [v for (q, _), values in probes.items() if q == p for v in values] for p in PRECISIONS}
+    return PrecisionSweep(tuple(plan.sweep_batches), matmul, runs, probes, node, node_batch)
+
+
+def _pure_seconds(ensemble: Ensemble, batch: torch.Tensor) -> float:
+    """Seconds of the members' pure passes on ``batch``, one after the other."""
+    pure, _ = time_once(ensemble, batch, with_forward=False)
+    return sum(pure.values())
+
+
+def precision_table(sweep: PrecisionSweep, flops: int) -> str:
+    """Per (precision, layout, batch): images/s, GFLOP/s and the ratios to the same runs' matmul rates."""
+    cells = ["precision", "layout", "batch", "images/s", "min-max", "GFLOP/s", "/ fp32 matmul", "/ bf16 matmul"]
+    lines = _header(cells, left=3)
+    for key in sorted(sweep.runs, key=lambda k: (PRECISIONS.index(k[0]), k[1] != "channels_last", k[2])):
+        runs, rate = sweep.runs[key], sweep.rate(key)
+        spread = f"{key[2] / max(runs):.2f}-{key[2] / min(runs):.2f}"
+        ratios = [f"{sweep.ratio(key, flops, ref):.2f}" for ref in PRECISIONS]
+        bold = "**" if key == sweep.best() else ""
+        row = [*key[:2], str(key[2]), f"{bold}{rate:.2f}{bold}", spread, f"{flops * rate / GB:.1f}", *ratios]
+        lines.append(_row(row))
+    return "\n".join(lines)
+
+
+def precision_text(sweep: PrecisionSweep, flops: int, plan: Plan) -> str:
+    """The "### CPU precision" subsection: what was run, the table and what the node takes from it."""
+    fp32, bf16 = (max(sweep.matmul[p]) for p in PRECISIONS)
+    best = sweep.best()
+    node = {p: sweep.node_batch / min(v) for p, v in sweep.node.items()}
+    at_default = {p: sweep.rate((p, "channels_last", sweep.node_batch)) for p in PRECISIONS}
+    return "\n\n".join(
+        [
+            CPU_PRECISION_SUBSECTION,
+            f"The same four members (random weights, {plan.size} px) placed by the node's `Ensemble` four times: "
+            '`RuntimeOptions(cpu, channels_last or not, cpu_precision="fp32" or "bf16")`; bf16 is '
+            '`torch.autocast("cpu", dtype=torch.bfloat16)` around each member\'s forward pass, as the node runs it. '
+            f"Pure classification (the members one after the other under `torch.inference_mode`), batches "
+            f"{', '.join(map(str, sweep.batches))}, after one warm-up pass of each configuration. For each batch "
+            f"{plan.repeat_sweep} timed runs; each starts with a best-of-3 matmul probe in fp32 and in bf16 "
+            f"(n = {plan.matmul_n}, 2n^3/t), then times all four configurations one after the other. "
+            "Others load this machine too, so the least disturbed run is the measure: images/s of the best run "
+            "(min-max over the runs beside it), ratios = the ensemble's best GFLOP/s over the best matmul probe "
+            f"of the same runs; the ensemble's GFLOP count is the fp32 one ({flops / GB:.2f} GFLOP/image). "
+            "Fastest configuration in bold.",
+            f"Matmul probes, best over the runs: fp32 **{fp32:.1f} GFLOP/s**, bf16 **{bf16:.1f} GFLOP/s** "
+            f"(bf16 / fp32 = {bf16 / fp32:.2f}).",
+            precision_table(sweep, flops),
+            "\n".join(
+                [
+                    f"- Fastest: {best[0]}, {best[1]}, batch {best[2]}, {sweep.rate(best):.2f} images/s.",
+                    f"- channels_last, batch {sweep.node_batch}: fp32 {at_default['fp32']:.2f}, "
+                    f"bf16 {at_default['bf16']:.2f} images/s (bf16 / fp32 = "
+                    f"{at_default['bf16'] / at_default['fp32']:.2f}); `Ensemble.forward` with Grad-CAM under "
+                    f"autocast: fp32 {node['fp32']:.2f}, bf16 {node['bf16']:.2f} images/s.",
+                    f"- `compute.cpu_precision: auto` on this CPU ({CpuFeatures.detect().describe()}) runs a checked "
+                    f"model in **{resolve_cpu_precision('auto', model_checked=True)}** (bf16 only with AMX-BF16).",
+                ]
+            ),
+        ]
+    )
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 
@@ -565,6 +700,7 @@ class CpuResults:
     layers: list[LayerRow]
     demo: list[DemoTimes]
     variants: list[Variant]
+    sweep: PrecisionSweep
 
     @property
     def reference(self) -> float:
@@ -866,7 +1002,7 @@ class RunStart:
         return [
             f"- date: {self.started.strftime('%Y-%m-%d %H:%M UTC')}",
             f"- CPU: {_cpu_model()}, {len(os.sched_getaffinity(0))} cores available (sched_getaffinity); "
-            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+            f"torch CPU capability and bf16 features (/proc/cpuinfo): {CpuFeatures.detect().describe()}",
             f"- threads: `torch.set_num_threads({self.threads})` (intra-op, OpenMP), "
             f"{torch.get_num_interop_threads()} inter-op",
             f"- torch {torch.__version__}, torchvision {torchvision.__version__}, numpy {np.__version__}, "
@@ -921,6 +1057,7 @@ def cpu_section(
         "Forward hooks time each leaf module during one extra pass per member (pure classification); GFLOP "
         "counted per layer with the same 2-per-multiply-add convention.",
         layer_table(cpu.layers, cpu.reference),
+        precision_text(cpu.sweep, cpu.flops[PURE], plan),
     ]
     if cpu.variants:
         parts += [
@@ -980,11 +1117,11 @@ def write_docs(text: str, heading: str = SECTION, path: Path = DOCS) -> None:
     current = path.read_text() if path.exists() else "# Benchmarks\n\n"
     section = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     found = section.search(current)
-    if heading == GPU_SUBSECTION:
+    if heading != SECTION:
         if found is None:
             text = f"{SECTION}\n\n{text}"
         else:
-            sub = re.compile(rf"^{re.escape(GPU_SUBSECTION)}\n.*?(?=^### |^## |\Z)", re.S | re.M)
+            sub = re.compile(rf"^{re.escape(heading)}\n.*?(?=^### |^## |\Z)", re.S | re.M)
             old = found.group(0)
             text = (
                 sub.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
@@ -1010,12 +1147,13 @@ def measure_cpu(members: Mapping[str, nn.Module], plan: Plan, variants: bool) ->
     layouts = measure_layouts(placed, plan, plan.batches, lambda: matmul_gflops(plan.matmul_n, 3, CPU))
     del placed[1:]
     layers = time_by_layer(placed[0], plan)
+    sweep = measure_precisions(placed[0].members, plan)
     batch = placed[0].prepare(random_images(TARGET_BATCH, plan.size))
     tried = measure_variants(placed[0].members, batch, plan) if variants else []
     demo = measure_demo(plan, RuntimeOptions(CPU, True, "fp32"), plan.batches)
     after = matmul_gflops(plan.matmul_n, plan.matmul_repeat, CPU)
     print(f"fp32 matmul {plan.matmul_n}: {after:.1f} GFLOP/s", file=sys.stderr)
-    return CpuResults((before, after), flops, layouts, layers, demo, tried)
+    return CpuResults((before, after), flops, layouts, layers, demo, tried, sweep)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1026,6 +1164,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: usable cores)")
     parser.add_argument("--variants", action="store_true", help="also time alternatives to eager mode (minutes)")
     parser.add_argument("--gpu-only", action="store_true", help="measure only the CUDA device (bf16)")
+    parser.add_argument(
+        "--precision-only",
+        action="store_true",
+        help="measure only the CPU fp32/bf16 sweep (layouts, batches; about 5 minutes on 2 cores)",
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"replace the section {SECTION!r} of {DOCS}")
     args = parser.parse_args(argv)
     if (args.repeat is not None and args.repeat < 1) or (args.threads is not None and args.threads < 1):
@@ -1036,7 +1179,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> Plan:
     """The plan the arguments ask for."""
     plan = QUICK if args.quick else Plan()
-    return plan if args.repeat is None else replace(plan, repeat_one=args.repeat, repeat_many=args.repeat)
+    if args.repeat is None:
+        return plan
+    return replace(plan, repeat_one=args.repeat, repeat_many=args.repeat, repeat_sweep=args.repeat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1058,6 +1203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("inference.py: no CUDA device: nothing measured", file=sys.stderr)
             return 2
         return report(gpu_section(gpu, flops, plan, start.facts()), GPU_SUBSECTION, args.write_docs)
+    if args.precision_only:
+        flops = count_flops(Ensemble(members, explain=EXPLAIN), plan.size)
+        sweep = measure_precisions(members, plan)
+        text = precision_text(sweep, flops[PURE], plan) + "\n\n" + "\n".join(start.facts()) + "\n"
+        return report(text, CPU_PRECISION_SUBSECTION, args.write_docs)
     linear_mb = linear_weight_mb(members)
     explain_layer = Ensemble(members, explain=EXPLAIN).gradcam.layer_name
     cpu = measure_cpu(members, plan, args.variants)

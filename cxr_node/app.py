@@ -79,16 +79,18 @@ def load_model(settings: Settings) -> tuple[Manifest, Engine]:
         When the manifest or its weights cannot be loaded (missing, wrong checksum, no CUDA device).
     """
     from cxr_node.infer.classify import RuntimeOptions
-    from cxr_node.infer.device import resolve_device
+    from cxr_node.infer.device import resolve_cpu_precision, resolve_device
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import load_manifest
 
+    manifest = load_manifest(settings.models.manifest)
+    checked = manifest.classifier.cpu_bf16
     options = RuntimeOptions(
         device=resolve_device(settings.compute.device),
         channels_last=settings.worker.channels_last,
         precision=settings.worker.precision,
+        cpu_precision=resolve_cpu_precision(settings.compute.cpu_precision, model_checked=checked),
     )
-    manifest = load_manifest(settings.models.manifest)
     return manifest, Engine.from_manifest(manifest, options)
 
 
@@ -250,7 +252,7 @@ def run_worker(settings: Settings, ready: Event | None = None) -> int:
     """Run the inference worker in this process until SIGTERM or SIGINT; return the exit code."""
     stop = _stop_event()
     manifest, engine = load_model(settings)
-    log.info("worker.model_loaded", model=manifest.name, version=manifest.version, device=settings.compute.device)
+    log.info("worker.model_loaded", model=manifest.name, version=manifest.version, **engine.runtime)
     store = open_store(settings)
     worker = build_worker(settings, store, engine, manifest)
     if ready is not None:

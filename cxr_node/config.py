@@ -155,9 +155,12 @@ class ModelSettings(_Section):
 
 
 class ComputeSettings(_Section):
-    """Where inference runs."""
+    """Where inference runs, and at what precision when that is the CPU."""
 
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # auto: bf16 autocast only for a manifest with classifier.cpu_bf16 on a CPU with AMX-BF16, else fp32
+    # (cxr_node.infer.device.resolve_cpu_precision)
+    cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class WorkerSettings(_Section):

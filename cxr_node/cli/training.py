@@ -127,10 +127,32 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bf16_agreement(args: argparse.Namespace) -> int:
+    """Compare the ensemble at fp32 and at bf16 autocast on the CPU; exit 1 when bf16 is beyond tolerance."""
+    import json
+
+    from cxr_node.training.agreement import Tolerance, bf16_agreement
+
+    with user_errors():
+        tolerance = Tolerance(decisions=args.decision_tolerance, probability=args.probability_tolerance)
+        found = bf16_agreement(Path(args.manifest), Path(args.data), split=args.split, tolerance=tolerance)
+    print("\n".join(found.lines()))
+    if found.within_tolerance:
+        print("the manifest may say classifier.cpu_bf16: true (compute.cpu_precision: auto then uses bf16 with AMX)")
+    if args.out:
+        path = Path(args.out) / "bf16_agreement.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found.as_dict(), indent=2), encoding="utf-8")
+        print(f"report: {path}")
+    return 0 if found.within_tolerance else 1
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a manifest's models on a labelled set; print the metrics table, write the report."""
     from cxr_node.training.evaluate import evaluate, markdown_table
 
+    if args.bf16_agreement:
+        return cmd_bf16_agreement(args)
     out = Path(args.out) if args.out else None
     with user_errors():
         found = evaluate(Path(args.manifest), Path(args.data), out, split=args.split, device=args.device,
@@ -180,6 +202,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument(
+        "--bf16-agreement",
+        action="store_true",
+        help="instead of the metrics: the ensemble at fp32 and at bf16 autocast on the CPU, decisions and "
+        "probabilities compared (use --split val); exit 1 beyond tolerance",
+    )
+    p.add_argument("--decision-tolerance", type=float, default=0.01, help="share of decisions bf16 may change")
+    p.add_argument("--probability-tolerance", type=float, default=0.02, help="largest |p_bf16 - p_fp32| allowed")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from cxr_node.errors import ModelError
-from cxr_node.infer.device import place
+from cxr_node.infer.device import CpuPrecision, place
 from cxr_node.infer.explain import GradCam
 from cxr_node.infer.registry import (
     CONCAT,
@@ -44,22 +44,37 @@ class RuntimeOptions:
     channels_last : bool
         Store weights and inputs NHWC (faster convolutions on recent GPUs).
     precision : {"bf16", "fp16", "fp32"}
-        Autocast dtype on CUDA; on the CPU the ensemble always runs in float32.
+        Autocast dtype on CUDA (``worker.precision``).
+    cpu_precision : {"fp32", "bf16"}
+        On the CPU: float32, or autocast to bfloat16 (``compute.cpu_precision``, resolved by
+        :func:`cxr_node.infer.device.resolve_cpu_precision`).
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False
     precision: Precision = "bf16"
+    cpu_precision: CpuPrecision = "fp32"
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32; found {self.precision!r}")
+        if self.cpu_precision not in ("bf16", "fp32"):
+            raise ValueError(f"cpu_precision must be bf16 or fp32; found {self.cpu_precision!r}")
+
+    @property
+    def active_precision(self) -> Precision:
+        """The precision the ensemble runs at on this device: ``precision`` on CUDA, ``cpu_precision`` elsewhere."""
+        return self.precision if self.device.type == "cuda" else self.cpu_precision
 
     def autocast(self) -> AbstractContextManager[object]:
-        """Return the autocast context for a forward pass (a no-op on the CPU or in fp32)."""
-        if self.device.type != "cuda" or self.precision == "fp32":
+        """Return the autocast context for a forward pass (a no-op in fp32).
+
+        Only the forward pass belongs inside it: gradients (Grad-CAM) are taken outside, as autocast asks.
+        """
+        if self.active_precision == "fp32":
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[self.precision])
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        return torch.autocast(device_type=kind, dtype=_AUTOCAST_DTYPES[self.active_precision])
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -271,9 +286,10 @@ class Ensemble:
         hook, size = self.hooks[name], (x.shape[-2], x.shape[-1])
         with torch.inference_mode(False), torch.enable_grad():
             inputs = x.clone().requires_grad_(True)
-            with self.options.autocast(), hook.attached(), self.gradcam.recording():
-                logits = self.members[name](inputs)
-                heatmap = self.gradcam.heatmap(logits[:, 1], size)
+            with hook.attached(), self.gradcam.recording():
+                with self.options.autocast():
+                    logits = self.members[name](inputs)
+                heatmap = self.gradcam.heatmap(logits[:, 1].float(), size)
         features = hook.features if self._wants_features(name) else None
         return _Pass(_positive(logits.detach(), name), features, heatmap)
 

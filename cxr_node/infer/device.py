@@ -1,10 +1,12 @@
-"""Turn the ``compute.device`` setting (auto | cpu | cuda | cuda:N) into a :class:`torch.device`."""
+"""Turn the ``compute`` settings into a :class:`torch.device` and, on the CPU, the precision to run at."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
 
 import torch
 from torch import nn
@@ -12,6 +14,10 @@ from torch import nn
 from cxr_node.errors import ModelError
 
 _CUDA_SPEC: Final = re.compile(r"^cuda(?::(\d+))?$")
+CPUINFO: Final = Path("/proc/cpuinfo")
+
+CpuPrecision = Literal["bf16", "fp32"]
+CPU_PRECISIONS: Final = ("auto", "bf16", "fp32")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -67,3 +73,93 @@ def place(module: nn.Module, device: torch.device | str, memory_format: torch.me
     """
     move: Callable[..., nn.Module] = module.to
     return move(device=device, memory_format=memory_format)
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What this CPU offers for bfloat16 inference.
+
+    Attributes
+    ----------
+    capability : str
+        :func:`torch.backends.cpu.get_cpu_capability` (``AVX512``, ``AVX2``, ...): the widest vector kernels
+        torch dispatches to.
+    flags : frozenset of str
+        The kernel's CPU flags (``/proc/cpuinfo``); empty where there is no such file.
+    onednn : bool
+        Whether torch was built with oneDNN, which runs bf16 convolutions on the CPU.
+    """
+
+    capability: str
+    flags: frozenset[str]
+    onednn: bool
+
+    @classmethod
+    def detect(cls, cpuinfo: Path = CPUINFO) -> CpuFeatures:
+        """Read this machine's features."""
+        onednn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]  # unannotated in torch
+        return cls(torch.backends.cpu.get_cpu_capability(), _cpu_flags(cpuinfo), onednn)
+
+    @property
+    def avx512_bf16(self) -> bool:
+        """bf16 dot products in AVX-512 (``vdpbf16ps``): bf16 at fp32's multiply-add rate, half the bytes."""
+        return "avx512_bf16" in self.flags
+
+    @property
+    def amx_bf16(self) -> bool:
+        """AMX tiles with bf16 (Sapphire Rapids and later): matrix units several times fp32's rate."""
+        return {"amx_bf16", "amx_tile"} <= self.flags
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether bf16 runs in hardware here (AVX512-BF16 or AMX-BF16) through oneDNN."""
+        return self.onednn and (self.avx512_bf16 or self.amx_bf16)
+
+    def describe(self) -> str:
+        """One line for logs and reports: capability and the bf16 features found."""
+        found = [name for name, present in (("avx512_bf16", self.avx512_bf16), ("amx_bf16", self.amx_bf16)) if present]
+        return f"{self.capability}, bf16: {', '.join(found) or 'none'}"
+
+
+def _cpu_flags(cpuinfo: Path) -> frozenset[str]:
+    """Return the flags of the first processor listed in ``cpuinfo``; empty when it cannot be read."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_cpu_precision(spec: str, *, model_checked: bool, features: CpuFeatures | None = None) -> CpuPrecision:
+    """Return the precision ``compute.cpu_precision`` names: what the ensemble runs at on the CPU.
+
+    Parameters
+    ----------
+    spec : str
+        ``"fp32"``; ``"bf16"`` (autocast to bfloat16 on any CPU, slow where it is emulated); or ``"auto"``:
+        bf16 only for a checked model on a CPU with AMX-BF16, fp32 otherwise. AVX512-BF16 alone does not
+        qualify: its bf16 dot product does as many multiply-adds per cycle as fp32 FMAs, and on such a CPU
+        the paper's ensemble ran slower in bf16 than in fp32 (docs/benchmarks.md, Inference).
+    model_checked : bool
+        Whether the model's manifest says bf16 keeps its decisions within tolerance (``classifier.cpu_bf16``).
+    features : CpuFeatures, optional
+        The CPU's features; detected when not given.
+
+    Raises
+    ------
+    ModelError
+        ``spec`` is none of the above.
+    """
+    text = spec.strip().lower()
+    if text not in CPU_PRECISIONS:
+        raise ModelError(f"compute.cpu_precision must be auto, bf16 or fp32; found {spec!r}")
+    if text != "auto":
+        return "bf16" if text == "bf16" else "fp32"
+    if not model_checked:
+        return "fp32"
+    found = features or CpuFeatures.detect()
+    return "bf16" if found.onednn and found.amx_bf16 else "fp32"

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from cxr_node.infer import preprocess
 from cxr_node.infer.classify import Ensemble, EnsembleOutput, RuntimeOptions
+from cxr_node.infer.device import CpuFeatures
 from cxr_node.infer.registry import Manifest
 from cxr_node.infer.segment import LungSegmenter, MaskQuality, mask_quality
 
@@ -99,6 +100,24 @@ class Engine:
         options = options or RuntimeOptions()
         segmenter = LungSegmenter.from_manifest(manifest, device=options.device)
         return cls(manifest, segmenter, Ensemble.from_manifest(manifest, options))
+
+    @property
+    def runtime(self) -> dict[str, str | bool]:
+        """How the networks run, for the start-up log: device, the ensemble's precision and memory format.
+
+        The U-Net always runs in float32 (``segmentation_precision``); on the CPU ``cpu`` names the vector
+        capability and the bf16 features found.
+        """
+        options = self.ensemble.options
+        found: dict[str, str | bool] = {
+            "device": str(options.device),
+            "precision": options.active_precision,
+            "segmentation_precision": "fp32",
+            "channels_last": options.channels_last,
+        }
+        if options.device.type == "cpu":
+            found["cpu"] = CpuFeatures.detect().describe()
+        return found
 
     @property
     def model(self) -> tuple[str, str]:

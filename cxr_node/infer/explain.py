@@ -110,7 +110,8 @@ class GradCam:
         """Return the ``(N, H, W)`` Grad-CAM maps of ``score`` ``(N,)`` from the recorded forward pass.
 
         Each sample's score depends only on its own activations (eval mode), so the gradient of the
-        summed score gives every sample's own gradient in one backward pass.
+        summed score gives every sample's own gradient in one backward pass. After a bf16 autocast forward
+        pass the activation and its gradient are bf16; :func:`cam` weighs and sums them in float32.
         """
         if self._activation is None:
             raise RuntimeError("GradCam.heatmap needs a forward pass inside GradCam.recording()")

@@ -113,6 +113,10 @@ class ClassifierSpec(_Frozen):
     embedding: EmbeddingSpec = EmbeddingSpec()
     explain: ExplainSpec
     members: list[MemberSpec] = Field(min_length=1)
+    cpu_bf16: bool = False
+    """Whether bf16 autocast on the CPU was checked to keep this ensemble's decisions within tolerance
+    (``cxr-node evaluate --bf16-agreement`` on its validation set); ``compute.cpu_precision: auto`` picks
+    bf16 only for such a model."""
 
     @field_validator("std")
     @classmethod

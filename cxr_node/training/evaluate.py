@@ -104,7 +104,7 @@ def evaluate(
         points, precision@5 of neighbour labels, and the plausible-mask rate.
     """
     manifest = load_manifest(manifest_path)
-    rows, used = _rows(data_csv, split)
+    rows, used = split_rows(data_csv, split)
     engine = Engine.from_manifest(manifest, RuntimeOptions(device=resolve_device(device), precision="fp32"))
     analyses = _analyse(engine, rows)
     done = [(row, a) for row, a in zip(rows, analyses, strict=True) if a.analysed]
@@ -124,7 +124,7 @@ def evaluate(
     return write_report(evaluation, out) if out is not None else evaluation
 
 
-def _rows(data_csv: Path, split: str) -> tuple[list[Row], str]:
+def split_rows(data_csv: Path, split: str) -> tuple[list[Row], str]:
     """Return the rows to evaluate and which part they are."""
     rows = read_rows(data_csv)
     if split == "all":
