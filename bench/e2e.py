@@ -5,7 +5,8 @@ Turnaround is measured per image from the node's receipt (the job's received_at,
 the C-STORE is on disk) to the SR stored at the PACS. Throughput is images with their SR delivered per
 minute over the whole burst. Bounded: at most ``--n`` images and ``--timeout`` seconds.
 
-    .venv/bin/python bench/e2e.py --n 100 [--write-docs]
+    .venv/bin/python bench/e2e.py --n 100 [--write-docs]      # a burst of 100 in one association
+    .venv/bin/python bench/e2e.py --n 30 --every 5            # one image every 5 s, each in its own association
 """
 
 from __future__ import annotations
@@ -63,6 +64,46 @@ def run(n: int, timeout: float) -> dict[str, float]:
             "p95_s": turnaround[int(0.95 * (len(turnaround) - 1))],
             "max_s": turnaround[-1],
             "images_per_min": 60 * len(turnaround) / (done - start),
+        }
+
+
+def run_steady(n: int, interval: float, timeout: float, size: int) -> dict[str, float]:
+    """Send ``n`` phantoms one every ``interval`` seconds, each over its own association (as a modality's
+    auto-route does), and wait until every SR is at the PACS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        port, pacs_port = _free_port(), _free_port()
+        config = _write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port)
+        labels = write_phantom_set(out / "inputs", n=n, seed=98, size=size)
+        files = sorted((labels.parent).rglob("*.dcm"))
+        pacs = DemoPacs(out / "pacs", pacs_port).start()
+        node = _start_node(config, port, out / "node.log")
+        try:
+            start = time.monotonic()
+            deadline = start + timeout
+            for i, path in enumerate(files):
+                time.sleep(max(0.0, start + i * interval - time.monotonic()))
+                results = send_files([path], PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="BENCH")
+                assert all(r.ok for r in results), [r.comment for r in results if not r.ok]
+            while len(pacs.arrived) < n and time.monotonic() < deadline:
+                time.sleep(0.1)
+            store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
+            received = {job.sop_instance_uid: job.received_at for job in store.jobs.query(limit=n + 10)}
+            store.close()
+        finally:
+            node.send_signal(signal.SIGTERM)
+            node.wait(60)
+            pacs.stop()
+        shutil.copy(out / "node.log", Path(tempfile.gettempdir()) / "cxr-node-e2e-steady.log")
+        turnaround = sorted(pacs.arrived[uid] - received[uid] for uid in pacs.arrived if uid in received)
+        return {
+            "images": n,
+            "delivered": len(turnaround),
+            "interval_s": interval,
+            "min_s": turnaround[0],
+            "median_s": statistics.median(turnaround),
+            "p95_s": turnaround[int(0.95 * (len(turnaround) - 1))],
+            "max_s": turnaround[-1],
         }
 
 
@@ -132,7 +173,17 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help="print a Markdown table row for docs/benchmarks.md")
     parser.add_argument("--soak", type=int, default=0, help="instead: send this many images in chunks, sample RSS")
     parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument("--every", type=float, default=0, help="instead: send --n images one every EVERY seconds")
+    parser.add_argument("--size", type=int, default=512, help="phantom side in pixels for --every (default 512)")
     args = parser.parse_args()
+    if args.every:
+        r = run_steady(args.n, args.every, args.timeout, args.size)
+        print(
+            f"{r['delivered']}/{r['images']} SRs delivered, one image every {args.every:g} s ({args.size} px): "
+            f"turnaround min {r['min_s']:.2f} s, median {r['median_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
+            f"max {r['max_s']:.2f} s"
+        )
+        return 0 if r["delivered"] == r["images"] else 1
     if args.soak:
         curve = soak(args.soak, args.chunk, args.timeout)
         first, last = curve[0], curve[-1]

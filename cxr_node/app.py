@@ -25,6 +25,7 @@ from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.leases import recover_jobs
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
+from cxr_node.jobs.wakeup import Wakeup
 from cxr_node.metrics import MetricsServer, share_with_children
 from cxr_node.neighbours import SqliteNeighbourIndex
 from cxr_node.privacy import PatientHasher, load_key
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import Manifest
     from cxr_node.work.loop import Analyser, Worker
+    from cxr_node.work.write import OutputWriter
 
 log = structlog.get_logger("cxr_node.app")
 
@@ -67,7 +69,8 @@ def open_store(settings: Settings, readonly: bool = False) -> SqliteStore:
             ) from exc
         if not os.access(root, os.W_OK):
             raise StorageError(f"storage.root {root}: not writable by this user; set storage.root in {settings.source}")
-    return SqliteStore(root / spool.DB_NAME, fsync=settings.storage.fsync, readonly=readonly)
+    wakeup = None if readonly else Wakeup(root)
+    return SqliteStore(root / spool.DB_NAME, fsync=settings.storage.fsync, readonly=readonly, wakeup=wakeup)
 
 
 def load_model(settings: Settings) -> tuple[Manifest, Engine]:
@@ -140,28 +143,70 @@ def build_worker(
     settings: Settings, store: Store, analyser: Analyser | None = None, manifest: Manifest | None = None
 ) -> Worker:
     """The inference worker: the model (``analyser`` or the one of ``models.manifest``), the output writer for
-    every destination and, when ``neighbours.k`` is above 0, the neighbour index. ``close()`` it when done."""
+    every destination, the pool its decoding and writing run in (``worker.cpu_processes``) and, when
+    ``neighbours.k`` is above 0, the neighbour index. ``close()`` it when done."""
     from cxr_node.infer.registry import load_manifest
     from cxr_node.work.loop import Worker
+    from cxr_node.work.pool import StepPool
     from cxr_node.work.retrieve import IndexRetriever
-    from cxr_node.work.write import OutputWriter
 
     if analyser is None:
         manifest, analyser = load_model(settings)
     manifest = manifest or load_manifest(settings.models.manifest)
     made_by = provenance(settings, manifest)
-    writer = OutputWriter(
-        settings.storage.root,
-        store.jobs,
-        store.results,
-        made_by,
-        settings.results,
-        destinations=[destination.name for destination in settings.destinations],
-        fsync=settings.storage.fsync,
-    )
+    writer = build_writer(settings, store, made_by)
     retriever = IndexRetriever(open_index(settings), settings.neighbours) if settings.neighbours.k else None
     root, hasher = settings.storage.root, patient_hasher(settings)
-    return Worker(root, store.jobs, store.results, analyser, made_by, settings.worker, writer, retriever, hasher=hasher)
+    processes = pool_processes(settings)
+    pool = StepPool(processes, start_pool_child, (settings, made_by)) if processes else None
+    listener = Wakeup(root).listen("queued")
+    return Worker(
+        root,
+        store.jobs,
+        store.results,
+        analyser,
+        made_by,
+        settings.worker,
+        writer,
+        retriever,
+        hasher=hasher,
+        listener=listener,
+        pool=pool,
+    )
+
+
+def build_writer(settings: Settings, store: Store, made_by: Provenance) -> OutputWriter:
+    """The output writer: the configured outputs, a pending delivery to every destination."""
+    from cxr_node.work.write import OutputWriter
+
+    destinations = [destination.name for destination in settings.destinations]
+    root, fsync = settings.storage.root, settings.storage.fsync
+    return OutputWriter(root, store.jobs, store.results, made_by, settings.results, destinations, fsync)
+
+
+def pool_processes(settings: Settings) -> int:
+    """The worker's pool size: ``worker.cpu_processes``, or for ``auto`` every core but one on a GPU, none on
+    the CPU (inference already uses every core there)."""
+    from cxr_node.work.pool import auto_processes
+
+    chosen = settings.worker.cpu_processes
+    if chosen != "auto":
+        return chosen
+    device = settings.compute.device
+    if device == "auto":
+        from cxr_node.infer.device import resolve_device
+
+        device = str(resolve_device("auto"))
+    return auto_processes("cpu" if device == "cpu" else "cuda")
+
+
+def start_pool_child(settings: Settings, made_by: Provenance) -> None:
+    """The initializer of each worker pool child: logging, its own store, and its output writer."""
+    from cxr_node import logs
+    from cxr_node.work.pool import install_writer
+
+    logs.configure(settings.logging.level, settings.logging.format)
+    install_writer(build_writer(settings, open_store(settings), made_by))
 
 
 def build_dispatcher(settings: Settings, store: Store) -> Dispatcher:
@@ -174,7 +219,8 @@ def build_sender(settings: Settings, store: Store) -> Sender:
     """The sender role: deliveries, probes, settling, retention and dead-letter reports on a timetable."""
     dispatcher = build_dispatcher(settings, store)
     housekeeper = Housekeeper(settings, store, on_purge=lambda studies: purge_index(settings, studies))
-    return Sender(dispatcher, housekeeper, timetable(settings, dispatcher, housekeeper), store.jobs)
+    listener = Wakeup(settings.storage.root).listen("deliveries")
+    return Sender(dispatcher, housekeeper, timetable(settings, dispatcher, housekeeper), store.jobs, listener)
 
 
 def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:

@@ -167,7 +167,8 @@ class WorkerSettings(_Section):
     """How the inference worker takes jobs from the queue."""
 
     batch_size: int = Field(default=8, ge=1, le=256)
-    batch_wait_ms: int = Field(default=200, ge=0, le=60000)
+    batch_wait_ms: int = Field(default=0, ge=0, le=60000)
+    cpu_processes: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = "auto"
     poll_interval_ms: int = Field(default=250, ge=10, le=60000)
     max_side: int = Field(default=1024, ge=256, le=8192)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"

@@ -93,7 +93,6 @@ def _write_config(out: Path, port: int, manifest: Path, pacs_port: int) -> Path:
         "delivery": {"poll_interval_ms": 200},
         "results": {"segmentation": True, "presentation_state": True},
         "metrics": {"port": _free_port()},
-        "worker": {"batch_wait_ms": 50},
         "logging": {"level": "info", "format": "json"},
     }
     path = out / "node.yaml"

@@ -52,6 +52,15 @@ INFERENCE_SECONDS: Final = Histogram(
     "cxr_node_inference_seconds", "Inference time per image (its share of its batch).", buckets=SECONDS_BUCKETS
 )
 BATCHES: Final = Gauge("cxr_node_batch_size", "Inference batches run, by size.", ["size"], multiprocess_mode="sum")
+INFERENCE_BUSY: Final = Gauge(
+    "cxr_node_inference_busy_seconds", "Seconds the worker spent running the networks.", multiprocess_mode="sum"
+)
+WORKER_LOADED: Final = Gauge(
+    "cxr_node_worker_loaded_seconds",
+    "Seconds the worker had claimed jobs in hand; 1 - busy / loaded is the accelerator's idle share while there was "
+    "work (time spent waiting for decoding or output writing).",
+    multiprocess_mode="sum",
+)
 
 
 def observe_batch(size: int, seconds: float) -> None:
@@ -60,6 +69,14 @@ def observe_batch(size: int, seconds: float) -> None:
     for _ in range(size):
         INFERENCE_SECONDS.observe(per_image)
     BATCHES.labels(str(size)).inc()
+
+
+def observe_worker_time(busy_s: float = 0.0, loaded_s: float = 0.0) -> None:
+    """Add to the worker's inference-busy and jobs-in-hand seconds (their ratio is the accelerator's use)."""
+    if busy_s:
+        INFERENCE_BUSY.inc(busy_s)
+    if loaded_s:
+        WORKER_LOADED.inc(loaded_s)
 
 
 def share_with_children(root: Path) -> Path:

@@ -7,8 +7,10 @@ coalesces missed runs, so a slow PACS never piles up delivery rounds.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -18,12 +20,16 @@ from cxr_node.jobs import retention
 from cxr_node.jobs.interfaces import JobStore, Store
 from cxr_node.jobs.leases import this_process
 from cxr_node.jobs.states import JobState
+from cxr_node.jobs.wakeup import Listener
 from cxr_node.send.deliver import Dispatcher
 
 log = structlog.get_logger("cxr_node.scheduler")
 
 ALIVE_EVERY_S = 1.0
 """How often the sender records that it is alive."""
+
+DELIVER_JOB: Final = "deliver"
+"""The timetable's delivery round."""
 
 
 class Housekeeper:
@@ -79,7 +85,7 @@ def timetable(
     )
     delivery = settings.delivery
     jobs: list[tuple[Callable[[], Any], float, str]] = [
-        (dispatcher.round, delivery.poll_interval_ms / 1000, "deliver"),
+        (dispatcher.round, delivery.poll_interval_ms / 1000, DELIVER_JOB),
         (lambda: [dispatcher.probe(d) for d in dispatcher.destinations], delivery.probe_interval_s, "probe"),
         (housekeeper.settle, 30.0, "settle"),
         (housekeeper.purge, 3600.0, "retention"),
@@ -105,15 +111,22 @@ def _logged(function: Callable[[], Any], name: str) -> Callable[[], None]:
 
 class Sender:
     """The sender role: first probes and settling, then the timetable until stopped, renewing its holder entry
-    (how /healthz knows the sender is alive)."""
+    (how /healthz knows the sender is alive). A wake-up call (outputs written, deliveries re-queued) starts a
+    delivery round at once instead of at the next ``delivery.poll_interval_ms``."""
 
     def __init__(
-        self, dispatcher: Dispatcher, housekeeper: Housekeeper, scheduler: BackgroundScheduler, jobs: JobStore
+        self,
+        dispatcher: Dispatcher,
+        housekeeper: Housekeeper,
+        scheduler: BackgroundScheduler,
+        jobs: JobStore,
+        listener: Listener | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.housekeeper = housekeeper
         self.scheduler = scheduler
         self.jobs = jobs
+        self.listener = listener or Listener(None)
         self.holder = this_process("sender")
 
     def run(self, stop: threading.Event) -> None:
@@ -124,9 +137,19 @@ class Sender:
         self.housekeeper.settle()
         self.scheduler.start()
         log.info("sender.started", destinations=[d.name for d in self.dispatcher.destinations])
+        renewed = time.monotonic()
         try:
-            while not stop.wait(ALIVE_EVERY_S):
-                self.jobs.renew(self.holder, ALIVE_EVERY_S)
+            while not stop.is_set():
+                if self.listener.wait(max(0.0, renewed + ALIVE_EVERY_S - time.monotonic())):
+                    self.deliver_now()
+                if time.monotonic() - renewed >= ALIVE_EVERY_S:
+                    self.jobs.renew(self.holder, ALIVE_EVERY_S)
+                    renewed = time.monotonic()
         finally:
             self.scheduler.shutdown(wait=True)
+            self.listener.close()
             log.info("sender.stopped")
+
+    def deliver_now(self) -> None:
+        """Run the delivery round now (or right after the one running: apscheduler runs one at a time)."""
+        self.scheduler.modify_job(DELIVER_JOB, next_run_time=datetime.now(UTC))

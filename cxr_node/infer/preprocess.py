@@ -249,8 +249,12 @@ def mask_outside(img: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.nda
 
 
 def _subsample(img: np.ndarray) -> np.ndarray:
-    """Return a regular grid subsample of about :data:`SAMPLE_PIXELS` pixels (``img`` itself when smaller)."""
-    stride = max(1, math.isqrt(img.size // SAMPLE_PIXELS))
+    """Return a regular grid subsample of at most :data:`SAMPLE_PIXELS` pixels (``img`` itself when smaller).
+
+    The stride is rounded up: a 1955 x 1841 radiograph reduced to 978 x 921 is sampled every other pixel
+    (225,000 values), not whole (900,000: the percentile's partition then cost 15 ms of the node's time).
+    """
+    stride = max(1, math.ceil(math.sqrt(img.size / SAMPLE_PIXELS)))
     return img[::stride, ::stride]
 
 

@@ -31,6 +31,7 @@ from cxr_node.jobs.states import (
     delivery_sources_of,
     sources_of,
 )
+from cxr_node.jobs.wakeup import Topic, Wakeup
 from cxr_node.results.findings import Findings
 
 SCHEMA_VERSION: Final = 5
@@ -149,6 +150,9 @@ class Database:
         ``synchronous=FULL`` when True (a returned commit survives power loss), ``NORMAL`` otherwise.
     readonly : bool
         Open without creating or writing (for ``cxr-node status``).
+    wakeup : Wakeup or None
+        Told, after each commit, which topics the transaction changed (:meth:`wake`), so consumers in other
+        processes act at once instead of at their next poll.
 
     Raises
     ------
@@ -156,9 +160,11 @@ class Database:
         When the file cannot be opened or was written by a newer schema.
     """
 
-    def __init__(self, path: Path, fsync: bool = True, readonly: bool = False) -> None:
+    def __init__(self, path: Path, fsync: bool = True, readonly: bool = False, wakeup: Wakeup | None = None) -> None:
         self.path = path
         self.lock = threading.Lock()
+        self.wakeup = wakeup
+        self._topics: set[Topic] = set()
         try:
             if readonly:
                 self.connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -198,12 +204,21 @@ class Database:
         """Hold the write lock (``BEGIN IMMEDIATE``) for the block; commit at its end, roll back on error."""
         with self.lock:
             self.connection.execute("BEGIN IMMEDIATE")
+            self._topics.clear()
             try:
                 yield self.connection
             except BaseException:
                 self.connection.execute("ROLLBACK")
                 raise
             self.connection.execute("COMMIT")
+            topics, self._topics = self._topics, set()
+        if self.wakeup is not None:
+            for topic in topics:
+                self.wakeup.notify(topic)
+
+    def wake(self, topic: Topic) -> None:
+        """Inside a transaction: once it commits, wake the consumers of ``topic``."""
+        self._topics.add(topic)
 
     def close(self) -> None:
         """Close the connection."""
@@ -239,6 +254,8 @@ class SqliteJobs:
             self.event(db, row[0], now, None, JobState.RECEIVED, None)
             if state is not JobState.RECEIVED:
                 self.event(db, row[0], now, JobState.RECEIVED, state, reason)
+            if state is JobState.QUEUED:
+                self.db.wake("queued")
             return self.select(db, "id = ?", (row[0],))[0], True
 
     def transition(self, job_id: int, target: JobState, reason: str | None = None) -> Job:
@@ -275,6 +292,10 @@ class SqliteJobs:
         if updated != 1:
             raise InvalidTransition(f"job {job_id} is {current[0].state}, which does not lead to {target}")
         self.event(db, job_id, now, current[0].state, target, reason)
+        if target is JobState.QUEUED:
+            self.db.wake("queued")
+        elif target is JobState.WRITTEN:
+            self.db.wake("deliveries")
         return self.select(db, "id = ?", (job_id,))[0]
 
     def claim(self, limit: int, holder: Holder, lease_s: float, retries: bool = True) -> list[Job]:
@@ -708,6 +729,7 @@ class SqliteDeliveries:
             f" AND state IN ({_marks(allowed)})",
             (DeliveryState.PENDING.value, time.time(), job_id, *allowed),
         )
+        self.db.wake("deliveries")
         if found[0].state is JobState.DEAD:
             target = JobState.WRITTEN if has_outputs else JobState.QUEUED
             self.jobs.move(db, job_id, target, "re-queued by an operator")
@@ -755,8 +777,8 @@ class SqliteStore:
     """The embedded store: jobs, results and deliveries over one SQLite database (the arguments are
     :class:`Database`'s)."""
 
-    def __init__(self, path: Path, fsync: bool = True, readonly: bool = False) -> None:
-        self.db = Database(path, fsync=fsync, readonly=readonly)
+    def __init__(self, path: Path, fsync: bool = True, readonly: bool = False, wakeup: Wakeup | None = None) -> None:
+        self.db = Database(path, fsync=fsync, readonly=readonly, wakeup=wakeup)
         self._jobs = SqliteJobs(self.db)
         self._results = SqliteResults(self.db, self._jobs)
         self._deliveries = SqliteDeliveries(self.db, self._jobs)

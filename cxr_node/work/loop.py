@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -31,10 +33,12 @@ from cxr_node.jobs.interfaces import JobStore, ResultStore
 from cxr_node.jobs.leases import Holder, recover_jobs, this_process
 from cxr_node.jobs.records import Job
 from cxr_node.jobs.states import JobState
+from cxr_node.jobs.wakeup import Listener
 from cxr_node.neighbours import NewCase
 from cxr_node.privacy import PatientHasher
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
-from cxr_node.work.load import Loaded, index_case, load
+from cxr_node.work.load import Loaded, index_case
+from cxr_node.work.pool import BrokenProcessPool, StepPool, finish_step, load_step, write_step
 from cxr_node.work.retrieve import NoRetrieval, Retriever
 from cxr_node.work.write import OutputWriter
 
@@ -44,6 +48,24 @@ T = TypeVar("T")
 
 REASON_LIMIT = 300
 """Characters of a "not analysed" reason that are kept."""
+
+WRITE_POLL_S = 0.05
+"""How often an otherwise idle worker looks at the writes still running in its pool."""
+
+STOP_SLICE_S = 0.25
+"""The longest an idle worker waits before it looks whether it was asked to stop."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Claimed jobs whose decodes were submitted to the pool (futures of :class:`Loaded`)."""
+
+    loads: list[tuple[Job, Future[Loaded]]]
+
+    @property
+    def retried(self) -> bool:
+        """Whether a job of the batch is on a later attempt (claimed alone: it may be what killed a worker)."""
+        return any(job.attempts > 1 for job, _ in self.loads)
 
 
 class Analyser(Protocol):
@@ -117,6 +139,11 @@ class Worker:
         Who claims the jobs (this process by default); its leases are renewed while :meth:`run` runs.
     hasher : PatientHasher or None
         Hashes patient IDs for the neighbour index (needed with a retriever).
+    listener : Listener or None
+        Wakes the idle worker when a job is queued (otherwise it finds it at its next poll).
+    pool : StepPool or None
+        Where decoding and output writing run (inline in this thread by default; in processes, they overlap
+        inference: the next batch decodes and the last one is written while this one is analysed).
     """
 
     def __init__(
@@ -131,6 +158,8 @@ class Worker:
         retriever: Retriever | None = None,
         holder: Holder | None = None,
         hasher: PatientHasher | None = None,
+        listener: Listener | None = None,
+        pool: StepPool | None = None,
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -146,6 +175,12 @@ class Worker:
         if retriever is not None and hasher is None:
             raise ValueError("a worker with a retriever needs the site's patient hasher")
         self.hasher = hasher
+        self.listener = listener or Listener(None)
+        self.pool = pool or StepPool(0)
+        self._writes: dict[int, tuple[Job, Future[bool]]] = {}
+        self._crashes: dict[int, int] = {}
+        self.busy_s = 0.0
+        self.loaded_s = 0.0
         self._progress = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -161,19 +196,44 @@ class Worker:
         self.recover()
         self.finish_inferred()
         recovered = time.monotonic()
+        pending: Batch | None = None
         while not stop.is_set():
-            self._progress = time.monotonic()
-            jobs = self.take_batch(stop)
-            if jobs:
-                self.process(jobs)
+            self._progress = clock = time.monotonic()
+            self.reap_writes(block=len(self._writes) >= self.max_writes_in_flight)
+            # the next batch decodes in the pool while ``pending`` is analysed; never beside a job on a later
+            # attempt (it may be what killed the last worker: nobody else's attempt is spent on it), and only
+            # first attempts beside another batch
+            suspect = pending is not None and pending.retried
+            jobs = [] if suspect else self.take_batch(stop, retries=pending is None)
+            upcoming = self.start(jobs) if jobs else None
+            if pending is not None:
+                self.finish(pending)
+                self.loaded_s += time.monotonic() - clock
+                metrics.observe_worker_time(loaded_s=time.monotonic() - clock)
+            pending = upcoming
+            if pending is not None:
+                continue
+            if self._writes:
+                self.reap_writes(block=False)
+                self._idle(stop, WRITE_POLL_S)
                 continue
             if time.monotonic() - recovered >= self.settings.lease_s:
                 self.recover()
                 recovered = time.monotonic()
             self.finish_inferred()
-            stop.wait(self.settings.poll_interval_ms / 1000)
+            self._idle(stop, self.settings.poll_interval_ms / 1000)
+        if pending is not None:
+            self.finish(pending)
+        self.reap_writes(block=True, everything=True)
         renewer.join(5)
         log.info("worker.stopped")
+
+    def _idle(self, stop: threading.Event, seconds: float) -> None:
+        """Wait up to ``seconds`` for a job to be queued (a wake-up call), noticing ``stop`` within STOP_SLICE_S."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self.listener.wait(min(left, STOP_SLICE_S)):
+                return
 
     def _renew_leases(self, stop: threading.Event) -> None:
         """Renew this worker's leases every third of a lease, while the loop has moved within the last lease."""
@@ -194,26 +254,39 @@ class Worker:
         return moved
 
     def close(self) -> None:
-        """Persist and release the neighbour index."""
+        """Finish the writes in flight, stop the pool, persist and release the neighbour index, stop listening."""
+        self.reap_writes(block=True, everything=True)
+        self.pool.close()
         self.retriever.close()
+        self.listener.close()
+
+    @property
+    def max_writes_in_flight(self) -> int:
+        """Writes queued to the pool before the worker waits for one (bounds the images held in memory)."""
+        return max(2, 2 * self.pool.size) * self.settings.batch_size
 
     def finish_inferred(self) -> int:
         """Write the outputs of jobs left ``inferred`` (a crash or a full disk); return how many got written."""
         writer = self.writer
-        if writer is None:
+        if writer is None or self._writes:
             return 0
         side = self.settings.max_side
-        return sum(
-            bool(self._guarded(job, partial(writer.finish, job, side))) for job in self.jobs.query(JobState.INFERRED)
-        )
+        if self.pool.inline:
+            return sum(
+                bool(self._guarded(job, partial(writer.finish, job, side)))
+                for job in self.jobs.query(JobState.INFERRED)
+            )
+        for job in self.jobs.query(JobState.INFERRED):
+            self._writes[job.id] = (job, self.pool.submit(finish_step, job, side))
+        return self.reap_writes(block=True, everything=True)
 
-    def take_batch(self, stop: threading.Event) -> list[Job]:
+    def take_batch(self, stop: threading.Event, retries: bool = True) -> list[Job]:
         """Claim up to batch_size queued jobs, waiting up to batch_wait_ms after the first to fill the batch.
 
-        A job on a later attempt comes alone and is processed alone.
+        A job on a later attempt comes alone and is processed alone; ``retries=False`` claims first attempts only.
         """
         size, lease = self.settings.batch_size, self.settings.lease_s
-        jobs = self.jobs.claim(size, self.holder, lease)
+        jobs = self.jobs.claim(size, self.holder, lease, retries=retries)
         if not jobs or jobs[0].attempts > 1:
             return jobs
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
@@ -223,12 +296,25 @@ class Worker:
         return jobs
 
     def process(self, jobs: Sequence[Job]) -> None:
-        """Decode, analyse, record and write one batch of running jobs; failures end single jobs only."""
-        loaded = [item for item in (self._load(job) for job in jobs) if item is not None]
+        """Decode, analyse, record and write one batch of running jobs, all done on return; failures end single
+        jobs only."""
+        self.finish(self.start(jobs))
+        self.reap_writes(block=True, everything=True)
+
+    def start(self, jobs: Sequence[Job]) -> Batch:
+        """Submit the batch's reads and decodes to the pool (done at once when the pool is inline)."""
+        root, side = self.root, self.settings.max_side
+        return Batch([(job, self.pool.submit(load_step, root, job, side)) for job in jobs])
+
+    def finish(self, batch: Batch) -> None:
+        """Wait for the batch's decodes, analyse the images together, record each result and submit its writing."""
+        clock = time.perf_counter()
+        loaded = self._gather(batch)
         decoded = [(item, item.image) for item in loaded if item.image is not None]
         for item in loaded:
             if item.image is None:
                 self._guarded(item.job, partial(self._not_decodable, item))
+        waited = time.perf_counter() - clock
         if not decoded:
             return
         clock = time.perf_counter()
@@ -238,21 +324,83 @@ class Worker:
             log.exception("worker.batch_failed", batch=len(decoded))
             analyses = [self._analyse_alone(item, image) for item, image in decoded]
         seconds = time.perf_counter() - clock
-        log.info("worker.batch", batch=len(decoded), seconds=round(seconds, 3))
+        self.busy_s += seconds
+        idle = 1 - self.busy_s / self.loaded_s if self.loaded_s > self.busy_s else 0.0
+        log.info("worker.batch", batch=len(decoded), seconds=round(seconds, 3), waited_s=round(waited, 3),
+                 idle_share=round(idle, 3))  # fmt: skip
         metrics.observe_batch(len(decoded), seconds)
+        metrics.observe_worker_time(busy_s=seconds)
         for (item, image), analysis in zip(decoded, analyses, strict=True):
             if analysis is not None:
                 self._guarded(item.job, partial(self._record, item, image, analysis))
 
-    def _load(self, job: Job) -> Loaded | None:
-        try:
-            return load(self.root, job, self.settings.max_side)
-        except PixelDecodeError as exc:
+    def _gather(self, batch: Batch) -> list[Loaded]:
+        """The batch's decoded jobs; a job whose file cannot be read is quarantined. When a pool child died,
+        each job it had is decoded again alone: the one that kills a child by itself is quarantined."""
+        loaded: list[Loaded] = []
+        crashed: list[Job] = []
+        for job, future in batch.loads:
+            try:
+                loaded.append(future.result())
+            except BrokenProcessPool:
+                crashed.append(job)
+            except Exception as exc:
+                self._load_failed(job, exc)
+        if crashed:
+            self.pool.restart()
+        for job in crashed:
+            try:
+                loaded.append(self.pool.submit(load_step, self.root, job, self.settings.max_side).result())
+            except BrokenProcessPool:
+                self.pool.restart()
+                self._quarantine(job, "stored file cannot be read: the decoder's process died on this image")
+            except Exception as exc:
+                self._load_failed(job, exc)
+        return loaded
+
+    def _load_failed(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, PixelDecodeError):
             self._quarantine(job, f"stored file cannot be read: {exc}")
-        except Exception as exc:  # a header pydicom chokes on: this job only
-            log.exception("job.failed", job_id=job.id)
-            self._quarantine(job, f"stored file cannot be read: {type(exc).__name__}: {str(exc)[:160]}")
-        return None
+            return
+        log.error("job.failed", job_id=job.id, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        self._quarantine(job, f"stored file cannot be read: {type(exc).__name__}: {str(exc)[:160]}")
+
+    def _submit_write(self, item: Loaded) -> None:
+        """Write an inferred job's outputs: now (inline pool) or in a pool child while the worker goes on."""
+        if self.writer is None:
+            return
+        if self.pool.inline:
+            self.writer.write(item)
+            return
+        self._writes[item.job.id] = (item.job, self.pool.submit(write_step, item))
+
+    def reap_writes(self, block: bool, everything: bool = False) -> int:
+        """Collect the pool's finished writes (with ``block``, wait for the oldest, or for all with
+        ``everything``); a write that raised ends its job like any failed step. Returns how many were written."""
+        written = 0
+        for job_id, (job, future) in list(self._writes.items()):
+            if not future.done() and not block:
+                continue
+            try:
+                written += bool(future.result())
+            except BrokenProcessPool:
+                self._write_crashed(job)
+            except Exception as exc:
+                with bound_contextvars(job_id=job.id):
+                    log.error("job.failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                    self._failed(job, exc)
+            del self._writes[job_id]
+            if block and not everything:
+                block = False
+        return written
+
+    def _write_crashed(self, job: Job) -> None:
+        """A pool child died while this job was being written: it stays inferred and is written again later,
+        unless it was the second time (then it ends dead: its outputs cannot be written)."""
+        self.pool.restart()
+        self._crashes[job.id] = crashes = self._crashes.get(job.id, 0) + 1
+        if crashes >= 2:
+            self._failed(job, RuntimeError("the output writer's process died twice on this job"))
 
     def _analyse_alone(self, item: Loaded, image: DecodedImage) -> Analysis | None:
         """After a batch failure, analyse one image by itself so one bad image cannot sink the others."""
@@ -288,8 +436,7 @@ class Worker:
             reason=summary.reason or None,
             similar=len(similar),
         )
-        if self.writer is not None:
-            self.writer.write(item)
+        self._submit_write(item)
 
     def _case(self, item: Loaded) -> NewCase | None:
         """The image as the neighbour index sees it, or None (no retrieval, or identifiers it cannot hold)."""
@@ -308,8 +455,7 @@ class Worker:
         with bound_contextvars(job_id=item.job.id):
             self.results.save_result(item.job.id, Findings(self.provenance, summary), None)
             log.warning("job.inferred", status="not_analysed", reason=item.reason)
-            if self.writer is not None:
-                self.writer.write(item)
+            self._submit_write(item)
 
     def _guarded(self, job: Job, step: Callable[[], T]) -> T | None:
         """Run one job's step; an unexpected error ends that job (with the reason), never the worker or the batch."""
@@ -317,13 +463,17 @@ class Worker:
             return step()
         except Exception as exc:
             log.exception("job.failed", job_id=job.id)
-            reason = f"processing failed: {type(exc).__name__}: {str(exc)[:160]}"
-            current = self.jobs.get(job.id)
-            if current is not None and current.state is JobState.RUNNING:
-                self._quarantine(job, reason)
-            elif current is not None and current.state is JobState.INFERRED:
-                self.jobs.transition(job.id, JobState.DEAD, reason)
+            self._failed(job, exc)
             return None
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        """End a job whose step raised: quarantined while running, dead once inferred (outputs unwritable)."""
+        reason = f"processing failed: {type(exc).__name__}: {str(exc)[:160]}"
+        current = self.jobs.get(job.id)
+        if current is not None and current.state is JobState.RUNNING:
+            self._quarantine(job, reason)
+        elif current is not None and current.state is JobState.INFERRED:
+            self.jobs.transition(job.id, JobState.DEAD, reason)
 
     def _quarantine(self, job: Job, reason: str) -> None:
         with bound_contextvars(job_id=job.id):

@@ -1,0 +1,141 @@
+"""The worker's memory over a long run: RSS after every chunk of images, queued → written, many thousands.
+
+The worker as ``serve`` builds it (demo models on the CPU, the writer with all four outputs, the neighbour
+index) processes chunks of synthetic chest phantoms (512 px, fresh UIDs, one patient and study each) in this
+process; after each chunk the finished jobs are purged as retention would (files, rows), so the disk stays
+bounded, and the process's RSS is sampled. The network is left out (receiving and sending run in other
+processes of the node, flat in ``bench/e2e.py --soak``): what is measured is the worker's own memory.
+
+    .venv/bin/python bench/soak.py --images 10000 [--chunk 200] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_node import app, logs
+from cxr_node.config import Settings
+from cxr_node.jobs import retention, spool
+from cxr_node.jobs.records import NewJob
+from cxr_node.jobs.states import JobState
+from cxr_node.training.phantoms import write_phantom_set
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench/soak.py: begin -->", "<!-- bench/soak.py: end -->"
+
+
+def rss_mib() -> float:
+    """This process's resident set size, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def enqueue(store: object, root: Path, base: list, first: int) -> None:
+    """Queue each phantom of ``base`` again with fresh UIDs (one new patient and study each)."""
+    for i, ds in enumerate(base):
+        uid = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.StudyInstanceUID, ds.PatientID = generate_uid(), f"SOAK-{first + i}"
+        key = spool.instance_key(uid)
+        relative = spool.relative_path("inbox", key)
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(root / relative, enforce_file_format=True)
+        new = NewJob(
+            key, uid, str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), f"S{first + i}",
+            f"{first + i:016x}", str(ds.Modality), str(ds.file_meta.TransferSyntaxUID), "SOAK", "127.0.0.1:1",
+            str(relative), (root / relative).stat().st_size,
+        )  # fmt: skip
+        store.jobs.record(new, JobState.QUEUED)  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--chunk", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=7200, help="stop after this many seconds (default 2 h)")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    if not 1 <= args.chunk <= args.images <= 100_000:
+        parser.error("need 1 <= --chunk <= --images <= 100000")
+    logs.configure("warning", "console")
+    torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
+    started, deadline = time.time(), time.monotonic() + args.timeout
+    curve: list[tuple[int, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="cxr-soak-") as tmp:
+        root = Path(tmp) / "state"
+        settings = Settings().with_overrides(
+            {
+                "storage.root": str(root),
+                "models.manifest": str(REPO / "models" / "demo" / "manifest.yaml"),
+                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112}],
+                "results.segmentation": True,
+                "results.presentation_state": True,
+                "logging.level": "warning",
+            }
+        )
+        labels = write_phantom_set(Path(tmp) / "inputs", n=args.chunk, seed=5, size=512)
+        base = [dcmread(path) for path in sorted(labels.parent.rglob("*.dcm"))]
+        store = app.open_store(settings)
+        worker = app.build_worker(settings, store)
+        stop = threading.Event()
+        done = 0
+        try:
+            while done < args.images and time.monotonic() < deadline:
+                enqueue(store, root, base[: args.images - done], done)
+                while jobs := worker.take_batch(stop):
+                    worker.process(jobs)
+                finished = [job.id for job in store.jobs.query(JobState.WRITTEN, limit=args.chunk * 2)]
+                done += len(finished)
+                retention.purge_jobs(store, root, finished)
+                curve.append((done, rss_mib(), time.time() - started))
+                print(f"  images {done:6d}  worker RSS {curve[-1][1]:7.1f} MiB  {curve[-1][2]:6.0f} s", flush=True)
+        finally:
+            worker.close()
+            store.close()
+    text = report(curve, args)
+    print(text)
+    if args.write_docs:
+        doc = DOCS.read_text()
+        head, rest = doc.split(BEGIN, 1)
+        DOCS.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    return 0 if done >= args.images else 1
+
+
+def report(curve: list[tuple[int, float, float]], args: argparse.Namespace) -> str:
+    """The curve at ten points and the growth over its second half."""
+    half = next(point for point in curve if point[0] >= curve[-1][0] / 2)
+    growth = (curve[-1][1] - half[1]) / half[1]
+    step = max(1, len(curve) // 10)
+    points = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
+    lines = [
+        "| images | " + " | ".join(f"{n:,}" for n, _, _ in points) + " |",
+        "|---|" + "---:|" * len(points),
+        "| worker RSS, MiB | " + " | ".join(f"{rss:.0f}" for _, rss, _ in points) + " |",
+        "",
+        f"Growth over the second half ({half[0]:,} → {curve[-1][0]:,} images): **{growth * 100:+.1f} %** "
+        f"({half[1]:.0f} → {curve[-1][1]:.0f} MiB); peak {max(r for _, r, _ in curve):.0f} MiB; "
+        f"{curve[-1][2] / 60:.0f} min, {curve[-1][0] / curve[-1][2]:.1f} images/s.",
+        f"Machine: {time.strftime('%Y-%m-%d', time.gmtime())}, {len(os.sched_getaffinity(0))} cores, "
+        f"torch {torch.__version__}. Command: `.venv/bin/python bench/soak.py --images {args.images} "
+        f"--chunk {args.chunk}`.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
