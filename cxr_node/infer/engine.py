@@ -186,7 +186,8 @@ class Engine:
         """Return the Analysis of the ``k``-th image of an ensemble batch."""
         probability = float(output.probability[k])
         threshold = self.manifest.classifier.threshold
-        heat = region.box.paste(preprocess.unfit(output.heatmap[k], region.fit))
+        crop = preprocess.unfit(output.heatmap[k], region.fit)  # float32; clipped on the crop, then placed (0 around)
+        heat = region.box.paste(np.clip(crop, 0.0, 1.0, out=crop))
         return Analysis(
             analysed=True,
             reason="",
@@ -196,7 +197,7 @@ class Engine:
             positive=probability >= threshold,
             embedding=np.asarray(output.embedding[k], dtype=np.float32),
             lung_mask=mask,
-            heatmap=np.clip(heat, 0.0, 1.0).astype(np.float32),
+            heatmap=heat,
             quality=quality,
         )
 
