@@ -200,19 +200,19 @@ class Worker:
         while not stop.is_set():
             self._progress = clock = time.monotonic()
             self.reap_writes(block=len(self._writes) >= self.max_writes_in_flight)
-            # the next batch decodes in the pool while ``pending`` is analysed; never beside a job on a later
-            # attempt (it may be what killed the last worker: nobody else's attempt is spent on it), and only
-            # first attempts beside another batch
-            suspect = pending is not None and pending.retried
-            jobs = [] if suspect else self.take_batch(stop, retries=pending is None)
+            # with a pool, the next batch decodes while ``pending`` is analysed (inline, that would only delay
+            # ``pending``); never beside a job on a later attempt (it may be what killed the last worker: nobody
+            # else's attempt is spent on it), and only first attempts beside another batch
+            prefetch = pending is None or (not self.pool.inline and not pending.retried)
+            jobs = self.take_batch(stop, retries=pending is None) if prefetch else []
             upcoming = self.start(jobs) if jobs else None
-            if pending is not None:
-                self.finish(pending)
+            finished, pending = pending, upcoming
+            if finished is not None:
+                self.finish(finished)
+            if finished is not None or upcoming is not None:  # jobs were in hand all this turn
                 self.loaded_s += time.monotonic() - clock
                 metrics.observe_worker_time(loaded_s=time.monotonic() - clock)
-            pending = upcoming
-            if pending is not None:
-                continue
+                continue  # more may be queued: look again before idling
             if self._writes:
                 self.reap_writes(block=False)
                 self._idle(stop, WRITE_POLL_S)
