@@ -18,6 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cxr_node.demo import DEMO_MANIFEST, DemoPacs, _free_port, _start_node, _write_config
@@ -27,84 +29,74 @@ from cxr_node.send.scu import PeerAddress, send_files
 from cxr_node.training.phantoms import write_phantom_set
 
 
-def run(n: int, timeout: float) -> dict[str, float]:
-    """Send ``n`` phantoms in one association and wait until every SR is at the PACS."""
+@contextmanager
+def node_and_pacs(n: int, seed: int, size: int, log_name: str) -> Iterator[tuple[list[Path], int, DemoPacs, Path]]:
+    """``cxr-node serve`` (demo models) sending to a Storage SCP playing the PACS, and ``n`` phantoms to send:
+    (files, the node's port, the PACS, the state folder). The node is stopped and its log kept on exit."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         port, pacs_port = _free_port(), _free_port()
         config = _write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port)
-        labels = write_phantom_set(out / "inputs", n=n, seed=99, size=512)
+        labels = write_phantom_set(out / "inputs", n=n, seed=seed, size=size)
         files = sorted((labels.parent).rglob("*.dcm"))
         pacs = DemoPacs(out / "pacs", pacs_port).start()
         node = _start_node(config, port, out / "node.log")
         try:
-            start = time.time()
-            results = send_files(files, PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="BENCH")
-            assert all(r.ok for r in results), [r.comment for r in results if not r.ok]
-            sent = time.time()
-            deadline = time.monotonic() + timeout
-            while len(pacs.arrived) < n and time.monotonic() < deadline:
-                time.sleep(0.2)
-            done = time.time()
-            store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
-            received = {job.sop_instance_uid: job.received_at for job in store.jobs.query(limit=n + 10)}
-            store.close()
+            yield files, port, pacs, out / "state"
         finally:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
             pacs.stop()
-        shutil.copy(out / "node.log", Path(tempfile.gettempdir()) / "cxr-node-e2e.log")
-        turnaround = sorted(pacs.arrived[uid] - received[uid] for uid in pacs.arrived if uid in received)
-        return {
-            "images": n,
-            "delivered": len(turnaround),
-            "send_s": sent - start,
-            "min_s": turnaround[0],
-            "median_s": statistics.median(turnaround),
-            "p95_s": turnaround[int(0.95 * (len(turnaround) - 1))],
-            "max_s": turnaround[-1],
-            "images_per_min": 60 * len(turnaround) / (done - start),
-        }
+            shutil.copy(out / "node.log", Path(tempfile.gettempdir()) / log_name)
+
+
+def turnaround(pacs: DemoPacs, state: Path, n: int, timeout: float) -> list[float]:
+    """Wait (bounded) for every SR; each image's seconds from its receipt (job received_at) to its SR, sorted."""
+    deadline = time.monotonic() + timeout
+    while len(pacs.arrived) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    store = SqliteStore(state / spool.DB_NAME, readonly=True)
+    received = {job.sop_instance_uid: job.received_at for job in store.jobs.query(limit=n + 10)}
+    store.close()
+    return sorted(pacs.arrived[uid] - received[uid] for uid in pacs.arrived if uid in received)
+
+
+def figures(seconds: list[float]) -> dict[str, float]:
+    """min, median, p95 and max of the turnarounds."""
+    return {
+        "delivered": len(seconds),
+        "min_s": seconds[0],
+        "median_s": statistics.median(seconds),
+        "p95_s": seconds[int(0.95 * (len(seconds) - 1))],
+        "max_s": seconds[-1],
+    }
+
+
+def run(n: int, timeout: float) -> dict[str, float]:
+    """Send ``n`` phantoms in one association and wait until every SR is at the PACS."""
+    with node_and_pacs(n, 99, 512, "cxr-node-e2e.log") as (files, port, pacs, state):
+        start = time.time()
+        results = send_files(files, PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="BENCH")
+        assert all(r.ok for r in results), [r.comment for r in results if not r.ok]
+        sent = time.time()
+        seconds = turnaround(pacs, state, n, timeout)
+        done = time.time()
+    return {"images": n, "send_s": sent - start, "images_per_min": 60 * len(seconds) / (done - start)} | figures(
+        seconds
+    )
 
 
 def run_steady(n: int, interval: float, timeout: float, size: int) -> dict[str, float]:
     """Send ``n`` phantoms one every ``interval`` seconds, each over its own association (as a modality's
     auto-route does), and wait until every SR is at the PACS."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        port, pacs_port = _free_port(), _free_port()
-        config = _write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port)
-        labels = write_phantom_set(out / "inputs", n=n, seed=98, size=size)
-        files = sorted((labels.parent).rglob("*.dcm"))
-        pacs = DemoPacs(out / "pacs", pacs_port).start()
-        node = _start_node(config, port, out / "node.log")
-        try:
-            start = time.monotonic()
-            deadline = start + timeout
-            for i, path in enumerate(files):
-                time.sleep(max(0.0, start + i * interval - time.monotonic()))
-                results = send_files([path], PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="BENCH")
-                assert all(r.ok for r in results), [r.comment for r in results if not r.ok]
-            while len(pacs.arrived) < n and time.monotonic() < deadline:
-                time.sleep(0.1)
-            store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
-            received = {job.sop_instance_uid: job.received_at for job in store.jobs.query(limit=n + 10)}
-            store.close()
-        finally:
-            node.send_signal(signal.SIGTERM)
-            node.wait(60)
-            pacs.stop()
-        shutil.copy(out / "node.log", Path(tempfile.gettempdir()) / "cxr-node-e2e-steady.log")
-        turnaround = sorted(pacs.arrived[uid] - received[uid] for uid in pacs.arrived if uid in received)
-        return {
-            "images": n,
-            "delivered": len(turnaround),
-            "interval_s": interval,
-            "min_s": turnaround[0],
-            "median_s": statistics.median(turnaround),
-            "p95_s": turnaround[int(0.95 * (len(turnaround) - 1))],
-            "max_s": turnaround[-1],
-        }
+    with node_and_pacs(n, 98, size, "cxr-node-e2e-steady.log") as (files, port, pacs, state):
+        start = time.monotonic()
+        for i, path in enumerate(files):
+            time.sleep(max(0.0, start + i * interval - time.monotonic()))
+            results = send_files([path], PeerAddress("CXR_NODE", "127.0.0.1", port), calling_aet="BENCH")
+            assert all(r.ok for r in results), [r.comment for r in results if not r.ok]
+        seconds = turnaround(pacs, state, n, timeout)
+    return {"images": n, "interval_s": interval} | figures(seconds)
 
 
 def rss_mib(pid: int) -> float:

@@ -68,6 +68,24 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
 
 
+StartNode = Callable[..., Receiver]
+
+
+@pytest.fixture
+def start_node(make_settings: Callable[..., Settings]) -> Iterator[StartNode]:
+    """Start receivers with setting overrides; stop them all at the end."""
+    started: list[Receiver] = []
+
+    def start(**overrides: Any) -> Receiver:
+        node = Receiver(make_settings(**overrides)).start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop(grace_s=2)
+
+
 @pytest.fixture
 def receiver(settings: Settings) -> Iterator[Receiver]:
     """A running in-process receiver (the real SCP) on a free loopback port."""

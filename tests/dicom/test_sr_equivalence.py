@@ -25,22 +25,15 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from cxr_node.results import kinds, outputs, sr_document
 from cxr_node.results.common import Kind, OutputError, OutputOptions, encode_reference
-from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
+from cxr_node.results.findings import Findings, MaskVerdict, SimilarCase, Summary
 from cxr_node.results.sr_reference import build_sr_reference
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
+from tests.dicom import test_results
+from tests.dicom.test_results import PROVENANCE
 
 FROZEN = datetime.datetime(2026, 12, 3, 11, 22, 33, 456789)
-PROVENANCE = Provenance(
-    "cxr-demo",
-    "1.0.0",
-    "demo: synthetic training data, not for clinical use",
-    ("mobilenet", "shufflenet"),
-    "0.1.0",
-    "2.25.42",
-)
 CASES = (
-    SimilarCase(1, 0.93, "C0000012", "covid", "1.2.3", "1.2.3.4", "ACC123", "20200301"),
-    SimilarCase(2, 0.88, "C0000040", None, None, None, None, None),
+    *test_results.CASES,
     SimilarCase(3, 0.61, "C0000041", "non-covid", "1.2.3", None, "ACC9", "2020"),
     SimilarCase(4, -0.25, "C0000042", None, "1.2.3.9", "1.2.3.9.1", None, "20191231"),
     SimilarCase(5, 1.0, "C0000043", "covid", None, "1.2.3.10", "A" * 16, None),

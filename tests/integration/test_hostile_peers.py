@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 from pydicom import dcmread
@@ -29,12 +29,12 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from structlog.testing import capture_logs
 
 from cxr_node.app import Receiver
-from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.jobs import spool
 from cxr_node.jobs.states import JobState
 from cxr_node.receive.connections import A_ABORT_INVALID_PDU_PARAMETER
 from cxr_node.receive.guards import dataset_offset
+from tests.conftest import StartNode
 from tests.integration.helpers import echo, small_cr
 
 HOST: Final = "127.0.0.1"
@@ -43,22 +43,6 @@ MB: Final = 1024 * 1024
 A_ASSOCIATE_RQ_HEADER: Final = b"\x01\x00\x00\x00\x01\x00"
 """The header of an A-ASSOCIATE-RQ announcing 256 bytes that never come."""
 
-StartNode = Callable[..., Receiver]
-
-
-@pytest.fixture
-def start_node(make_settings: Callable[..., Settings]) -> Iterator[StartNode]:
-    """Start receivers with setting overrides; stop them all at the end."""
-    started: list[Receiver] = []
-
-    def start(**overrides: Any) -> Receiver:
-        node = Receiver(make_settings(**overrides)).start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop(grace_s=2)
 
 
 def stalled(node: Receiver, payload: bytes, source: str = HOST) -> socket.socket:

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Final
@@ -27,31 +27,14 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from cxr_node.app import Receiver
-from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.jobs import spool
 from cxr_node.receive.streaming import StreamingAssociation, StreamingDUL, split_pdvs
-from tests.conftest import free_port, require_tool
+from tests.conftest import StartNode, free_port, require_tool
 from tests.integration.helpers import echo, small_cr
 from tests.syntaxes import Variant
 
 HOST: Final = "127.0.0.1"
-StartNode = Callable[..., Receiver]
-
-
-@pytest.fixture
-def start_node(make_settings: Callable[..., Settings]) -> Iterator[StartNode]:
-    """Start receivers with setting overrides; stop them all at the end."""
-    started: list[Receiver] = []
-
-    def start(**overrides: Any) -> Receiver:
-        node = Receiver(make_settings(**overrides)).start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop(grace_s=2)
 
 
 class StockScp:
