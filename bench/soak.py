@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydicom import dcmread
@@ -75,7 +76,7 @@ def main() -> int:
     logs.configure("warning", "console")
     torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
     started, deadline = time.time(), time.monotonic() + args.timeout
-    curve: list[tuple[int, float, float]] = []
+    curve: list[tuple[int, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-soak-") as tmp:
         root = Path(tmp) / "state"
         settings = Settings().with_overrides(
@@ -102,8 +103,10 @@ def main() -> int:
                 finished = [job.id for job in store.jobs.query(JobState.WRITTEN, limit=args.chunk * 2)]
                 done += len(finished)
                 retention.purge_jobs(store, root, finished)
-                curve.append((done, rss_mib(), time.time() - started))
-                print(f"  images {done:6d}  worker RSS {curve[-1][1]:7.1f} MiB  {curve[-1][2]:6.0f} s", flush=True)
+                index = index_mib(worker)
+                curve.append((done, rss_mib(), time.time() - started, index))
+                print(f"  images {done:6d}  worker RSS {curve[-1][1]:7.1f} MiB  index {index:6.1f} MiB  "
+                      f"{curve[-1][2]:6.0f} s", flush=True)  # fmt: skip
         finally:
             worker.close()
             store.close()
@@ -116,20 +119,33 @@ def main() -> int:
     return 0 if done >= args.images else 1
 
 
-def report(curve: list[tuple[int, float, float]], args: argparse.Namespace) -> str:
-    """The curve at ten points and the growth over its second half."""
+def index_mib(worker: Any) -> float:
+    """The neighbour index's vectors in memory, MiB (it grows by design: one embedding per analysed image)."""
+    index = getattr(worker.retriever, "index", None)
+    if index is None:
+        return 0.0
+    return index.stats(worker.provenance.model_version).nbytes / 2**20
+
+
+def report(curve: list[tuple[int, float, float, float]], args: argparse.Namespace) -> str:
+    """The curve at ten points and the growth over its second half, with and without the index's vectors."""
     half = next(point for point in curve if point[0] >= curve[-1][0] / 2)
-    growth = (curve[-1][1] - half[1]) / half[1]
+    last = curve[-1]
+    growth = (last[1] - half[1]) / half[1]
+    own = ((last[1] - last[3]) - (half[1] - half[3])) / (half[1] - half[3])
     step = max(1, len(curve) // 10)
     points = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
     lines = [
-        "| images | " + " | ".join(f"{n:,}" for n, _, _ in points) + " |",
+        "| images | " + " | ".join(f"{p[0]:,}" for p in points) + " |",
         "|---|" + "---:|" * len(points),
-        "| worker RSS, MiB | " + " | ".join(f"{rss:.0f}" for _, rss, _ in points) + " |",
+        "| worker RSS, MiB | " + " | ".join(f"{p[1]:.0f}" for p in points) + " |",
+        "| the index's vectors, MiB | " + " | ".join(f"{p[3]:.0f}" for p in points) + " |",
+        "| RSS less the index, MiB | " + " | ".join(f"{p[1] - p[3]:.0f}" for p in points) + " |",
         "",
-        f"Growth over the second half ({half[0]:,} → {curve[-1][0]:,} images): **{growth * 100:+.1f} %** "
-        f"({half[1]:.0f} → {curve[-1][1]:.0f} MiB); peak {max(r for _, r, _ in curve):.0f} MiB; "
-        f"{curve[-1][2] / 60:.0f} min, {curve[-1][0] / curve[-1][2]:.1f} images/s.",
+        f"Growth over the second half ({half[0]:,} → {last[0]:,} images): RSS **{growth * 100:+.1f} %** "
+        f"({half[1]:.0f} → {last[1]:.0f} MiB), of which the index's vectors {last[3] - half[3]:+.0f} MiB; "
+        f"RSS less the index **{own * 100:+.1f} %**; peak {max(p[1] for p in curve):.0f} MiB; "
+        f"{last[2] / 60:.0f} min, {last[0] / last[2]:.1f} images/s.",
         f"Machine: {time.strftime('%Y-%m-%d', time.gmtime())}, {len(os.sched_getaffinity(0))} cores, "
         f"torch {torch.__version__}. Command: `.venv/bin/python bench/soak.py --images {args.images} "
         f"--chunk {args.chunk}`.",
