@@ -193,6 +193,7 @@ class Worker:
         self.jobs.renew(self.holder, self.settings.lease_s)
         renewer = threading.Thread(target=self._renew_leases, args=(stop,), name="leases", daemon=True)
         renewer.start()
+        self.pool.warm()
         self.recover()
         self.finish_inferred()
         recovered = time.monotonic()

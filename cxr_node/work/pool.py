@@ -78,6 +78,14 @@ class StepPool:
             future.set_exception(exc)
         return future
 
+    def warm(self, timeout_s: float = 120.0) -> None:
+        """Start every child now (each imports the DICOM stack and opens the store: 1-2 s), not on the first
+        batch; a child that cannot start shows here, in the worker's start-up."""
+        if self._pool is None:
+            return
+        for future in [self._pool.submit(_ready) for _ in range(self.size)]:
+            future.result(timeout=timeout_s)
+
     def restart(self) -> None:
         """Replace a broken pool (a child died) with a fresh one; the steps in flight were lost."""
         if self._pool is None:
@@ -113,6 +121,11 @@ def write_step(loaded: Loaded) -> bool:
     if _WRITER is None:
         raise RuntimeError("write_step runs in a pool child whose initializer installed a writer")
     return _WRITER.write(loaded)
+
+
+def _ready() -> bool:
+    """A step that does nothing: :meth:`StepPool.warm` runs one per child."""
+    return True
 
 
 def finish_step(job: Job, max_side: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -81,3 +82,16 @@ def test_a_decoder_crash_costs_only_the_image_that_caused_it(receiver: Receiver,
     assert dead.state is JobState.QUARANTINED
     assert dead.reason == "stored file cannot be read: the decoder's process died on this image"
     assert [jobs[str(ds.SOPInstanceUID)].state for ds in others] == [JobState.WRITTEN] * 3
+
+
+def test_warm_starts_every_child_before_the_first_batch(receiver: Receiver) -> None:
+    worker = build_worker(receiver.settings, receiver.store)
+    before = {child.pid for child in multiprocessing.active_children()}
+    pool_ = StepPool(2, start_pool_child, (receiver.settings, worker.provenance))
+    try:
+        pool_.warm()
+        started = {child.pid for child in multiprocessing.active_children()} - before
+        assert len(started) == 2
+    finally:
+        pool_.close()
+        worker.close()
