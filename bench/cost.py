@@ -129,6 +129,7 @@ def instrument(stages: Stages, worker: Any) -> None:
     import cxr_node.results.render as render
     import cxr_node.work.load as load
     import cxr_node.work.loop as loop
+
     try:
         import cxr_node.work.pool as pool
     except ImportError:  # the code before the worker's pool (to measure it with the same bench)
@@ -200,21 +201,24 @@ def enqueue(store: Any, root: Path, source: Path, count: int) -> None:
     """Queue ``count`` copies of ``source`` with fresh UIDs (one patient and study each)."""
     base = dcmread(source)
     for i in range(count):
-        uid = generate_uid()
-        base.SOPInstanceUID = uid
-        base.file_meta.MediaStorageSOPInstanceUID = uid
-        base.StudyInstanceUID = generate_uid()
-        base.PatientID = f"COST{i:05d}"
-        key = spool.instance_key(uid)
-        relative = spool.relative_path("inbox", key)
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        base.save_as(root / relative, enforce_file_format=True)
-        new = NewJob(
-            key, uid, str(base.SOPClassUID), str(base.StudyInstanceUID), str(base.SeriesInstanceUID), f"ACC{i}",
-            f"{i:016x}", "CR", str(base.file_meta.TransferSyntaxUID), "BENCH", "127.0.0.1:1", str(relative),
-            (root / relative).stat().st_size,
-        )  # fmt: skip
-        store.jobs.record(new, JobState.QUEUED)
+        queue_copy(store, root, base, i, "COST")
+
+
+def queue_copy(store: Any, root: Path, ds: Any, number: int, prefix: str) -> None:
+    """Queue ``ds`` again as a new instance of a new patient and study (fresh UIDs), as the receiver would."""
+    uid = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.StudyInstanceUID, ds.PatientID = generate_uid(), f"{prefix}{number:05d}"
+    key = spool.instance_key(uid)
+    relative = spool.relative_path("inbox", key)
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(root / relative, enforce_file_format=True)
+    new = NewJob(
+        key, uid, str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), f"ACC{number}",
+        f"{number:016x}", str(ds.get("Modality", "CR")), str(ds.file_meta.TransferSyntaxUID), prefix, "127.0.0.1:1",
+        str(relative), (root / relative).stat().st_size,
+    )  # fmt: skip
+    store.jobs.record(new, JobState.QUEUED)
 
 
 def fill_index(worker: Any, cases: int, dim: int, version: str) -> None:

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cost import queue_copy
 from cxr_node import app, logs
 from cxr_node.config import Settings
-from cxr_node.jobs import retention, spool
-from cxr_node.jobs.records import NewJob
+from cxr_node.jobs import retention
 from cxr_node.jobs.states import JobState
 from cxr_node.training.phantoms import write_phantom_set
 
@@ -49,19 +48,7 @@ def rss_mib() -> float:
 def enqueue(store: object, root: Path, base: list, first: int) -> None:
     """Queue each phantom of ``base`` again with fresh UIDs (one new patient and study each)."""
     for i, ds in enumerate(base):
-        uid = generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.StudyInstanceUID, ds.PatientID = generate_uid(), f"SOAK-{first + i}"
-        key = spool.instance_key(uid)
-        relative = spool.relative_path("inbox", key)
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(root / relative, enforce_file_format=True)
-        new = NewJob(
-            key, uid, str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), f"S{first + i}",
-            f"{first + i:016x}", str(ds.Modality), str(ds.file_meta.TransferSyntaxUID), "SOAK", "127.0.0.1:1",
-            str(relative), (root / relative).stat().st_size,
-        )  # fmt: skip
-        store.jobs.record(new, JobState.QUEUED)  # type: ignore[attr-defined]
+        queue_copy(store, root, ds, first + i, "SOAK")
 
 
 def main() -> int:
