@@ -226,28 +226,20 @@ def _formatted(format_one: Callable[[object], str]) -> Callable[[DataElement, Se
     return write
 
 
-def _format_da(value: object) -> str:
-    if hasattr(value, "original_string"):
-        return str(value.original_string)
-    if not isinstance(value, datetime.date):
-        raise Unsupported(f"DA value {type(value).__name__}")
-    return value.strftime("%Y%m%d")
+def _temporal(
+    vr: str, kind: type[datetime.date | datetime.time], whole: str, fractional: str
+) -> Callable[[object], str]:
+    """The formatter of a DA, TM or DT value as pydicom writes it: the string received, else ``strftime``
+    (``fractional`` when the value has microseconds)."""
 
+    def format_value(value: object) -> str:
+        if hasattr(value, "original_string"):
+            return str(value.original_string)
+        if not isinstance(value, datetime.date | datetime.time) or not isinstance(value, kind):
+            raise Unsupported(f"{vr} value {type(value).__name__}")
+        return value.strftime(fractional if getattr(value, "microsecond", 0) > 0 else whole)
 
-def _format_tm(value: object) -> str:
-    if hasattr(value, "original_string"):
-        return str(value.original_string)
-    if not isinstance(value, datetime.time):
-        raise Unsupported(f"TM value {type(value).__name__}")
-    return value.strftime("%H%M%S.%f" if value.microsecond > 0 else "%H%M%S")
-
-
-def _format_dt(value: object) -> str:
-    if hasattr(value, "original_string"):
-        return str(value.original_string)
-    if not isinstance(value, datetime.datetime):
-        raise Unsupported(f"DT value {type(value).__name__}")
-    return value.strftime("%Y%m%d%H%M%S.%f%z" if value.microsecond > 0 else "%Y%m%d%H%M%S%z")
+    return format_value
 
 
 def _numbers(element: DataElement, _encodings: Sequence[str]) -> bytes:
@@ -293,7 +285,7 @@ _WRITERS: Final[dict[str, Callable[[DataElement, Sequence[str]], bytes]]] = {
     "PN": _person_name,
     "DS": _number_string,
     "IS": _number_string,
-    "DA": _formatted(_format_da),
-    "TM": _formatted(_format_tm),
-    "DT": _formatted(_format_dt),
+    "DA": _formatted(_temporal("DA", datetime.date, "%Y%m%d", "%Y%m%d")),
+    "TM": _formatted(_temporal("TM", datetime.time, "%H%M%S", "%H%M%S.%f")),
+    "DT": _formatted(_temporal("DT", datetime.datetime, "%Y%m%d%H%M%S%z", "%Y%m%d%H%M%S.%f%z")),
 }
