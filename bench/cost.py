@@ -124,7 +124,7 @@ def instrument(stages: Stages, worker: Any) -> None:
     """Put the stage timers on the worker path (this process only; the code itself is unchanged)."""
     import cxr_node.infer.engine as engine
     import cxr_node.infer.preprocess as preprocess
-    import cxr_node.jobs.sqlite as sqlite
+    import cxr_node.jobs.sql as sql
     import cxr_node.results.outputs as outputs
     import cxr_node.results.render as render
     import cxr_node.work.load as load
@@ -139,7 +139,7 @@ def instrument(stages: Stages, worker: Any) -> None:
     from cxr_node.work.retrieve import IndexRetriever
 
     stages.wrap(loop.Worker, "process", "worker (rest)")
-    stages.wrap(sqlite.SqliteJobs, "claim", "claim (commit)")
+    stages.wrap(sql.SqlJobs, "claim", "claim (commit)")
     stages.wrap(pool if hasattr(pool, "load") else loop, "load", "read: header tidy")
     stages.wrap(load, "read_header", "read: dcmread")
     stages.wrap(load, "decode", "decode (+ reduce to 1024)")
@@ -160,8 +160,8 @@ def instrument(stages: Stages, worker: Any) -> None:
     stages.wrap(IndexRetriever, "similar", "retrieve: similar")
     stages.wrap(IndexRetriever, "add", "retrieve: add")
     stages.wrap(loop, "summary_of", "record: summary")
-    stages.wrap(sqlite.SqliteResults, "save_result", "record: commit")
-    stages.wrap(sqlite.codec, "stored_arrays", "record: pack arrays")
+    stages.wrap(sql.SqlResults, "save_result", "record: commit")
+    stages.wrap(sql.codec, "stored_arrays", "record: pack arrays")
     stages.wrap(write.codec, "findings", "write: rebuild findings")
     stages.wrap(outputs, "_prepare", "write: copy source values")
     stages.wrap(outputs, "encode", "write: encode")
@@ -180,7 +180,7 @@ def instrument(stages: Stages, worker: Any) -> None:
 
     outputs.kind = kind
     stages.wrap(write, "write_durably", "write: file + fsync")
-    stages.wrap(sqlite.SqliteResults, "save_outputs", "write: commit")
+    stages.wrap(sql.SqlResults, "save_outputs", "write: commit")
 
 
 def settings_for(root: Path, all_outputs: bool) -> Settings:

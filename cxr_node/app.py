@@ -22,7 +22,7 @@ from cxr_node.config import Settings
 from cxr_node.errors import ConfigError, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import Store
-from cxr_node.jobs.leases import recover_jobs
+from cxr_node.jobs.leases import recover_deliveries, recover_jobs
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Wakeup
@@ -47,17 +47,25 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cxr_node.app")
 
 INDEX_FOLDER: Final = "index"
+SHARED_SPOOL_GRACE_S: Final = 3600.0
+"""On a storage root other hosts share, spool files younger than this are left to their receivers at start-up."""
 
 
-def open_store(settings: Settings, readonly: bool = False) -> SqliteStore:
-    """Open the durable store under ``storage.root``, creating the root when writable.
+def open_store(settings: Settings, readonly: bool = False) -> Store:
+    """Open the durable store: the SQLite file under ``storage.root`` (created with the root when writable),
+    or the PostgreSQL database of ``storage.database`` that every host shares.
 
     Raises
     ------
     StorageError
-        With the path and what to do, when the root cannot be created or the database opened.
+        With the path or server and what to do, when the root cannot be created or the database opened.
     """
     root = settings.storage.root
+    if settings.storage.shared:
+        from cxr_node.jobs.postgres import PostgresStore, password  # libpq only where it is used
+
+        url = settings.storage.database
+        return PostgresStore(url, password(settings.storage.database_password_file), readonly=readonly)
     if readonly and not (root / spool.DB_NAME).exists():
         raise StorageError(f"{root / spool.DB_NAME}: no jobs database yet (has the node run with this storage.root?)")
     if not readonly:
@@ -159,7 +167,7 @@ def build_worker(
     root, hasher = settings.storage.root, patient_hasher(settings)
     processes = pool_processes(settings)
     pool = StepPool(processes, start_pool_child, (settings, made_by)) if processes else None
-    listener = Wakeup(root).listen("queued")
+    listener = store.listen("queued")
     return Worker(
         root,
         store.jobs,
@@ -219,7 +227,7 @@ def build_sender(settings: Settings, store: Store) -> Sender:
     """The sender role: deliveries, probes, settling, retention and dead-letter reports on a timetable."""
     dispatcher = build_dispatcher(settings, store)
     housekeeper = Housekeeper(settings, store, on_purge=lambda studies: purge_index(settings, studies))
-    listener = Wakeup(settings.storage.root).listen("deliveries")
+    listener = store.listen("deliveries")
     return Sender(dispatcher, housekeeper, timetable(settings, dispatcher, housekeeper), store.jobs, listener)
 
 
@@ -228,18 +236,22 @@ def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:
 
     Receiving: partial and half-received files are removed, stored files without a job are adopted (safe only
     while no receiver runs on this storage root). Working: the jobs of workers that are gone (dead on this host,
-    or whose leases expired) are re-queued, or end dead after their last attempt.
+    or whose leases expired) are re-queued, or end dead after their last attempt. Sending: deliveries that dead
+    senders of this host had claimed are freed.
     """
     store = open_store(settings)
     try:
         if "receiver" in roles:
-            removed = spool.remove_partials(settings.storage.root)
-            adopted = Intake(settings, store.jobs, patient_hasher(settings)).adopt_orphans()
+            grace = SHARED_SPOOL_GRACE_S if settings.storage.shared else 0.0  # other hosts may be receiving
+            removed = spool.remove_partials(settings.storage.root, min_age_s=grace)
+            adopted = Intake(settings, store.jobs, patient_hasher(settings)).adopt_orphans(min_age_s=grace)
             log.info("recovery.receiving", partial_files_removed=removed, orphans_adopted=adopted)
         if "worker" in roles:
             moved = recover_jobs(store.jobs, "worker", settings.worker.max_attempts, time.time())
             given_up = [job.id for job in moved if job.state is JobState.DEAD]
             log.info("recovery.jobs", jobs_requeued=len(moved) - len(given_up), jobs_given_up=given_up)
+        if "sender" in roles:
+            log.info("recovery.deliveries", deliveries_freed=recover_deliveries(store.jobs, store.deliveries))
     finally:
         store.close()
 
@@ -335,26 +347,32 @@ def run_role(role: str, settings: Settings, ready: Event) -> int:
 
 
 def start_metrics(settings: Settings, roles: Sequence[str]) -> MetricsServer | None:
-    """The /metrics and /healthz endpoint, in the supervisor that runs the receivers (when enabled).
+    """The /metrics and /healthz endpoint of this supervisor (when enabled).
 
-    The supervisor that runs the worker first gives it an empty multiprocess metrics folder.
+    The supervisor that runs the receivers (or every role) always serves it; one that runs only a worker or a
+    sender serves it too (a pod's probes, a scale-out host's metrics), unless another role's supervisor on this
+    host already has the port: then it logs that and goes on without. /healthz judges this supervisor's roles
+    when it runs some of them only. The supervisor that runs the worker first gives it an empty multiprocess
+    metrics folder.
 
     Raises
     ------
     ConfigError
-        When the metrics port cannot be listened on.
+        When the receivers' supervisor cannot listen on the metrics port.
     """
     if "worker" in roles:
-        share_with_children(settings.storage.root)
-    if not settings.metrics.enabled or "receiver" not in roles:
+        share_with_children(settings.storage.run_dir)
+    if not settings.metrics.enabled:
         return None
+    judged = None if set(roles) == set(ROLES) else list(roles)
     try:
-        return MetricsServer(settings, open_store(settings)).start()
+        return MetricsServer(settings, open_store(settings), roles=judged).start()
     except OSError as exc:
-        raise ConfigError(
-            f"{settings.source}: metrics.port: cannot listen on {settings.metrics.host}:"
-            f"{settings.metrics.port}: {exc.strerror}"
-        ) from exc
+        where = f"{settings.metrics.host}:{settings.metrics.port}"
+        if "receiver" not in roles:
+            log.warning("metrics.not_served", address=where, error=exc.strerror, hint="set metrics.port per role")
+            return None
+        raise ConfigError(f"{settings.source}: metrics.port: cannot listen on {where}: {exc.strerror}") from exc
 
 
 WIRING: Final = Wiring(run_role=run_role, recover=recover, start_extras=start_metrics)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,6 +96,36 @@ class StorageSettings(_Section):
     retention_days: float = Field(default=30.0, ge=0)
     identifier_key: Path | None = None
     max_jobs: int = Field(default=1_000_000, ge=0)
+    database: str = "sqlite"
+    database_password_file: Path | None = None
+    runtime_dir: Path | None = None
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if value == "sqlite":
+            return value
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("storage.database is `sqlite` or a URL postgresql://user@host:5432/dbname")
+        if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", value):
+            raise ValueError(
+                "storage.database: no password in the URL; put it in storage.database_password_file (mode 0600)"
+                " or the environment variable CXR_NODE_DB_PASSWORD"
+            )
+        return value
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is a PostgreSQL server shared by several hosts (scale-out)."""
+        return self.database != "sqlite"
+
+    @property
+    def run_dir(self) -> Path:
+        """This host's runtime files (supervisors' pid and ready files, the worker's metrics): ``runtime_dir``,
+        else ``root/run``, or ``root/run/<host name>`` when other hosts share the root."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir
+        return self.root / "run" / socket.gethostname() if self.shared else self.root / "run"
 
     @property
     def identifier_key_file(self) -> Path:
@@ -137,6 +169,7 @@ class DeliverySettings(_Section):
     max_age_hours: float = Field(default=72.0, gt=0)
     probe_interval_s: float = Field(default=300.0, ge=5)
     timeout_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(default=300.0, ge=10)
 
 
 class MetricsSettings(_Section):
@@ -330,6 +363,9 @@ def _validate(data: dict[str, Any], source: str, from_env: Mapping[str, str] | N
         raise ConfigError(_describe(exc, source, from_env or {})) from None
 
 
+_SECRET_KEYS = frozenset({"storage.database"})
+
+
 def _describe(exc: ValidationError, source: str, from_env: Mapping[str, str]) -> str:
     first = exc.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<top level>"
@@ -337,6 +373,8 @@ def _describe(exc: ValidationError, source: str, from_env: Mapping[str, str]) ->
         source = f"environment variable {from_env[key]} (over {source})"
     if first["type"] == "extra_forbidden":
         what = "unknown key"
+    elif key in _SECRET_KEYS:  # it may hold a password: never echoed to a terminal or a log
+        what = first["msg"]
     else:
         what = f"{first['msg']} (found {first['input']!r})" if "input" in first else first["msg"]
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

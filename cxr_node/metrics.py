@@ -13,7 +13,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,12 +27,14 @@ from prometheus_client.registry import Collector
 
 from cxr_node.config import Settings, export_metrics_dir
 from cxr_node.jobs.interfaces import Store
+from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.states import JobState
 from cxr_node.receive.pressure import WAITING, disk_used_fraction
 
 log = structlog.get_logger("cxr_node.metrics")
 
-MULTIPROCESS_DIR: Final = Path("run/metrics")
+MULTIPROCESS_DIR: Final = "metrics"
+"""The worker's multiprocess metrics folder, under this host's ``storage.run_dir``."""
 """Where, under ``storage.root``, the worker's prometheus_client multiprocess files live."""
 SKIP_CATEGORIES: Final = (
     ("own output", "own_output"),
@@ -79,13 +81,13 @@ def observe_worker_time(busy_s: float = 0.0, loaded_s: float = 0.0) -> None:
         WORKER_LOADED.inc(loaded_s)
 
 
-def share_with_children(root: Path) -> Path:
-    """Start an empty multiprocess metrics folder under ``root`` and point child processes at it.
+def share_with_children(run_dir: Path) -> Path:
+    """Start an empty multiprocess metrics folder under this host's ``run_dir`` and point child processes at it.
 
     Call in the supervisor before it starts the worker: the children read the folder from their environment
     when they first import prometheus_client.
     """
-    folder = root / MULTIPROCESS_DIR
+    folder = run_dir / MULTIPROCESS_DIR
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     export_metrics_dir(folder)
@@ -96,8 +98,9 @@ def share_with_children(root: Path) -> Path:
 class Snapshot:
     """Everything /metrics and ``cxr-node status`` show from the store, measured once.
 
-    ``alive`` is, per role, when a process of that role last recorded itself alive; ``stuck`` lists running
-    jobs whose lease has run out (their worker stopped renewing it) as ``(job id, seconds since)``.
+    ``alive`` is, per role, when a process of that role last recorded itself alive (on any host sharing the
+    store; ``alive_here``, on this host); ``stuck`` lists running jobs whose lease has run out (their worker
+    stopped renewing it) as ``(job id, seconds since)``.
     """
 
     jobs: dict[str, int]
@@ -108,6 +111,7 @@ class Snapshot:
     disk_used: float
     alive: dict[str, float]
     stuck: list[tuple[int, float]]
+    alive_here: dict[str, float] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -133,8 +137,13 @@ def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snap
     """Measure the node now."""
     root, now = settings.storage.root, time.time() if now is None else now
     alive: dict[str, float] = {}
+    here: dict[str, float] = {}
+    this_host = socket.gethostname()
     for holder in store.jobs.holders():
         alive[holder.role] = max(alive.get(holder.role, 0.0), holder.renewed_at)
+        parsed = Holder.parse(holder.role, holder.id)
+        if parsed is not None and parsed.host == this_host:
+            here[holder.role] = max(here.get(holder.role, 0.0), holder.renewed_at)
     running = store.jobs.query(JobState.RUNNING)
     return Snapshot(
         jobs={state.value: n for state, n in store.jobs.counts().items()},
@@ -145,6 +154,7 @@ def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snap
         disk_used=disk_used_fraction(root) if root.exists() else 0.0,
         alive=alive,
         stuck=[(job.id, now - job.lease_until) for job in running if job.lease_until and job.lease_until < now],
+        alive_here=here,
     )
 
 
@@ -204,7 +214,7 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
     """The node's whole exposition: the store's gauges and the worker's metrics (shared or this process's)."""
     found = CollectorRegistry(auto_describe=False)
     found.register(StoreCollector(settings, store))
-    shared = settings.storage.root / MULTIPROCESS_DIR
+    shared = settings.storage.run_dir / MULTIPROCESS_DIR
     if shared.is_dir():
         MultiProcessCollector(found, str(shared))  # type: ignore[no-untyped-call]  # unannotated __init__
     else:
@@ -213,13 +223,25 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
     return found
 
 
-def health(settings: Settings, snap: Snapshot, now: float | None = None) -> list[str]:
-    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender gone, jobs stuck."""
+def health(
+    settings: Settings, snap: Snapshot, now: float | None = None, roles: Sequence[str] | None = None
+) -> list[str]:
+    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender gone, jobs stuck.
+
+    With ``roles`` (a host that runs some roles only, as in a scale-out), the health of this host's roles: its
+    SCP when it receives, and its own worker or sender having renewed within ``metrics.stuck_after_s``.
+    """
     now = time.time() if now is None else now
     problems = []
-    if not _listening(settings):
+    if (roles is None or "receiver" in roles) and not _listening(settings):
         problems.append(f"the DICOM SCP is not listening on port {settings.node.port}")
     stale = settings.metrics.stuck_after_s
+    here = snap.alive_here or {}
+    for role in ("worker", "sender"):
+        if roles is not None and role in roles and now - here.get(role, float("-inf")) > stale:
+            problems.append(f"this host's {role} has not been alive for {stale:g} s")
+    if roles is not None:  # a probe of this host's roles: the rest of the service is not its health
+        return problems
     if snap.queue_depth and now - snap.alive.get("worker", float("-inf")) > stale:
         problems.append(f"{snap.queue_depth} jobs wait but no worker has been alive for {stale:g} s")
     if settings.destinations and now - snap.alive.get("sender", float("-inf")) > stale:
@@ -243,9 +265,10 @@ def _listening(settings: Settings) -> bool:
 class MetricsServer:
     """/metrics and /healthz over HTTP on ``metrics.host:metrics.port`` (loopback by default), in a thread."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, roles: Sequence[str] | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.roles = roles  # /healthz judges these roles of this host (None: the whole node on one host)
         self.registry = registry(settings, store)
         self.httpd = ThreadingHTTPServer((settings.metrics.host, settings.metrics.port), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
@@ -287,7 +310,7 @@ class MetricsServer:
         if path.startswith("/metrics"):
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path.startswith("/healthz"):
-            problems = health(self.settings, snapshot(self.settings, self.store))
+            problems = health(self.settings, snapshot(self.settings, self.store), roles=self.roles)
             text = "\n".join(problems) + "\n" if problems else "ok\n"
             return (503 if problems else 200), text.encode(), "text/plain"
         return 404, b"try /metrics or /healthz\n", "text/plain"

@@ -18,7 +18,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from cxr_node.config import Settings
 from cxr_node.jobs import retention
 from cxr_node.jobs.interfaces import JobStore, Store
-from cxr_node.jobs.leases import this_process
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Listener
 from cxr_node.send.deliver import Dispatcher
@@ -127,7 +126,7 @@ class Sender:
         self.scheduler = scheduler
         self.jobs = jobs
         self.listener = listener or Listener(None)
-        self.holder = this_process("sender")
+        self.holder = dispatcher.holder
 
     def run(self, stop: threading.Event) -> None:
         """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""

@@ -32,7 +32,8 @@ from cxr_node.notify import Notifier
 
 log = structlog.get_logger("cxr_node.supervisor")
 
-PIDS_FILE: Final = "run/{roles}.pids"
+PIDS_FILE: Final = "{roles}.pids"
+"""Under this host's ``storage.run_dir``."""
 STOP_GRACE_S: Final = 30.0
 START_TIMEOUT_S: Final = 300.0
 RESTART_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -150,7 +151,7 @@ class Supervisor:
 
     @property
     def _pids_file(self) -> Path:
-        return self.settings.storage.root / PIDS_FILE.format(roles="+".join(self.roles))
+        return self.settings.storage.run_dir / PIDS_FILE.format(roles="+".join(self.roles))
 
     @property
     def _ready_file(self) -> Path:

@@ -108,3 +108,36 @@ def wg04() -> Path:
 def chest_cr(wg04: Path) -> Path:
     """A real computed radiograph of the chest, PA, MONOCHROME1, 1955x1841, explicit VR little endian."""
     return wg04 / "RG1_UNCR.dcm"
+
+
+# PostgreSQL (store backend, issue 15): one real server per session, a fresh database per test.
+from tests.postgres import PostgresServer, available  # noqa: E402 - kept next to the fixtures that use it
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on 127.0.0.1 for the session; skips (fails in CI) when none can start."""
+    reason = available()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; .ci/run installs postgresql")
+        pytest.skip(reason)
+    server = PostgresServer().start()  # also stopped at exit, should the session die before teardown
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """URL (no password) of a fresh database owned by role cxr, dropped with FORCE after the test."""
+    name = postgres_server.unique_name()
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_password_file(postgres_server: PostgresServer, tmp_path: Path) -> Path:
+    """A 0600 file holding the cxr role's password, without a trailing newline."""
+    return postgres_server.write_password_file(tmp_path / "db-password")

@@ -193,7 +193,14 @@ def e2e(folder: str, count: str, kills: str) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"store": store, "e2e": e2e}
+def scale_out(folder: str, count: str) -> dict[str, Any]:
+    """Six hosts on one PostgreSQL and one shared storage root, two of them killed (tests/scale_out_scenario.py)."""
+    from tests.scale_out_scenario import scale_out as run
+
+    return run(folder, count)
+
+
+SCENARIOS = {"store": store, "e2e": e2e, "scale_out": scale_out}
 
 if __name__ == "__main__":
     report = SCENARIOS[sys.argv[1]](*sys.argv[2:])

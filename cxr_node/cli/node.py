@@ -6,10 +6,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxr_node import logs
 from cxr_node.cli.common import Subparsers, settings, user_errors
+from cxr_node.jobs.leases import Holder
+
+if TYPE_CHECKING:
+    from cxr_node.jobs.interfaces import Store
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,6 +37,7 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
         now = time.time()
         snap = snapshot(found, store, now)
         repaired = store.jobs.moves(JobState.WRITTEN, VALUES_REPAIRED)
+        hosts = hosts_report(store, now)
     finally:
         store.close()
     stale = found.metrics.stuck_after_s
@@ -41,6 +46,7 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
         "stuck_jobs": [job_id for job_id, seconds in snap.stuck if seconds > stale],
         "jobs_with_values_repaired": repaired,
         "alive_s_ago": {role: round(now - at, 1) for role, at in sorted(snap.alive.items())},
+        "hosts": hosts,
         "storage_root": str(found.storage.root),
         "model_manifest": str(found.models.manifest),
         "jobs": snap.jobs,
@@ -58,6 +64,24 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def hosts_report(store: Store, now: float) -> dict[str, dict[str, Any]]:
+    """Per host, every process that held work: its role, seconds since it renewed, the jobs it holds and when
+    the first of their leases ends, and what it inferred in the last hour (all hosts sharing the store)."""
+    held, done = store.jobs.held(), store.jobs.throughput(now - 3600)
+    hosts: dict[str, dict[str, Any]] = {}
+    for state in store.jobs.holders():
+        holder = Holder.parse(state.role, state.id)
+        host, pid = (holder.host, holder.pid) if holder is not None else (state.id, 0)
+        jobs, until = held.get(state.id, (0, 0.0))
+        hosts.setdefault(host, {})[f"{state.role} {pid}"] = {
+            "alive_s_ago": round(now - state.renewed_at, 1),
+            "jobs_held": jobs,
+            "lease_left_s": round(until - now, 1) if jobs else None,
+            "inferred_last_hour": done.get(state.id, 0),
+        }
+    return hosts
+
+
 def status_lines(report: dict[str, Any]) -> list[str]:
     """The status report as the lines a terminal shows."""
     lines = [f"PROBLEM       {problem}" for problem in report["problems"]]
@@ -71,6 +95,14 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     lines += [f"  {state:<12}{count:>8}" for state, count in report["jobs"].items()]
     alive = ", ".join(f"{role} {seconds:g} s ago" for role, seconds in report["alive_s_ago"].items())
     lines.append(f"last alive    {alive or 'no worker or sender has run yet'}")
+    if len(report["hosts"]) > 1:  # several hosts share the store: who holds what
+        for host, processes in report["hosts"].items():
+            for name, p in processes.items():
+                lease = f", lease ends in {p['lease_left_s']:g} s" if p["jobs_held"] else ""
+                lines.append(
+                    f"host {host:<9}{name}: alive {p['alive_s_ago']:g} s ago, holds {p['jobs_held']} job(s){lease},"
+                    f" inferred {p['inferred_last_hour']} in the last hour"
+                )
     if report["jobs_with_values_repaired"]:
         count = report["jobs_with_values_repaired"]
         lines.append(f"repaired      {count} job(s) had source values repaired or left out (see the SR, the logs)")

@@ -18,10 +18,16 @@ if TYPE_CHECKING:
 
 def cmd_dataset_from_store(args: argparse.Namespace) -> int:
     """Write a labelled set of the node's stored images whose accession numbers the site has labelled."""
+    from cxr_node.app import open_store
     from cxr_node.training.from_store import build_from_store
 
-    with user_errors():
-        report = build_from_store(settings(args).storage.root, Path(args.labels), Path(args.out))
+    found = settings(args)
+    store = open_store(found, readonly=True)
+    try:
+        with user_errors():
+            report = build_from_store(found.storage.root, Path(args.labels), Path(args.out), store)
+    finally:
+        store.close()
     print(
         f"wrote {report.csv}: {report.rows} images ({report.positives} covid); "
         f"{report.unlabelled} stored images without a label, {report.labels_without_image} labels without an image"

@@ -1,9 +1,10 @@
 """The durable store as the stages see it: one Protocol per concern, each implemented by every backend.
 
-A backend (:mod:`cxr_node.jobs.sqlite`; a PostgreSQL one for scale-out) provides a :class:`Store` whose
-``jobs``, ``results`` and ``deliveries`` satisfy these Protocols. Every state change goes through the state
-machines of :mod:`cxr_node.jobs.states`; a move they do not allow raises
-:class:`~cxr_node.errors.InvalidTransition` and changes nothing.
+A backend (:mod:`cxr_node.jobs.sqlite`, embedded; :mod:`cxr_node.jobs.postgres`, shared by many hosts; both
+written once in :mod:`cxr_node.jobs.sql`) provides a :class:`Store` whose ``jobs``, ``results`` and
+``deliveries`` satisfy these Protocols. Every state change goes through the state machines of
+:mod:`cxr_node.jobs.states`; a move they do not allow raises :class:`~cxr_node.errors.InvalidTransition` and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
 from cxr_node.jobs.states import DeliveryState, JobState
+from cxr_node.jobs.wakeup import Listener, Topic
 from cxr_node.results.findings import Findings
 
 
@@ -33,6 +35,10 @@ class JobStore(Protocol):
         (a job on a later attempt alone; none of those with ``retries=False``)."""
         ...
 
+    def claim_inferred(self, limit: int, holder: Holder, lease_s: float) -> list[Job]:
+        """Take up to ``limit`` inferred jobs nobody is writing, to write their outputs under ``holder``'s lease."""
+        ...
+
     def renew(self, holder: Holder, lease_s: float) -> int:
         """Extend the leases of ``holder``'s running jobs and record it alive; return how many jobs."""
         ...
@@ -40,6 +46,14 @@ class JobStore(Protocol):
     def release(self, holders: Sequence[str] | None, now: float, max_attempts: int, reason: str) -> list[Job]:
         """Take back running jobs from gone holders (all when None) and expired leases; dead after the last
         attempt."""
+        ...
+
+    def held(self) -> dict[str, tuple[int, float]]:
+        """Running jobs by holder: how many, and when the first of their leases ends."""
+        ...
+
+    def throughput(self, since: float) -> dict[str, int]:
+        """Jobs each holder finished inferring since ``since``."""
         ...
 
     def holders(self) -> list[HolderState]:
@@ -117,8 +131,11 @@ class ResultStore(Protocol):
 class DeliveryStore(Protocol):
     """Deliveries of outputs to destinations, and what each destination accepts."""
 
-    def due(self, destination: str, now: float, max_jobs: int) -> list[Due]:
-        """Outputs due for ``destination``, oldest job first and in send order, for at most ``max_jobs`` jobs."""
+    def due(
+        self, destination: str, now: float, max_jobs: int, holder: Holder | None = None, lease_s: float = 0.0
+    ) -> list[Due]:
+        """Outputs due for ``destination``, oldest job first and in send order, for at most ``max_jobs`` jobs;
+        with a ``holder``, claimed by it for ``lease_s`` (jobs another sender holds are passed over)."""
         ...
 
     def record(
@@ -151,6 +168,10 @@ class DeliveryStore(Protocol):
         """Re-queue the deliveries of one job, or of every dead job; return the job ids."""
         ...
 
+    def release(self, holders: Sequence[str]) -> int:
+        """Free the deliveries leased to senders that are gone and forget them; return how many were freed."""
+        ...
+
     def counts(self) -> dict[tuple[str, str], int]:
         """Deliveries by (destination, state)."""
         ...
@@ -168,6 +189,11 @@ class Store(Protocol):
     """One open store: its three parts, sharing one database."""
 
     @property
+    def migrated_from(self) -> int | None:
+        """The schema version this open found and migrated (0: created it), or None when it was current."""
+        ...
+
+    @property
     def jobs(self) -> JobStore:
         """The jobs."""
         ...
@@ -180,6 +206,11 @@ class Store(Protocol):
     @property
     def deliveries(self) -> DeliveryStore:
         """Deliveries and destinations."""
+        ...
+
+    def listen(self, topic: Topic) -> Listener:
+        """A consumer's end of ``topic``: it wakes when a commit of any process (any host, on PostgreSQL)
+        queued a job or wrote outputs."""
         ...
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cxr_node.jobs.interfaces import JobStore
+    from cxr_node.jobs.interfaces import DeliveryStore, JobStore
     from cxr_node.jobs.records import Job
 
 
@@ -84,9 +84,19 @@ def is_dead(holder: Holder) -> bool:
 def recover_jobs(jobs: JobStore, role: str, max_attempts: int, now: float) -> list[Job]:
     """Take back the running jobs of ``role``'s holders that are gone (dead on this host, or whose leases
     expired anywhere); a job back from its last attempt ends dead. Returns the jobs moved."""
-    dead = [
+    return jobs.release(gone(jobs, role), now, max_attempts, f"its {role} stopped while it ran")
+
+
+def gone(jobs: JobStore, role: str) -> list[str]:
+    """Ids of ``role``'s holders known dead: those of this host whose process no longer runs."""
+    return [
         state.id
         for state in jobs.holders()
         if state.role == role and (holder := Holder.parse(role, state.id)) is not None and is_dead(holder)
     ]
-    return jobs.release(dead, now, max_attempts, f"its {role} stopped while it ran")
+
+
+def recover_deliveries(jobs: JobStore, deliveries: DeliveryStore) -> int:
+    """Free the deliveries that senders of this host held when they stopped (another host's are freed when
+    their lease ends); return how many."""
+    return deliveries.release(gone(jobs, "sender"))

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -122,16 +123,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_partials(root: Path) -> int:
+def remove_partials(root: Path, min_age_s: float = 0.0) -> int:
     """Delete temporary files a crash left in the spool areas and in the receiving folder; return how many.
 
-    Call it only while no receiver of this root is running: data sets being received live in RECEIVING.
+    Call it only while no receiver of this root is running (data sets being received live in RECEIVING), or,
+    when other hosts' receivers share the root, with ``min_age_s`` longer than any receive takes: only files
+    untouched that long are removed.
     """
     leftovers = [p for area in SPOOL_AREAS for p in (root / area).glob(f"*/.*{TMP_SUFFIX}")]
     leftovers += [p for p in (root / RECEIVING).glob("*") if p.is_file()]
+    cutoff = time.time() - min_age_s
+    removed = 0
     for leftover in leftovers:
-        leftover.unlink(missing_ok=True)
-    return len(leftovers)
+        try:
+            if min_age_s <= 0 or leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        except FileNotFoundError:  # its receiver finished with it meanwhile
+            continue
+    return removed
 
 
 def iter_spooled(root: Path, area: str) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -198,8 +199,14 @@ class Intake:
             spool.write_durably(self.root / rel, encoded, fsync=self.fsync)
         return str(rel)
 
-    def adopt_orphans(self) -> int:
+    def adopt_orphans(self, min_age_s: float = 0.0) -> int:
         """Record every inbox/quarantine file that has no job (a crash between rename and commit).
+
+        Parameters
+        ----------
+        min_age_s : float
+            Only files older than this are orphans: while other hosts' receivers share the storage root, a
+            younger file may be one whose job is being committed right now.
 
         Returns
         -------
@@ -207,9 +214,10 @@ class Intake:
             How many files were adopted.
         """
         adopted = 0
+        cutoff = time.time() - min_age_s
         for area in (spool.INBOX, spool.QUARANTINE, spool.SKIPPED):
             for path in spool.iter_spooled(self.root, area):
-                if self.jobs.find(path.stem) is None:
+                if self.jobs.find(path.stem) is None and (min_age_s <= 0 or _mtime(path) < cutoff):
                     adopted += self._adopt(path)
         return adopted
 
@@ -312,3 +320,10 @@ def _log_outcome(job_id: int, state: JobState, verdict: Verdict, created: bool, 
 def _short(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text.splitlines()[0][:120]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: not an orphan

@@ -27,6 +27,7 @@ from cxr_node.config import DeliverySettings, Destination
 from cxr_node.dicom import status
 from cxr_node.errors import SendError
 from cxr_node.jobs.interfaces import DeliveryStore
+from cxr_node.jobs.leases import Holder, this_process
 from cxr_node.jobs.records import DestinationState, Due
 from cxr_node.jobs.states import DeliveryState
 from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES, REGISTRY
@@ -58,8 +59,10 @@ class Dispatcher:
         settings: DeliverySettings,
         kinds: Sequence[str] = tuple(OUTPUT_CLASSES),
         rng: random.Random | None = None,
+        holder: Holder | None = None,
     ) -> None:
         self.store = store
+        self.holder = holder or this_process("sender")  # claims what it sends, so senders on many hosts share
         self.root = root
         self.destinations = list(destinations)
         self.settings = settings
@@ -140,7 +143,9 @@ class Dispatcher:
             state = self.probe(destination, now)
             if not state.reachable:
                 return 0
-        due = self.store.due(destination.name, now, self.settings.jobs_per_association)
+        due = self.store.due(
+            destination.name, now, self.settings.jobs_per_association, self.holder, self.settings.lease_s
+        )
         if not due:
             return 0
         return self._send(destination, state, due, now)

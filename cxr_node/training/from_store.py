@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.records import Job
 from cxr_node.jobs.spool import DB_NAME
 from cxr_node.jobs.sqlite import SqliteStore
@@ -62,17 +63,19 @@ def read_accession_labels(path: Path) -> dict[str, int]:
     return labels
 
 
-def build_from_store(root: Path, labels_csv: Path, out_csv: Path) -> BuildReport:
+def build_from_store(root: Path, labels_csv: Path, out_csv: Path, store: Store | None = None) -> BuildReport:
     """Write a labelled set CSV of the stored images of ``root`` whose accession numbers are labelled.
 
-    Paths in the CSV are absolute (the images stay where the node keeps them).
+    ``store`` is the node's store (the SQLite file under ``root`` when None, opened read-only). Paths in the
+    CSV are absolute (the images stay where the node keeps them).
     """
     labels = read_accession_labels(labels_csv)
-    store = SqliteStore(root / DB_NAME, readonly=True)
+    source = store or SqliteStore(root / DB_NAME, readonly=True)
     try:
-        jobs = [job for job in store.jobs.query(limit=10_000_000) if job.state in USABLE and job.path]
+        jobs = [job for job in source.jobs.query(limit=10_000_000) if job.state in USABLE and job.path]
     finally:
-        store.close()
+        if store is None:
+            source.close()
     rows = [_row(root, job, labels[job.accession_number]) for job in jobs if job.accession_number in labels]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="", encoding="utf-8") as handle:

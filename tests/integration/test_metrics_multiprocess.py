@@ -52,7 +52,7 @@ def test_worker_batches_reach_metrics(
 ) -> None:
     """Two batches of 4 recorded by workers show as 8 images, 4.0 s in all, and 2 batches of size 4."""
     settings = make_settings(**{"storage.root": str(tmp_path / "node")})
-    folder = settings.storage.root / MULTIPROCESS_DIR
+    folder = settings.storage.run_dir / MULTIPROCESS_DIR
     folder.mkdir(parents=True)
     for _ in range(processes):
         run_worker(folder, calls)

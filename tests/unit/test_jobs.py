@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import spool
 from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.records import NewJob
-from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import TERMINAL, JobState, can_move
 from cxr_node.results.findings import Findings, Provenance, Summary
+from tests.stores import BACKENDS, AnyStore, Backend, backend
 
 HOLDER = Holder("worker", "test-host", 1, 1)
 
@@ -38,15 +39,21 @@ def new_job(uid: str, path: str | None = "inbox/x.dcm") -> NewJob:
     )
 
 
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """A fresh database of each backend."""
+    return backend(request, tmp_path)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    """A fresh jobs store in a temporary folder."""
-    db = SqliteStore(tmp_path / spool.DB_NAME)
+def store(database: Backend) -> Iterator[AnyStore]:
+    """A fresh jobs store on each backend."""
+    db = database.open()
     yield db
     db.close()
 
 
-def test_record_commits_received_and_verdict(store: SqliteStore) -> None:
+def test_record_commits_received_and_verdict(store: AnyStore) -> None:
     """A new job is recorded with its received event and its triage verdict."""
     job, created = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
     assert created
@@ -54,7 +61,7 @@ def test_record_commits_received_and_verdict(store: SqliteStore) -> None:
     assert store.jobs.history(job.id) == [(None, "received", None), ("received", "queued", None)]
 
 
-def test_duplicate_instance_is_not_recorded_twice(store: SqliteStore) -> None:
+def test_duplicate_instance_is_not_recorded_twice(store: AnyStore) -> None:
     """The same SOP Instance UID received twice keeps one job."""
     first, _ = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
     again, created = store.jobs.record(new_job("1.2.3.4.5"), JobState.QUEUED)
@@ -62,7 +69,7 @@ def test_duplicate_instance_is_not_recorded_twice(store: SqliteStore) -> None:
     assert store.jobs.counts()[JobState.QUEUED] == 1
 
 
-def test_transitions_follow_the_state_machine(store: SqliteStore) -> None:
+def test_transitions_follow_the_state_machine(store: AnyStore) -> None:
     """Allowed moves are recorded one by one; a move the machine forbids raises and changes nothing."""
     job, _ = store.jobs.record(new_job("9.9"), JobState.QUEUED)
     assert store.jobs.claim(5, HOLDER, 60)[0].state is JobState.RUNNING
@@ -81,9 +88,9 @@ def test_terminal_states_lead_nowhere() -> None:
     assert not can_move(JobState.DELIVERED, JobState.QUEUED)
 
 
-def test_claim_is_oldest_first_and_exclusive(tmp_path: Path) -> None:
+def test_claim_is_oldest_first_and_exclusive(database: Backend) -> None:
     """Two stores on one database (two processes) never claim the same job."""
-    a, b = SqliteStore(tmp_path / "j.db"), SqliteStore(tmp_path / "j.db")
+    a, b = database.open(), database.open()
     for i in range(10):
         a.jobs.record(new_job(f"1.{i}"), JobState.QUEUED)
     first, second = a.jobs.claim(4, HOLDER, 60), b.jobs.claim(10, HOLDER, 60)
@@ -94,7 +101,7 @@ def test_claim_is_oldest_first_and_exclusive(tmp_path: Path) -> None:
     b.close()
 
 
-def test_requeue_running_after_crash(store: SqliteStore) -> None:
+def test_requeue_running_after_crash(store: AnyStore) -> None:
     """Jobs left running by a crash go back to queued with a reason."""
     for i in range(3):
         store.jobs.record(new_job(f"2.{i}"), JobState.QUEUED)
@@ -103,7 +110,7 @@ def test_requeue_running_after_crash(store: SqliteStore) -> None:
     assert store.jobs.counts()[JobState.QUEUED] == 3
 
 
-def test_concurrent_records_from_threads(store: SqliteStore) -> None:
+def test_concurrent_records_from_threads(store: AnyStore) -> None:
     """Many threads recording at once lose nothing and duplicate nothing."""
 
     def worker(t: int) -> None:
@@ -119,11 +126,11 @@ def test_concurrent_records_from_threads(store: SqliteStore) -> None:
     assert store.jobs.counts()[JobState.QUEUED] == 100
 
 
-def test_readonly_store_reads(tmp_path: Path) -> None:
+def test_readonly_store_reads(database: Backend) -> None:
     """`cxr-node status` reads through a read-only connection."""
-    rw = SqliteStore(tmp_path / "j.db")
+    rw = database.open()
     rw.jobs.record(new_job("4.1"), JobState.SKIPPED, "modality OT")
-    ro = SqliteStore(tmp_path / "j.db", readonly=True)
+    ro = database.open(readonly=True)
     assert ro.jobs.counts()[JobState.SKIPPED] == 1
     rw.close()
     ro.close()
@@ -154,7 +161,7 @@ PROVENANCE = Provenance("demo", "1", "demo only", ("m",), "0.1.0", "2.25.1")
 NOT_ANALYSED = Findings(PROVENANCE, Summary("demo", "1", False, (64, 64), reason="pixels cannot be decoded"))
 
 
-def test_result_and_transition_are_one_write(store: SqliteStore) -> None:
+def test_result_and_transition_are_one_write(store: AnyStore) -> None:
     """Saving a result moves the job to inferred; a job that is not running keeps no result."""
     job, _ = store.jobs.record(new_job("5.1"), JobState.QUEUED)
     with pytest.raises(InvalidTransition):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -20,6 +21,7 @@ from cxr_node.jobs.records import NewJob, Output
 from cxr_node.jobs.sqlite import SCHEMA_VERSION, SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.results.findings import Findings, Provenance, Summary
+from tests.stores import BACKENDS, AnyStore, backend
 from tests.unit.test_jobs import new_job
 
 PROVENANCE: Final = Provenance("demo", "1", "demo only", ("m",), "0.1.0", "2.25.1")
@@ -109,23 +111,21 @@ CREATE TABLE IF NOT EXISTS destinations (
 HOLDER = Holder("worker", "test-host", 1, 1)
 
 
-
-
 def output(kind: str) -> Output:
     """Return the Output of ``kind`` with its send order from :data:`SEND_ORDER`."""
     order = SEND_ORDER[kind]
     return Output(kind, "1.2.840.10008.5.1.4.1.1.88.22", f"2.25.{order}", f"outbox/{kind}.dcm", 100, order)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    """A fresh jobs store in a temporary folder."""
-    db = SqliteStore(tmp_path / spool.DB_NAME)
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
+    """A fresh jobs store on each backend."""
+    db = backend(request, tmp_path).open()
     yield db
     db.close()
 
 
-def written_job(store: SqliteStore, uid: str, kinds: list[str], destinations: tuple[str, ...] = ("pacs",)) -> int:
+def written_job(store: AnyStore, uid: str, kinds: list[str], destinations: tuple[str, ...] = ("pacs",)) -> int:
     """Take a new job through claim, result and outputs of ``kinds`` to written; return its id."""
     job, _ = store.jobs.record(new_job(uid), JobState.QUEUED)
     store.jobs.claim(1, HOLDER, 60)
@@ -134,7 +134,7 @@ def written_job(store: SqliteStore, uid: str, kinds: list[str], destinations: tu
     return job.id
 
 
-def delivery_rows(store: SqliteStore, job_id: int) -> dict[str, tuple[str, int, int | None]]:
+def delivery_rows(store: AnyStore, job_id: int) -> dict[str, tuple[str, int, int | None]]:
     """Return a job's deliveries to ``pacs`` by kind: (state, attempts, last status)."""
     with store.db.read() as db:
         rows = db.execute(
@@ -147,7 +147,7 @@ def delivery_rows(store: SqliteStore, job_id: int) -> dict[str, tuple[str, int, 
 # --- job states -------------------------------------------------------------------------------------
 
 
-def test_claim_counts_an_attempt_and_records_the_event(store: SqliteStore) -> None:
+def test_claim_counts_an_attempt_and_records_the_event(store: AnyStore) -> None:
     """Claiming a queued job moves it to running, adds one attempt and appends a queued→running event."""
     job, _ = store.jobs.record(new_job("1.1"), JobState.QUEUED)
     assert job.attempts == 0
@@ -156,7 +156,7 @@ def test_claim_counts_an_attempt_and_records_the_event(store: SqliteStore) -> No
     assert store.jobs.history(job.id)[-1] == ("queued", "running", None)
 
 
-def test_requeue_running_records_the_reason(store: SqliteStore) -> None:
+def test_requeue_running_records_the_reason(store: AnyStore) -> None:
     """Re-queueing running jobs appends a running→queued event with the reason, and the next claim counts again."""
     job, _ = store.jobs.record(new_job("1.2"), JobState.QUEUED)
     store.jobs.claim(1, HOLDER, 60)
@@ -174,7 +174,20 @@ def test_requeue_running_records_the_reason(store: SqliteStore) -> None:
     assert store.jobs.claim(1, HOLDER, 60)[0].attempts == 2
 
 
-def test_every_state_change_is_an_event_row(store: SqliteStore) -> None:
+def test_release_with_no_gone_holder_takes_back_only_expired_leases(store: AnyStore) -> None:
+    """No holder known dead (another host's cannot be known): only jobs whose lease ran out go back."""
+    for i in range(2):
+        store.jobs.record(new_job(f"1.3.{i}"), JobState.QUEUED)
+    short, long_ = Holder("worker", "host-a", 1, 1), Holder("worker", "host-b", 2, 1)
+    [expiring] = store.jobs.claim(1, short, 0.01)
+    store.jobs.claim(1, long_, 600)
+    time.sleep(0.05)
+    moved = store.jobs.release([], time.time(), 3, "its worker stopped while it ran")
+    assert [job.id for job in moved] == [expiring.id]
+    assert store.jobs.held() == {long_.id: (1, pytest.approx(time.time() + 600, abs=30))}
+
+
+def test_every_state_change_is_an_event_row(store: AnyStore) -> None:
     """A job's history from received to delivered is one unbroken chain of events ending at its state."""
     job_id = written_job(store, "1.3", ["sr"])
     assert store.deliveries.record(job_id, "pacs", "sr", DeliveryState.DELIVERED, 0, None) is JobState.DELIVERED
@@ -188,7 +201,7 @@ def test_every_state_change_is_an_event_row(store: SqliteStore) -> None:
 # --- delivery states --------------------------------------------------------------------------------
 
 
-def test_delivery_move_the_machine_forbids_raises_and_changes_nothing(store: SqliteStore) -> None:
+def test_delivery_move_the_machine_forbids_raises_and_changes_nothing(store: AnyStore) -> None:
     """After a delivery is delivered, recording it failed raises InvalidTransition and leaves row and job alone."""
     job_id = written_job(store, "2.1", ["sr", "sc"])
     assert store.deliveries.record(job_id, "pacs", "sr", DeliveryState.DELIVERED, 0, None) is None
@@ -202,14 +215,14 @@ def test_delivery_move_the_machine_forbids_raises_and_changes_nothing(store: Sql
     assert [due.kind for due in store.deliveries.due("pacs", now=1e12, max_jobs=10)] == ["sc"]
 
 
-def test_delivery_of_an_unknown_output_raises(store: SqliteStore) -> None:
+def test_delivery_of_an_unknown_output_raises(store: AnyStore) -> None:
     """Recording a delivery that does not exist raises InvalidTransition."""
     job_id = written_job(store, "2.2", ["sr"])
     with pytest.raises(InvalidTransition):
         store.deliveries.record(job_id, "elsewhere", "sr", DeliveryState.DELIVERED, 0, None)
 
 
-def test_resend_returns_finished_deliveries_and_a_dead_job(store: SqliteStore) -> None:
+def test_resend_returns_finished_deliveries_and_a_dead_job(store: AnyStore) -> None:
     """resend() makes delivered, refused and dead deliveries pending with no attempts, and the dead job written."""
     job_id = written_job(store, "2.3", ["sr", "sc", "seg"])
     store.deliveries.record(job_id, "pacs", "sr", DeliveryState.DELIVERED, 0, None)
@@ -228,7 +241,7 @@ def test_resend_returns_finished_deliveries_and_a_dead_job(store: SqliteStore) -
     assert [due.kind for due in store.deliveries.due("pacs", now=1e12, max_jobs=10)] == ["sr", "sc", "seg"]
 
 
-def test_resend_refuses_a_job_still_in_flight(store: SqliteStore) -> None:
+def test_resend_refuses_a_job_still_in_flight(store: AnyStore) -> None:
     """Only dead or written jobs can be re-sent; a queued one is a ValueError naming its state."""
     job, _ = store.jobs.record(new_job("2.4"), JobState.QUEUED)
     with pytest.raises(ValueError, match=f"job {job.id} is queued; only dead or written jobs can be re-sent"):
@@ -239,12 +252,107 @@ def test_resend_refuses_a_job_still_in_flight(store: SqliteStore) -> None:
 
 
 @pytest.mark.parametrize("inserted", [["pr", "seg", "sc", "sr"], ["sc", "pr", "sr", "seg"]])
-def test_outputs_and_due_follow_send_order(store: SqliteStore, inserted: list[str]) -> None:
+def test_outputs_and_due_follow_send_order(store: AnyStore, inserted: list[str]) -> None:
     """Outputs come back, and are due, in send order whatever order they were recorded in."""
     job_id = written_job(store, "3.1", inserted)
     assert [o.kind for o in store.results.outputs(job_id)] == ["sr", "sc", "seg", "pr"]
     assert [o.send_order for o in store.results.outputs(job_id)] == [0, 1, 2, 3]
     assert [due.kind for due in store.deliveries.due("pacs", now=1e12, max_jobs=10)] == ["sr", "sc", "seg", "pr"]
+
+
+# --- many senders, many workers (scale-out) --------------------------------------------------------
+
+SENDER_A, SENDER_B = Holder("sender", "host-a", 10, 1), Holder("sender", "host-b", 20, 1)
+
+
+def test_senders_claim_disjoint_jobs_and_take_over_an_expired_lease(store: AnyStore) -> None:
+    """Two senders share one destination's work: each claims whole jobs the other does not hold; when one stops
+    renewing (its host died mid-delivery), the other takes its jobs once the lease has passed; an outcome frees
+    the delivery it records."""
+    ids = [written_job(store, f"6.{i}", ["sr", "sc"]) for i in range(4)]
+    now = time.time()
+    first = store.deliveries.due("pacs", now, 2, SENDER_A, 60)
+    second = store.deliveries.due("pacs", now, 10, SENDER_B, 60)
+    assert [(d.job_id, d.kind) for d in first] == [(ids[0], "sr"), (ids[0], "sc"), (ids[1], "sr"), (ids[1], "sc")]
+    assert {d.job_id for d in second} == {ids[2], ids[3]}
+    assert store.deliveries.due("pacs", now, 10, SENDER_B, 60) == second  # its own claim is still its own
+    assert store.deliveries.due("pacs", now + 61, 1, SENDER_B, 60)[0].job_id == ids[0]  # A's lease ran out
+    store.deliveries.record(ids[2], "pacs", "sr", DeliveryState.DELIVERED, 0, None)
+    rows = delivery_rows(store, ids[2])
+    assert rows["sr"][0] == "delivered" and rows["sc"][0] == "pending"
+
+
+def test_an_inferred_job_stays_with_its_writer_until_it_is_gone(store: AnyStore) -> None:
+    """A job inferred by worker A is A's to write: worker B finds nothing to finish until A's lease runs out or A
+    is known gone; then B takes it."""
+    worker_a, worker_b = Holder("worker", "host-a", 1, 1), Holder("worker", "host-b", 2, 1)
+    job, _ = store.jobs.record(new_job("6.8"), JobState.QUEUED)
+    store.jobs.claim(1, worker_a, 600)
+    inferred = store.results.save_result(job.id, NOT_ANALYSED, None)
+    assert (inferred.state, inferred.holder) == (JobState.INFERRED, worker_a.id)
+    assert store.jobs.renew(worker_a, 600) == 1  # its lease is renewed while it writes
+    assert store.jobs.claim_inferred(10, worker_b, 60) == []
+    store.jobs.release([worker_a.id], time.time(), 3, "its worker stopped while it ran")
+    [taken] = store.jobs.claim_inferred(10, worker_b, 60)
+    assert (taken.id, taken.state, taken.holder) == (job.id, JobState.INFERRED, worker_b.id)
+    store.results.save_outputs(job.id, [output("sr")], ("pacs",))
+    assert store.jobs.get(job.id).holder is None
+    assert store.jobs.throughput(0.0) == {worker_a.id: 1}
+
+
+def test_deliveries_of_a_gone_sender_are_freed_at_once(store: AnyStore) -> None:
+    """A sender restarting on the same host frees what its dead predecessor held, without waiting the lease."""
+    job_id = written_job(store, "6.9", ["sr"])
+    store.jobs.renew(SENDER_A, 60)
+    assert store.deliveries.due("pacs", time.time(), 10, SENDER_A, 600)
+    assert store.deliveries.due("pacs", time.time(), 10, SENDER_B, 600) == []
+    assert store.deliveries.release([SENDER_A.id]) == 1
+    assert [d.job_id for d in store.deliveries.due("pacs", time.time(), 10, SENDER_B, 600)] == [job_id]
+    assert SENDER_A.id not in {h.id for h in store.jobs.holders()}
+
+
+def test_two_senders_finishing_one_job_together_deliver_it(store: AnyStore) -> None:
+    """The last two deliveries of a job recorded at the same moment from two threads: the job ends delivered."""
+    for round_ in range(5):
+        job_id = written_job(store, f"6.5.{round_}", ["sr", "sc"])
+        barrier = threading.Barrier(2)
+
+        def deliver(kind: str, job_id: int = job_id, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(5)
+            store.deliveries.record(job_id, "pacs", kind, DeliveryState.DELIVERED, 0, None)
+
+        threads = [threading.Thread(target=deliver, args=(kind,)) for kind in ("sr", "sc")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert store.jobs.get(job_id).state is JobState.DELIVERED
+
+
+def test_many_workers_claim_every_job_exactly_once(store: AnyStore) -> None:
+    """Eight claimers at once (threads on one store's pool; SKIP LOCKED on PostgreSQL): every job is claimed
+    once, none twice, none left queued."""
+    for i in range(80):
+        store.jobs.record(new_job(f"6.7.{i}"), JobState.QUEUED)
+    claimed: list[list[int]] = [[] for _ in range(8)]
+
+    def work(n: int) -> None:
+        holder = Holder("worker", f"host-{n}", n, 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = store.jobs.claim(3, holder, 60)
+            if not jobs:
+                return
+            claimed[n] += [job.id for job in jobs]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    every = [job_id for ids in claimed for job_id in ids]
+    assert len(every) == len(set(every)) == 80
+    assert store.jobs.counts()[JobState.QUEUED] == 0
 
 
 # --- migration --------------------------------------------------------------------------------------
@@ -294,7 +402,7 @@ def test_version_3_database_is_migrated_with_the_old_send_order(tmp_path: Path) 
     write_v3_database(path)
     store = SqliteStore(path)
     try:
-        assert user_version(path) == SCHEMA_VERSION == 5
+        assert user_version(path) == SCHEMA_VERSION == 6
         assert [(o.kind, o.send_order) for o in store.results.outputs(1)] == [
             ("sr", 0),
             ("sc", 1),

@@ -1,0 +1,807 @@
+"""The durable store written once in SQL, for every backend: jobs, results and deliveries.
+
+:class:`SqlJobs`, :class:`SqlResults` and :class:`SqlDeliveries` satisfy the Protocols of
+:mod:`cxr_node.jobs.interfaces` over any :class:`SqlDatabase`: the embedded SQLite file
+(:mod:`cxr_node.jobs.sqlite`) or a PostgreSQL server shared by many hosts (:mod:`cxr_node.jobs.postgres`).
+Statements use ``?`` placeholders and SQL both engines speak (``ON CONFLICT``, ``RETURNING``); what differs is
+in the :class:`Dialect`. Every state change is one ``UPDATE ... WHERE state IN (allowed sources)`` checked
+against the state machines of :mod:`cxr_node.jobs.states`, with its event row, in one committed transaction.
+
+Concurrency: SQLite serialises writers (``BEGIN IMMEDIATE``). On PostgreSQL (read committed) the rows a
+transaction decides on are locked: claims take queued jobs ``FOR UPDATE SKIP LOCKED`` (many workers, none
+waits on another), and a delivery outcome locks its job row first, so two senders finishing the last two
+deliveries of one job cannot both miss finishing it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from typing import Any, Final, Protocol
+
+from cxr_node.errors import InvalidTransition
+from cxr_node.jobs import codec
+from cxr_node.jobs.leases import Holder
+from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.states import (
+    OPEN_DELIVERIES,
+    DeliveryState,
+    JobState,
+    can_move,
+    delivery_sources_of,
+    sources_of,
+)
+from cxr_node.jobs.wakeup import Topic
+from cxr_node.results.findings import Findings
+
+
+class Rows(Protocol):
+    """What a statement returns: a DB-API cursor, as far as the store uses one."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows changed by an UPDATE or DELETE."""
+        ...
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        ...
+
+    def fetchall(self) -> list[Any]:
+        """Every remaining row."""
+        ...
+
+    def __iter__(self) -> Iterator[Any]:
+        """The remaining rows."""
+        ...
+
+
+class Cursor(Protocol):
+    """A connection inside a transaction (or a read), with ``?`` placeholders on every backend."""
+
+    def execute(self, sql: str, args: Sequence[Any] = (), /) -> Rows:
+        """Run one statement."""
+        ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any:
+        """Run one statement per row of arguments."""
+        ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the engines, as SQL fragments.
+
+    Parameters
+    ----------
+    name : str
+        ``sqlite`` or ``postgresql``.
+    lock : str
+        Appended to a SELECT whose rows the transaction will change (``FOR UPDATE`` where rows lock).
+    skip_locked : str
+        Appended to a claim's SELECT: rows another transaction holds are passed over, not waited for.
+    """
+
+    name: str
+    lock: str = ""
+    skip_locked: str = ""
+
+
+SQLITE: Final = Dialect("sqlite")
+POSTGRESQL: Final = Dialect("postgresql", lock=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
+
+
+class SqlDatabase(Protocol):
+    """One backend's connections and transactions, as the SQL store uses them."""
+
+    @property
+    def dialect(self) -> Dialect:
+        """The engine's SQL differences."""
+        ...
+
+    def read(self) -> AbstractContextManager[Cursor]:
+        """A connection for reads outside a write transaction."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[Cursor]:
+        """One write transaction: committed at the block's end, rolled back on error."""
+        ...
+
+    def wake(self, topic: Topic) -> None:
+        """Inside a transaction: once it commits, wake the consumers of ``topic``."""
+        ...
+
+
+_HELD: Final = (JobState.RUNNING.value, JobState.INFERRED.value)
+"""States in which a job belongs to a worker's lease: analysed, or its outputs being written."""
+IN_FLIGHT: Final = (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.WRITTEN)
+"""States of jobs still in flight (what :meth:`SqlJobs.oldest_open_age` measures)."""
+
+_JOB_COLUMNS: Final = tuple(f.name for f in fields(Job))
+_NEW_COLUMNS: Final = tuple(f.name for f in fields(NewJob))
+_OPEN: Final = tuple(state.value for state in OPEN_DELIVERIES)
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
+
+
+class SqlJobs:
+    """Jobs and their event history (the :class:`~cxr_node.jobs.interfaces.JobStore`)."""
+
+    def __init__(self, db: SqlDatabase) -> None:
+        self.db = db
+
+    def record(self, new: NewJob, state: JobState, reason: str | None = None) -> tuple[Job, bool]:
+        """Insert a job for a newly received instance, already triaged to ``state``.
+
+        The insert and its two events (``received``, then the verdict) are one transaction. When a job
+        for the same instance exists, nothing changes and it is returned with ``created=False``.
+        """
+        if not can_move(JobState.RECEIVED, state) and state is not JobState.RECEIVED:
+            raise InvalidTransition(f"a new job cannot start in state {state}")
+        now = time.time()
+        values = [getattr(new, name) for name in _NEW_COLUMNS]
+        columns = ", ".join((*_NEW_COLUMNS, "state", "reason", "received_at", "updated_at"))
+        with self.db.transaction() as db:
+            row = db.execute(
+                f"INSERT INTO jobs ({columns}) VALUES ({_marks(columns.split(', '))})"
+                " ON CONFLICT (instance_key) DO NOTHING RETURNING id",
+                (*values, state.value, reason, now, now),
+            ).fetchone()
+            if row is None:
+                return self.select(db, "instance_key = ?", (new.instance_key,))[0], False
+            self.event(db, row[0], now, None, JobState.RECEIVED, None)
+            if state is not JobState.RECEIVED:
+                self.event(db, row[0], now, JobState.RECEIVED, state, reason)
+            if state is JobState.QUEUED:
+                self.db.wake("queued")
+            return self.select(db, "id = ?", (row[0],))[0], True
+
+    def transition(self, job_id: int, target: JobState, reason: str | None = None) -> Job:
+        """Move a job to ``target`` in one committed write, if its current state allows it.
+
+        Raises
+        ------
+        InvalidTransition
+            When the job does not exist or its state does not lead to ``target``.
+        """
+        with self.db.transaction() as db:
+            return self.move(db, job_id, target, reason)
+
+    def move(
+        self,
+        db: Cursor,
+        job_id: int,
+        target: JobState,
+        reason: str | None,
+        attempt: bool = False,
+        keep_holder: bool = False,
+    ) -> Job:
+        """Move one job inside the caller's transaction (``attempt`` counts one more attempt; ``keep_holder``
+        leaves it with its holder and lease, as a job inferred stays with the worker writing its outputs).
+
+        Raises
+        ------
+        InvalidTransition
+            When the job does not exist or its state does not lead to ``target``.
+        """
+        now = time.time()
+        allowed = tuple(state.value for state in sources_of(target))
+        current = self.select(db, "id = ?", (job_id,))
+        if not current:
+            raise InvalidTransition(f"job {job_id} does not exist")
+        unhold = "" if keep_holder else ", holder = NULL, lease_until = NULL"
+        updated = db.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, updated_at = ?, attempts = attempts + ?{unhold}"
+            f" WHERE id = ? AND state IN ({_marks(allowed)})",
+            (target.value, reason, now, int(attempt), job_id, *allowed),
+        ).rowcount
+        if updated != 1:
+            raise InvalidTransition(f"job {job_id} is {current[0].state}, which does not lead to {target}")
+        self.event(db, job_id, now, current[0].state, target, reason, current[0].holder)
+        if target is JobState.QUEUED:
+            self.db.wake("queued")
+        elif target is JobState.WRITTEN:
+            self.db.wake("deliveries")
+        return self.select(db, "id = ?", (job_id,))[0]
+
+    def claim(self, limit: int, holder: Holder, lease_s: float, retries: bool = True) -> list[Job]:
+        """Move up to ``limit`` of the oldest queued jobs to running under ``holder``'s lease; return them.
+
+        Each claim is one more attempt. A job on its second or later attempt is claimed alone: if it is what
+        killed the last worker, it cannot take a batch of other patients' jobs down with it again. With
+        ``retries=False`` only jobs on their first attempt are claimed (to fill a batch).
+        """
+        now = time.time()
+        fresh = "" if retries else " AND attempts = 0"
+        with self.db.transaction() as db:
+            queued = db.execute(
+                f"SELECT id, attempts FROM jobs WHERE state = ?{fresh} ORDER BY id LIMIT ?"
+                + self.db.dialect.skip_locked,
+                (JobState.QUEUED.value, limit),
+            ).fetchall()
+            if not queued:
+                return []
+            ids = [queued[0][0]] if queued[0][1] else [job_id for job_id, attempts in queued if not attempts]
+            jobs = [self.move(db, job_id, JobState.RUNNING, None, attempt=True) for job_id in ids]
+            db.executemany(
+                "UPDATE jobs SET holder = ?, lease_until = ? WHERE id = ?",
+                [(holder.id, now + lease_s, job.id) for job in jobs],
+            )
+            self._beat(db, holder, now)
+            return self.select(db, f"id IN ({_marks(ids)}) ORDER BY id", tuple(ids))
+
+    def renew(self, holder: Holder, lease_s: float) -> int:
+        """Extend the lease of every job ``holder`` runs or writes and record that it is alive; return how many
+        jobs."""
+        now = time.time()
+        with self.db.transaction() as db:
+            self._beat(db, holder, now)
+            return db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE holder = ? AND state IN (?, ?)",
+                (now + lease_s, holder.id, *_HELD),
+            ).rowcount
+
+    def claim_inferred(self, limit: int, holder: Holder, lease_s: float) -> list[Job]:
+        """Take up to ``limit`` inferred jobs nobody is writing (no holder, or its lease ran out) to write their
+        outputs under ``holder``'s lease; return them. A job inferred by a live worker stays that worker's."""
+        now = time.time()
+        with self.db.transaction() as db:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE state = ? AND (holder IS NULL OR lease_until < ?) ORDER BY id LIMIT ?"
+                    + self.db.dialect.skip_locked,
+                    (JobState.INFERRED.value, now, limit),
+                )
+            ]
+            if not ids:
+                return []
+            db.execute(
+                f"UPDATE jobs SET holder = ?, lease_until = ? WHERE id IN ({_marks(ids)})",
+                (holder.id, now + lease_s, *ids),
+            )
+            self._beat(db, holder, now)
+            return self.select(db, f"id IN ({_marks(ids)}) ORDER BY id", tuple(ids))
+
+    @staticmethod
+    def _beat(db: Cursor, holder: Holder, now: float) -> None:
+        db.execute(
+            "INSERT INTO holders (id, role, renewed_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET renewed_at = excluded.renewed_at",
+            (holder.id, holder.role, now),
+        )
+
+    def release(self, holders: Sequence[str] | None, now: float, max_attempts: int, reason: str) -> list[Job]:
+        """Take running jobs back from holders that are gone: those named (every running job when None) and any
+        whose lease expired before ``now``. A job back from ``max_attempts`` attempts ends dead; the others are
+        queued again. Inferred jobs those holders were writing are freed for another writer. The holders named
+        are forgotten. Returns the jobs moved, in their new state."""
+        args: tuple[object, ...] = ()
+        if holders is None:
+            where = "1 = 1"
+        elif holders:
+            where, args = f"lease_until < ? OR holder IN ({_marks(holders)})", (now, *holders)
+        else:  # no "IN ()": PostgreSQL refuses an empty list
+            where, args = "lease_until < ?", (now,)
+        with self.db.transaction() as db:
+            rows = db.execute(
+                f"SELECT id, attempts FROM jobs WHERE state = ? AND ({where}){self.db.dialect.skip_locked}",
+                (JobState.RUNNING.value, *args),
+            ).fetchall()
+            moved = [self._release_one(db, job_id, attempts, max_attempts, reason) for job_id, attempts in rows]
+            db.execute(  # inferred jobs whose writer is gone: free for the next worker to write (state unchanged)
+                "UPDATE jobs SET holder = NULL, lease_until = NULL WHERE state = ? AND holder IS NOT NULL"
+                f" AND ({where})",
+                (JobState.INFERRED.value, *args),
+            )
+            if holders:
+                db.executemany("DELETE FROM holders WHERE id = ?", [(h,) for h in holders])
+            return moved
+
+    def _release_one(self, db: Cursor, job_id: int, attempts: int, max_attempts: int, reason: str) -> Job:
+        if attempts >= max_attempts:
+            return self.move(db, job_id, JobState.DEAD, f"gave up after {attempts} attempts: {reason}"[:300])
+        return self.move(db, job_id, JobState.QUEUED, reason)
+
+    def held(self) -> dict[str, tuple[int, float]]:
+        """Running jobs by holder: how many, and when the first of their leases ends."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT holder, COUNT(*), MIN(lease_until) FROM jobs WHERE state = ? AND holder IS NOT NULL"
+                " GROUP BY holder",
+                (JobState.RUNNING.value,),
+            ).fetchall()
+        return {holder: (int(count), float(until or 0.0)) for holder, count, until in rows}
+
+    def throughput(self, since: float) -> dict[str, int]:
+        """Jobs each holder finished inferring since ``since`` (what each worker host has done)."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT holder, COUNT(*) FROM job_events WHERE to_state = ? AND at >= ? AND holder IS NOT NULL"
+                " GROUP BY holder",
+                (JobState.INFERRED.value, since),
+            ).fetchall()
+        return {holder: int(count) for holder, count in rows}
+
+    def holders(self) -> list[HolderState]:
+        """Every process that holds or held jobs, with when it last renewed."""
+        with self.db.read() as db:
+            rows = db.execute("SELECT id, role, renewed_at FROM holders ORDER BY id").fetchall()
+        return [HolderState(*row) for row in rows]
+
+    def get(self, job_id: int) -> Job | None:
+        """Return the job ``job_id``, or None."""
+        with self.db.read() as db:
+            rows = self.select(db, "id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def find(self, instance_key: str) -> Job | None:
+        """Return the job of the instance ``instance_key``, or None."""
+        with self.db.read() as db:
+            rows = self.select(db, "instance_key = ?", (instance_key,))
+        return rows[0] if rows else None
+
+    def query(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
+        """Return up to ``limit`` jobs, oldest first, optionally only those in ``state``."""
+        where, args = ("state = ?", (state.value,)) if state else ("1 = 1", ())
+        with self.db.read() as db:
+            return self.select(db, f"{where} ORDER BY id LIMIT ?", (*args, limit))
+
+    def history(self, job_id: int) -> list[tuple[str | None, str, str | None]]:
+        """Return a job's transitions, oldest first, as ``(from, to, reason)``."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT from_state, to_state, reason FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        """Return the number of jobs in every state (zero included)."""
+        with self.db.read() as db:
+            rows = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {state: rows.get(state.value, 0) for state in JobState}
+
+    def reasons(self, state: JobState) -> dict[str, int]:
+        """Jobs in ``state`` counted by reason."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT COALESCE(reason, ''), COUNT(*) FROM jobs WHERE state = ? GROUP BY reason", (state.value,)
+            ).fetchall()
+        return {reason: count for reason, count in rows}
+
+    def moves(self, target: JobState, reason_prefix: str) -> int:
+        """How many distinct jobs ever moved to ``target`` with a reason starting ``reason_prefix``."""
+        with self.db.read() as db:
+            row = db.execute(
+                "SELECT COUNT(DISTINCT job_id) FROM job_events WHERE to_state = ?"
+                " AND substr(reason, 1, CAST(? AS INTEGER)) = ?",
+                (target.value, len(reason_prefix), reason_prefix),
+            ).fetchone()
+        return int(row[0])
+
+    def oldest_open_age(self, now: float) -> float:
+        """Seconds since the oldest job still waiting (queued, running, inferred or written) was received."""
+        waiting = tuple(state.value for state in IN_FLIGHT)
+        with self.db.read() as db:
+            row = db.execute(
+                f"SELECT MIN(received_at) FROM jobs WHERE state IN ({_marks(waiting)})", waiting
+            ).fetchone()
+        return 0.0 if row[0] is None else max(0.0, now - row[0])
+
+    def finished_before(self, cutoff: float, states: Sequence[JobState]) -> list[int]:
+        """Ids of jobs in ``states`` last updated before ``cutoff``."""
+        values = tuple(state.value for state in states)
+        with self.db.read() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({_marks(values)}) AND updated_at < ? ORDER BY id",
+                (*values, cutoff),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def study_jobs(self, study_instance_uid: str) -> list[int]:
+        """Ids of every job of one study."""
+        with self.db.read() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE study_instance_uid = ?", (study_instance_uid,)).fetchall()
+        return [row[0] for row in rows]
+
+    def delete(self, job_ids: Sequence[int]) -> int:
+        """Delete jobs and everything recorded about them; return how many jobs were deleted."""
+        with self.db.transaction() as db:
+            for table in ("job_events", "results", "outputs", "deliveries"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in job_ids])
+            return sum(db.execute("DELETE FROM jobs WHERE id = ?", (i,)).rowcount for i in job_ids)
+
+    @staticmethod
+    def event(
+        db: Cursor,
+        job_id: int,
+        at: float,
+        src: JobState | None,
+        dst: JobState,
+        reason: str | None,
+        holder: str | None = None,
+    ) -> None:
+        """Append one row to a job's history (``holder``: the process that held the job when it moved)."""
+        db.execute(
+            "INSERT INTO job_events (job_id, at, from_state, to_state, reason, holder) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, at, src.value if src else None, dst.value, reason, holder),
+        )
+
+    @staticmethod
+    def select(db: Cursor, where: str, args: tuple[object, ...]) -> list[Job]:
+        """Jobs matching a WHERE clause built from constants (values bound as ``args``)."""
+        rows = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE {where}", args).fetchall()
+        return [_to_job(row) for row in rows]
+
+
+def _to_job(row: tuple[Any, ...]) -> Job:
+    values: dict[str, Any] = dict(zip(_JOB_COLUMNS, row, strict=True))  # column types are the schema's
+    values["state"] = JobState(values["state"])
+    return Job(**values)
+
+
+class SqlResults:
+    """Inference results and written outputs (the :class:`~cxr_node.jobs.interfaces.ResultStore`)."""
+
+    def __init__(self, db: SqlDatabase, jobs: SqlJobs) -> None:
+        self.db = db
+        self.jobs = jobs
+
+    def save_result(self, job_id: int, findings: Findings, embedding: bytes | None) -> Job:
+        """Store a running job's findings (the summary as JSON, the arrays for the writers) and move it to
+        inferred, in one transaction.
+
+        Parameters
+        ----------
+        job_id : int
+            A job in state running.
+        findings : Findings
+            What inference found; its arrays are kept until the outputs are written.
+        embedding : bytes or None
+            The L2-normalised retrieval embedding as float32 bytes.
+        """
+        summary = findings.summary
+        text = codec.encode_summary(summary)
+        arrays = codec.stored_arrays(findings)
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO results (job_id, model_name, model_version, created_at, summary, embedding, arrays)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET model_name = excluded.model_name,"
+                " model_version = excluded.model_version, created_at = excluded.created_at,"
+                " summary = excluded.summary, embedding = excluded.embedding, arrays = excluded.arrays",
+                (job_id, summary.model_name, summary.model_version, time.time(), text, embedding, arrays),
+            )
+            return self.jobs.move(db, job_id, JobState.INFERRED, None, keep_holder=True)
+
+    def result(self, job_id: int) -> StoredResult | None:
+        """Return the stored result of ``job_id``, or None.
+
+        Raises
+        ------
+        ValueError
+            When the stored summary cannot be decoded.
+        """
+        with self.db.read() as db:
+            row = db.execute(
+                "SELECT job_id, created_at, summary, embedding, arrays FROM results WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredResult(row[0], row[1], codec.decode_summary(row[2]), row[3], row[4])
+
+    def save_outputs(
+        self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str], reason: str | None = None
+    ) -> Job:
+        """Record an inferred job's written outputs, one pending delivery per destination and output,
+        and move it to written (with ``reason``), in one transaction; the result's arrays are dropped."""
+        now = time.time()
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+            db.executemany(
+                "INSERT INTO outputs (job_id, kind, sop_class_uid, sop_instance_uid, path, size_bytes, created_at,"
+                " send_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (job_id, o.kind, o.sop_class_uid, o.sop_instance_uid, o.path, o.size_bytes, now, o.send_order)
+                    for o in outputs
+                ],
+            )
+            db.executemany(
+                "INSERT INTO deliveries (job_id, destination, kind, state, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (job_id, name, o.kind, DeliveryState.PENDING.value, now, now)
+                    for name in destinations
+                    for o in outputs
+                ],
+            )
+            db.execute("UPDATE results SET arrays = NULL WHERE job_id = ?", (job_id,))
+            return self.jobs.move(db, job_id, JobState.WRITTEN, reason)
+
+    def outputs(self, job_id: int) -> list[Output]:
+        """Return the outputs written for ``job_id``, in send order."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT kind, sop_class_uid, sop_instance_uid, path, size_bytes, send_order FROM outputs"
+                " WHERE job_id = ? ORDER BY send_order, kind",
+                (job_id,),
+            ).fetchall()
+        return [Output(*row) for row in rows]
+
+
+class SqlDeliveries:
+    """Delivery rows and destination states (the :class:`~cxr_node.jobs.interfaces.DeliveryStore`).
+
+    A job moves to ``delivered`` when every delivery of it is delivered (or refused by a destination that does
+    not accept that kind), and to ``dead`` when one of them is dead and none is still open.
+    """
+
+    def __init__(self, db: SqlDatabase, jobs: SqlJobs) -> None:
+        self.db = db
+        self.jobs = jobs
+
+    def due(
+        self, destination: str, now: float, max_jobs: int, holder: Holder | None = None, lease_s: float = 0.0
+    ) -> list[Due]:
+        """Outputs due for ``destination`` (pending, or failed with their retry time passed), oldest job first
+        and in send order, for at most ``max_jobs`` jobs.
+
+        With a ``holder`` (a sender about to send them) the jobs are claimed: their deliveries to
+        ``destination`` are leased to it for ``lease_s``, and jobs another sender holds under a live lease are
+        passed over, so senders on several hosts share the work without sending one output twice. A sender
+        that dies mid-delivery loses its jobs when the lease ends; the next sends the same objects again (same
+        SOP Instance UIDs, so the destination still keeps one of each).
+        """
+        if holder is None:
+            with self.db.read() as db:
+                return self._due(db, destination, now, max_jobs, None)
+        with self.db.transaction() as db:
+            free = "(d.holder IS NULL OR d.holder = ? OR d.lease_until < ?)"
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE id IN (SELECT d.job_id FROM deliveries d WHERE d.destination = ?"
+                    f" AND d.state IN ({_marks(_OPEN)}) AND d.next_attempt_at <= ? AND {free})"
+                    f" ORDER BY id LIMIT ?{self.db.dialect.skip_locked}",
+                    (destination, *_OPEN, now, holder.id, now, max_jobs),
+                )
+            ]
+            if not ids:
+                return []
+            db.execute(
+                f"UPDATE deliveries SET holder = ?, lease_until = ? WHERE destination = ? AND job_id IN ({_marks(ids)})"
+                f" AND state IN ({_marks(_OPEN)})",
+                (holder.id, now + lease_s, destination, *ids, *_OPEN),
+            )
+            return self._due(db, destination, now, max_jobs, ids)
+
+    @staticmethod
+    def _due(db: Cursor, destination: str, now: float, max_jobs: int, ids: Sequence[int] | None) -> list[Due]:
+        if ids is None:
+            among = (
+                " AND d.job_id IN (SELECT DISTINCT job_id FROM deliveries WHERE destination = ?"
+                f"   AND state IN ({_marks(_OPEN)}) AND next_attempt_at <= ? ORDER BY job_id LIMIT ?)"
+            )
+            args: tuple[object, ...] = (destination, *_OPEN, now, max_jobs)
+        else:
+            among, args = f" AND d.job_id IN ({_marks(ids)})", tuple(ids)
+        rows = db.execute(
+            "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts"
+            " FROM deliveries d JOIN outputs o ON o.job_id = d.job_id AND o.kind = d.kind"
+            f" WHERE d.destination = ? AND d.state IN ({_marks(_OPEN)}) AND d.next_attempt_at <= ?{among}"
+            " ORDER BY d.job_id, o.send_order, d.kind",
+            (destination, *_OPEN, now, *args),
+        ).fetchall()
+        return [Due(*row) for row in rows]
+
+    def record(
+        self,
+        job_id: int,
+        destination: str,
+        kind: str,
+        state: DeliveryState,
+        status: int | None,
+        error: str | None,
+        next_attempt_at: float = 0.0,
+        count_attempt: bool = True,
+    ) -> JobState | None:
+        """Record one send outcome; finish the job when nothing of it is still open. Returns the job's new
+        state when it changed (delivered or dead), else None.
+
+        Raises
+        ------
+        InvalidTransition
+            When the delivery does not exist or its state does not lead to ``state``.
+        """
+        allowed = tuple(s.value for s in delivery_sources_of(state))
+        with self.db.transaction() as db:
+            updated = db.execute(
+                "UPDATE deliveries SET state = ?, last_status = ?, last_error = ?, next_attempt_at = ?,"
+                " attempts = attempts + ?, updated_at = ?, holder = NULL, lease_until = NULL"
+                " WHERE job_id = ? AND destination = ? AND kind = ?"
+                f" AND state IN ({_marks(allowed)})",
+                (state.value, status, error, next_attempt_at, int(count_attempt), time.time(), job_id, destination,
+                 kind, *allowed),
+            ).rowcount  # fmt: skip
+            if updated != 1:
+                raise InvalidTransition(f"delivery of job {job_id} {kind} to {destination} cannot become {state}")
+            return self._settle(db, job_id)
+
+    def _settle(self, db: Cursor, job_id: int) -> JobState | None:
+        # The job row is locked before its deliveries are read: a sender recording another delivery of the same
+        # job waits, then reads this one's outcome (each statement of read committed sees the latest commits).
+        db.execute(f"SELECT id FROM jobs WHERE id = ?{self.db.dialect.lock}", (job_id,))
+        states = {
+            DeliveryState(row[0]) for row in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
+        }
+        job = self.jobs.select(db, "id = ?", (job_id,))
+        if not states or states & OPEN_DELIVERIES or not job or job[0].state is not JobState.WRITTEN:
+            return None
+        if DeliveryState.DEAD in states:
+            reason = db.execute(
+                "SELECT destination || '/' || kind || ': ' || COALESCE(last_error, '') FROM deliveries"
+                " WHERE job_id = ? AND state = ? LIMIT 1",
+                (job_id, DeliveryState.DEAD.value),
+            ).fetchone()[0]
+            self.jobs.move(db, job_id, JobState.DEAD, f"not delivered: {reason}"[:300])
+            return JobState.DEAD
+        self.jobs.move(db, job_id, JobState.DELIVERED, None)
+        return JobState.DELIVERED
+
+    def settle_written(self) -> int:
+        """Finish written jobs that have nothing open (no destinations configured, or all refused)."""
+        with self.db.transaction() as db:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE state = ? AND NOT EXISTS (SELECT 1 FROM deliveries d"
+                    f" WHERE d.job_id = jobs.id AND d.state IN ({_marks(_OPEN)}))",
+                    (JobState.WRITTEN.value, *_OPEN),
+                )
+            ]
+            return sum(self._settle(db, job_id) is not None or self._finish_empty(db, job_id) for job_id in ids)
+
+    def _finish_empty(self, db: Cursor, job_id: int) -> bool:
+        if db.execute("SELECT 1 FROM deliveries WHERE job_id = ?", (job_id,)).fetchone() is None:
+            self.jobs.move(db, job_id, JobState.DELIVERED, "no destination configured")
+            return True
+        return False
+
+    def _move_open(self, db: Cursor, where: str, args: tuple[object, ...], state: DeliveryState,
+                   error_sql: str) -> list[int]:  # fmt: skip
+        """Move the open deliveries matching ``where`` to ``state``; return the ids of the jobs they belong to."""
+        ids = [row[0] for row in db.execute(f"SELECT DISTINCT job_id FROM deliveries WHERE state IN"
+                                            f" ({_marks(_OPEN)}) AND {where}", (*_OPEN, *args))]  # fmt: skip
+        db.execute(
+            f"UPDATE deliveries SET state = ?, last_error = {error_sql}, updated_at = ? WHERE state IN"
+            f" ({_marks(_OPEN)}) AND {where}",
+            (state.value, time.time(), *_OPEN, *args),
+        )
+        return ids
+
+    def refuse(self, destination: str, kinds: Sequence[str]) -> int:
+        """Mark open deliveries of ``kinds`` to ``destination`` refused (it does not accept them); return how many."""
+        if not kinds:
+            return 0
+        where, args = f"destination = ? AND kind IN ({_marks(kinds)})", (destination, *kinds)
+        with self.db.transaction() as db:
+            count = db.execute(
+                f"SELECT COUNT(*) FROM deliveries WHERE state IN ({_marks(_OPEN)}) AND {where}", (*_OPEN, *args)
+            ).fetchone()[0]
+            error = "'the destination does not accept this SOP class'"
+            for job_id in self._move_open(db, where, args, DeliveryState.REFUSED, error):
+                self._settle(db, job_id)
+            return int(count)
+
+    def expire(self, max_age_s: float) -> int:
+        """Give up on open deliveries of outputs written more than ``max_age_s`` ago; return how many."""
+        where = (
+            "EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = deliveries.job_id AND o.kind = deliveries.kind"
+            " AND o.created_at < ?)"
+        )
+        args = (time.time() - max_age_s,)
+        with self.db.transaction() as db:
+            count = db.execute(
+                f"SELECT COUNT(*) FROM deliveries WHERE state IN ({_marks(_OPEN)}) AND {where}", (*_OPEN, *args)
+            ).fetchone()[0]
+            error = "COALESCE(last_error, '') || ' (gave up: older than the delivery age limit)'"
+            for job_id in self._move_open(db, where, args, DeliveryState.DEAD, error):
+                self._settle(db, job_id)
+            return int(count)
+
+    def resend(self, job_id: int | None = None, dead: bool = False) -> list[int]:
+        """Re-queue deliveries: of one job, or of every dead job; return the job ids. A dead job with outputs
+        goes back to written with fresh deliveries; one without outputs goes back to queued.
+
+        Raises
+        ------
+        ValueError
+            When the job does not exist or is neither dead nor written.
+        """
+        with self.db.transaction() as db:
+            if job_id is not None:
+                ids = [job_id]
+            else:
+                dead_jobs = db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.DEAD.value,))
+                ids = [row[0] for row in dead_jobs] if dead else []
+            for one in ids:
+                self._resend_one(db, one)
+            return ids
+
+    def _resend_one(self, db: Cursor, job_id: int) -> None:
+        found = self.jobs.select(db, "id = ?", (job_id,))
+        if not found or found[0].state not in (JobState.DEAD, JobState.WRITTEN):
+            state = "does not exist" if not found else f"is {found[0].state}"
+            raise ValueError(f"job {job_id} {state}; only dead or written jobs can be re-sent")
+        has_outputs = db.execute("SELECT 1 FROM outputs WHERE job_id = ?", (job_id,)).fetchone() is not None
+        allowed = tuple(s.value for s in delivery_sources_of(DeliveryState.PENDING) | {DeliveryState.PENDING})
+        db.execute(
+            "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = 0, updated_at = ?, holder = NULL,"
+            " lease_until = NULL WHERE job_id = ?"
+            f" AND state IN ({_marks(allowed)})",
+            (DeliveryState.PENDING.value, time.time(), job_id, *allowed),
+        )
+        self.db.wake("deliveries")
+        if found[0].state is JobState.DEAD:
+            target = JobState.WRITTEN if has_outputs else JobState.QUEUED
+            self.jobs.move(db, job_id, target, "re-queued by an operator")
+            db.execute("UPDATE jobs SET attempts = 0 WHERE id = ?", (job_id,))  # a fresh start after a fix
+
+    def release(self, holders: Sequence[str]) -> int:
+        """Free the deliveries leased to senders that are gone (so they are sent at once, not after the lease)
+        and forget those holders; return how many deliveries were freed."""
+        if not holders:
+            return 0
+        with self.db.transaction() as db:
+            freed = db.execute(
+                f"UPDATE deliveries SET holder = NULL, lease_until = NULL WHERE holder IN ({_marks(holders)})",
+                tuple(holders),
+            ).rowcount
+            db.executemany("DELETE FROM holders WHERE id = ?", [(h,) for h in holders])
+            if freed:
+                self.db.wake("deliveries")
+            return int(freed)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Deliveries by (destination, state)."""
+        with self.db.read() as db:
+            rows = db.execute("SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state")
+            return {(d, s): n for d, s, n in rows.fetchall()}
+
+    def save_destination(self, state: DestinationState) -> None:
+        """Record a destination's probe result and backoff."""
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO destinations (name, reachable, accepted, refused, error, probed_at, down_since,"
+                " retry_at, failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                " reachable = excluded.reachable, accepted = excluded.accepted, refused = excluded.refused,"
+                " error = excluded.error, probed_at = excluded.probed_at, down_since = excluded.down_since,"
+                " retry_at = excluded.retry_at, failures = excluded.failures",
+                (
+                    state.name,
+                    int(state.reachable),
+                    json.dumps(state.accepted),
+                    json.dumps(state.refused),
+                    state.error,
+                    state.probed_at,
+                    state.down_since,
+                    state.retry_at,
+                    state.failures,
+                ),
+            )
+
+    def destinations(self) -> dict[str, DestinationState]:
+        """Every destination's last recorded state, by name."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT name, reachable, accepted, refused, error, probed_at, down_since, retry_at,"
+                " failures FROM destinations"
+            ).fetchall()
+        return {
+            r[0]: DestinationState(r[0], bool(r[1]), json.loads(r[2]), json.loads(r[3]), r[4], r[5], r[6], r[7], r[8])
+            for r in rows
+        }
