@@ -27,7 +27,7 @@ from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Wakeup
 from cxr_node.metrics import MetricsServer, share_with_children
-from cxr_node.neighbours import SqliteNeighbourIndex
+from cxr_node.neighbours import ReplicaIndex
 from cxr_node.privacy import PatientHasher, load_key
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
@@ -131,14 +131,21 @@ def patient_hasher(settings: Settings) -> PatientHasher:
     return PatientHasher(load_key(settings.storage.identifier_key_file))
 
 
-def open_index(settings: Settings) -> SqliteNeighbourIndex:
-    """The persistent neighbour index under ``storage.root/index``."""
-    return SqliteNeighbourIndex(settings.storage.root / INDEX_FOLDER, fsync=settings.storage.fsync)
+def open_index(settings: Settings) -> ReplicaIndex:
+    """The persistent neighbour index: its cases in SQLite under ``storage.root/index``, or, when hosts share a
+    PostgreSQL store, in that database, with this host's in-memory replica checkpointed under its run folder."""
+    if settings.storage.shared:
+        from cxr_node.jobs.postgres import password
+        from cxr_node.neighbours.postgres import PgCaseStore
+
+        cases = PgCaseStore(settings.storage.database, password(settings.storage.database_password_file))
+        return ReplicaIndex(settings.storage.run_dir / INDEX_FOLDER, store=cases)
+    return ReplicaIndex(settings.storage.root / INDEX_FOLDER, fsync=settings.storage.fsync)
 
 
 def purge_index(settings: Settings, studies: Sequence[str]) -> int:
     """Remove studies from the neighbour index (retention, ``cxr-node purge``); return the entries removed."""
-    if not (settings.storage.root / INDEX_FOLDER).exists():
+    if not settings.storage.shared and not (settings.storage.root / INDEX_FOLDER).exists():
         return 0
     index = open_index(settings)
     try:

@@ -197,6 +197,12 @@ def scale_out(folder: str, count: str) -> dict[str, Any]:
             "inferred_by_host": dict(_query(
                 conn, "SELECT split_part(holder, ':', 1), COUNT(*) FROM job_events WHERE to_state = 'inferred'"
                 " GROUP BY 1")),
+            "index_cases": _query(conn, "SELECT COUNT(*) FROM embeddings")[0][0],
+            "index_cases_by_host": dict(_query(
+                conn, "SELECT split_part(j.holder, ':', 1), COUNT(*) FROM job_events j WHERE j.to_state = 'inferred'"
+                " AND EXISTS (SELECT 1 FROM cases c JOIN jobs k ON k.sop_instance_uid = c.sop_instance_uid"
+                " WHERE k.id = j.job_id) GROUP BY 1")),
+            "sqlite_index_on_shared_root": (base / "shared" / "index").exists(),
             "storescu_rc": [sender.returncode for sender in senders],
             "sources": len(list(images.rglob("*.dcm"))),
         }  # fmt: skip

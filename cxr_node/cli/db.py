@@ -49,8 +49,10 @@ def _schema_version(found: Settings) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Copy a stopped single-host node's SQLite store into an empty PostgreSQL database."""
-    from cxr_node.jobs.migrate import migrate
+    from cxr_node.app import INDEX_FOLDER
+    from cxr_node.jobs.migrate import migrate, migrate_cases
     from cxr_node.jobs.postgres import PostgresStore, is_postgres, password, redact
+    from cxr_node.neighbours.index import DB_NAME as INDEX_DB
 
     found = settings(args)
     source = Path(args.source.removeprefix("sqlite:"))
@@ -60,7 +62,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "db migrate needs the target: --to postgresql://user@host:5432/dbname, or storage.database in the"
             " configuration"
         )
-    store = PostgresStore(target, password(found.storage.database_password_file))
+    secret = password(found.storage.database_password_file)
+    store = PostgresStore(target, secret)
     try:
         copied = migrate(
             source,
@@ -70,7 +73,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
     finally:
         store.close()
-    total = sum(copied.rows.values())
+    cases = migrate_cases(source.parent / INDEX_FOLDER / INDEX_DB, target, secret)
+    for table, n in cases.items():
+        print(f"  {'index ' + table:<14}{n:>10} rows")
+    total = sum(copied.rows.values()) + sum(cases.values())
     print(
         f"moved {total} rows from {source} to {redact(target)}"
         f"{f'; {copied.requeued} running job(s) re-queued' if copied.requeued else ''}."

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import psycopg
+
 from cxr_node.errors import StorageError
 from cxr_node.jobs.postgres import PostgresStore
 from cxr_node.jobs.sqlite import SqliteStore
@@ -103,3 +105,51 @@ def _columns(source: sqlite3.Connection, table: str) -> Sequence[str]:
 def _row(row: Sequence[object]) -> tuple[object, ...]:
     return tuple(bytes(value) if isinstance(value, memoryview) else value for value in row)
 
+
+CASE_TABLES: Final = ("versions", "cases", "embeddings")
+"""The neighbour index's tables, copied in this order (references first)."""
+
+
+def migrate_cases(source_path: Path, url: str, password: str | None) -> dict[str, int]:
+    """Copy the neighbour index's SQLite file (``storage.root/index/neighbours.sqlite3``) into the PostgreSQL
+    case store at ``url``, ids kept (checkpoints and case numbers stay valid); rows copied per table ({} when
+    there is no index yet).
+
+    Raises
+    ------
+    StorageError
+        When the target already holds cases.
+    """
+    if not source_path.is_file():
+        return {}
+    from cxr_node.neighbours.postgres import PgCaseStore
+
+    PgCaseStore(url, password).close()  # creates the schema, its counters and triggers
+    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+    try:
+        with psycopg.connect(url, password=password) as target, target.transaction():
+            if target.execute("SELECT 1 FROM cases LIMIT 1").fetchone() is not None:
+                raise StorageError(f"{url}: the target already holds neighbour cases; migrate into an empty database")
+            counts: dict[str, int] = {}
+            for table in CASE_TABLES:
+                columns = _columns(source, table)
+                cursor = source.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid")
+                marks = ", ".join(["%s"] * len(columns))
+                insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+                flag = columns.index("library") if "library" in columns else -1
+                counts[table] = 0
+                with target.cursor() as out:
+                    while chunk := cursor.fetchmany(CHUNK):
+                        rows = [_row(row) for row in chunk]
+                        if flag >= 0:  # SQLite's 0/1 is PostgreSQL's boolean
+                            rows = [(*row[:flag], bool(row[flag]), *row[flag + 1 :]) for row in rows]
+                        out.executemany(insert.encode(), rows)
+                        counts[table] += len(chunk)
+            for table in ("cases", "embeddings"):
+                target.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE((SELECT MAX(id) FROM {table}),"
+                    " 0) + 1, false)".encode()
+                )
+            return counts
+    finally:
+        source.close()

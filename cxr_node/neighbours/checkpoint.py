@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import struct
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ MAGIC: Final = b"CXRNBR01"
 FORMAT: Final = 1
 SUFFIX: Final = ".ckpt"
 PARTIAL: Final = ".partial"
+_HOST: Final = socket.gethostname()  # temporary files name their writer's host: folders may be shared by hosts
 _TAIL: Final = struct.Struct("<Q8s")
 _SECTIONS: Final = (("vectors", np.float32), ("ids", np.int64), ("patients", np.int64), ("studies", np.int64))
 
@@ -60,7 +62,7 @@ def write(path: Path, snapshot: Snapshot) -> int:
     """Write ``snapshot`` to ``path`` durably and atomically; return the file size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    temp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
+    temp = path.with_name(f"{path.name}.{os.getpid()}@{_HOST}{PARTIAL}")
     try:
         with temp.open("wb") as handle:
             handle.write(MAGIC)
@@ -99,12 +101,13 @@ def read(path: Path, params: EngineParams) -> Snapshot:
 def remove_stale(path: Path) -> int:
     """Delete the temporary files of ``path`` left by writers that died (kill -9); return how many.
 
-    A temporary file is named after its writer's process id; one whose process still runs is left alone.
+    A temporary file is named after its writer's process id and host (``<pid>@<host>``; a bare ``<pid>`` is this
+    host's); one whose process still runs, or that another host writes (a shared folder), is left alone.
     """
     removed = 0
     for temp in path.parent.glob(f"{path.name}.*{PARTIAL}"):
-        pid = temp.name[len(path.name) + 1 : -len(PARTIAL)]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid, _, host = temp.name[len(path.name) + 1 : -len(PARTIAL)].partition("@")
+        if pid.isdigit() and host in ("", _HOST) and not _alive(int(pid)):
             temp.unlink(missing_ok=True)
             removed += 1
     return removed

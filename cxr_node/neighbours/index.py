@@ -1,16 +1,19 @@
 """The neighbour index: top-k past cases by cosine similarity, per model version, durable across kill -9.
 
-:class:`NeighbourIndex` is the interface callers type against; :class:`SqliteNeighbourIndex` is the embedded
-implementation. Its source of truth is SQLite (:mod:`cxr_node.neighbours.store`); each model version's
-search structure lives in memory (:mod:`cxr_node.neighbours.engine`), loaded on first use from its
-checkpoint file (:mod:`cxr_node.neighbours.checkpoint`) plus the rows added since, or built from the rows.
-Layout under ``root``::
+:class:`NeighbourIndex` is the interface callers type against; :class:`ReplicaIndex` implements it over any
+:class:`~cxr_node.neighbours.store.CaseStore`, the source of truth: the embedded SQLite file (the default) or
+a PostgreSQL database shared by every host (:class:`~cxr_node.neighbours.postgres.PgCaseStore`). Each model
+version's search structure is an in-memory replica of the store's rows (:mod:`cxr_node.neighbours.engine`),
+loaded on first use from its checkpoint file (:mod:`cxr_node.neighbours.checkpoint`) plus the rows added
+since, or built from the rows. Layout under ``root`` (one folder per host)::
 
-    neighbours.sqlite3 (+ -wal, -shm)   cases and float32 embeddings; WAL, synchronous=FULL
+    neighbours.sqlite3 (+ -wal, -shm)   cases and float32 embeddings; WAL, synchronous=FULL (SQLite store only)
     checkpoints/<sha256(version)[:32]>.ckpt   one search structure per model version (a cache)
 
-Several processes may open the same root (the worker and the CLI): every call first catches up with what
-the others committed (SQLite's ``data_version`` says when), so none serves a purged case.
+Several processes, and with PostgreSQL several hosts, may write the same store (workers and the CLI): every
+call first catches up with what the others committed (the store's ``data_version`` says when: rows with ids
+above the replica's watermark are read, and partition counts that differ from the store's make it drop rows
+deleted elsewhere), so a case added anywhere is found at the next query and none serves a purged case.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -57,7 +61,7 @@ _QUERY_ATTEMPTS: Final = 3  # a case purged by another process between search an
 
 
 class NeighbourIndex(Protocol):
-    """What the pipeline and the CLI need from the neighbour index (contracts: :class:`SqliteNeighbourIndex`)."""
+    """What the pipeline and the CLI need from the neighbour index (contracts: :class:`ReplicaIndex`)."""
 
     def add(self, version: str, vector: ArrayLike, case: NewCase) -> Case: ...
     def add_many(self, version: str, vectors: ArrayLike, cases: Sequence[NewCase]) -> list[Case]: ...
@@ -110,19 +114,22 @@ class _Loaded:
     load_seconds: float = 0.0
 
 
-class SqliteNeighbourIndex:
-    """The embedded neighbour index; thread-safe, and safe to open from several processes.
+class ReplicaIndex:
+    """The neighbour index: a store's cases, searched in memory; thread-safe, safe to open from several
+    processes, and from several hosts on a shared store.
 
     Parameters
     ----------
     root : Path
-        Its folder (``storage.root / "index"``); created when missing.
+        Its folder (``storage.root / "index"``; with a store other hosts share, a folder of this host's own,
+        such as one under ``storage.run_dir``); created when missing. It holds the checkpoint files.
     params : EngineParams, optional
         Search settings (exact/IVF threshold, lists, nprobe); the defaults are the measured ones.
     fsync : bool
-        ``synchronous=FULL`` when True: an add that returned survives power loss, not only kill -9.
+        ``synchronous=FULL`` when True: an add that returned survives power loss, not only kill -9 (SQLite).
     store : CaseStore, optional
-        The cases and embeddings; by default the SQLite file ``root/neighbours.sqlite3``.
+        The cases and embeddings; by default the SQLite file ``root/neighbours.sqlite3``. Shared by every
+        host: ``store=PgCaseStore(url, password)``.
     """
 
     def __init__(
@@ -269,21 +276,29 @@ class SqliteNeighbourIndex:
     def checkpoint(self, version: str | None = None) -> int:
         """Write the search structure of ``version`` (loading it first), or of every version held in memory.
 
-        Versions unchanged since their last checkpoint are skipped. The files are written under the
-        database's write lock, so a purge by another process waits and then deletes the fresh file: a
-        checkpoint never keeps a purged vector. Also truncates the database's WAL. Returns how many
-        checkpoint files were written.
+        Versions unchanged since their last checkpoint are skipped. On one host the files are written under
+        the database's write lock, so a purge by another process waits and then deletes the fresh file. On a
+        shared store, other hosts' writes are not held off (a checkpoint of 1M rows takes seconds); the index
+        catches up once the files are written instead, and deletes any file holding rows purged meanwhile.
+        Either way a checkpoint never keeps a purged vector past this host's next call. Also truncates the
+        database's WAL. Returns how many checkpoint files were written.
         """
         with self._lock:
             self._sync()
             targets = [check_version(version)] if version is not None else sorted(self._loaded)
             for target in targets:
                 self._get(target)  # loading (maybe long) happens outside the write lock
-            with self._store.transaction():  # holds off other writers: a purge can't commit mid-write
+            with self._writers_held():
                 self._sync()
                 written = sum(self._write_checkpoint(v) for v in targets)
+            if self._store.shared:
+                self._sync()
             self._store.truncate_wal()
         return written
+
+    def _writers_held(self) -> AbstractContextManager[object]:
+        """The store's write lock on one host (a purge can't commit mid-write); nothing on a shared store."""
+        return nullcontext() if self._store.shared else self._store.transaction()
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -381,7 +396,7 @@ class SqliteNeighbourIndex:
             self._loaded.clear()
             self._store.close()
 
-    def __enter__(self) -> SqliteNeighbourIndex:
+    def __enter__(self) -> ReplicaIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -504,11 +519,20 @@ class SqliteNeighbourIndex:
                 missing = np.setdiff1d(stored, held, assume_unique=True)
                 if len(extra):
                     part.remove(extra)
+                    self._forget_checkpoint(version)
                 for start in range(0, len(missing), CHUNK_ROWS):
                     part.add(self._store.fetch(version, missing[start : start + CHUNK_ROWS], loaded.dim))
                 changed = changed or bool(len(extra) or len(missing))
         loaded.watermark = upto
         return changed
+
+    def _forget_checkpoint(self, version: str) -> None:
+        """Delete this host's checkpoint of ``version``: it may hold rows another host purged (shared store).
+
+        On one host the purging process deleted it already, and a file written since holds no purged row.
+        """
+        if self._store.shared:
+            checkpoint.remove(self._checkpoint_path(version))
 
     def _apply(self, changes: Changes) -> None:
         """Apply a committed write of this connection to the versions held in memory."""
@@ -608,3 +632,7 @@ def _source(library: bool) -> str:
 
 def _engine_name(part: Partition) -> str:
     return part.kind if part.centroids is None else f"{part.kind}:{len(part.centroids)}"
+
+
+SqliteNeighbourIndex = ReplicaIndex
+"""The name :class:`ReplicaIndex` had when SQLite was its only store (kept for callers)."""

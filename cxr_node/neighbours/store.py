@@ -1,4 +1,8 @@
-"""The durable half of the index: cases and their embeddings in SQLite, the source of truth.
+"""The durable half of the index: the case store every backend implements, and its embedded backend, SQLite.
+
+:class:`CaseStore` is the interface the index uses; :class:`SqliteCaseStore` keeps the cases in one file on
+this host, :class:`~cxr_node.neighbours.postgres.PgCaseStore` in a PostgreSQL database every host shares. Either
+is the source of truth; the search structures in memory and the checkpoint files are caches of it.
 
 SQLite in WAL mode with ``synchronous=FULL``: a write that returned is on disk and survives kill -9 or power
 loss. ``secure_delete`` is on, so a purged case's rows are overwritten, not just unlinked. One row per image
@@ -67,7 +71,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
 );
 CREATE INDEX IF NOT EXISTS embeddings_by_version ON embeddings (model_version, library, id);
 """
-_CASE_COLUMNS: Final = (
+CASE_COLUMNS: Final = (
     "c.id, c.sop_instance_uid, c.study_instance_uid, c.accession_number, c.study_date, c.patient_hash,"
     " c.label, c.source"
 )
@@ -130,6 +134,12 @@ class CaseStore(Protocol[Tx]):
     :meth:`transaction` and return the :class:`Changes` the index applies to its in-memory partitions.
     """
 
+    @property
+    def shared(self) -> bool:
+        """True when other hosts write the store: their purges cannot delete this host's checkpoint files, so
+        the index deletes those itself when it finds rows purged (False: one host, one folder)."""
+        ...
+
     def transaction(self) -> AbstractContextManager[Tx]:
         """Hold the write lock for the block; commit at its end, roll back on error."""
         ...
@@ -139,7 +149,7 @@ class CaseStore(Protocol[Tx]):
         ...
 
     def data_version(self) -> int:
-        """A number that changes when another process commits (the index then catches up)."""
+        """A number that changes when another process or host commits (the index then catches up); cheap."""
         ...
 
     def truncate_wal(self) -> None:
@@ -223,6 +233,9 @@ class SqliteCaseStore:
     StorageError
         When the file cannot be opened or was written by a newer schema.
     """
+
+    shared: Final = False
+    """Every process that writes the file runs on this host and shares its checkpoint folder."""
 
     def __init__(self, path: Path, fsync: bool = True) -> None:
         self.path = path
@@ -377,7 +390,7 @@ class SqliteCaseStore:
             (version, dim),
         )
         changes, count = Changes(), 0
-        for batch in _batched(items):
+        for batch in batched(items):
             cases = [case for case, _ in batch]
             vectors = np.stack([vector for _, vector in batch]).astype(np.float32, copy=False)
             count += len(self._write_batch(db, version, vectors, cases, changes, record=False))
@@ -458,8 +471,8 @@ class SqliteCaseStore:
         for start in range(0, len(unique), _IN_LIMIT):
             chunk = unique[start : start + _IN_LIMIT]
             marks = ", ".join("?" * len(chunk))
-            rows = db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c WHERE c.sop_instance_uid IN ({marks})", chunk)
-            found.update((row[1], _case(row, version)) for row in rows)
+            rows = db.execute(f"SELECT {CASE_COLUMNS} FROM cases c WHERE c.sop_instance_uid IN ({marks})", chunk)
+            found.update((row[1], case_from_row(row, version)) for row in rows)
         return found
 
     def _insert_cases(
@@ -491,8 +504,8 @@ class SqliteCaseStore:
                 for n in fresh.values()
             ],
         )
-        rows = db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c WHERE c.id > ?", (before,))
-        known.update((row[1], _case(row, version)) for row in rows)
+        rows = db.execute(f"SELECT {CASE_COLUMNS} FROM cases c WHERE c.id > ?", (before,))
+        known.update((row[1], case_from_row(row, version)) for row in rows)
         return fresh
 
     def _update_case(self, db: sqlite3.Connection, case: Case, new: NewCase, changes: Changes) -> Case:
@@ -593,7 +606,7 @@ class SqliteCaseStore:
             if not rows:
                 return
             last = rows[-1][0]
-            yield _rows(rows, dim)
+            yield rows_from_tuples(rows, dim)
 
     def fetch(self, version: str, ids: Int64s, dim: int) -> Rows:
         """Return the rows of the given embedding ids that still exist, in id order."""
@@ -608,7 +621,7 @@ class SqliteCaseStore:
                     (version, *chunk),
                 ).fetchall()
             if rows:
-                parts.append(_rows(rows, dim))
+                parts.append(rows_from_tuples(rows, dim))
         return Rows.concat(parts, dim) if parts else empty_rows(dim)
 
     def cases(self, ids: Sequence[int]) -> dict[int, Case]:
@@ -619,11 +632,11 @@ class SqliteCaseStore:
             marks = ", ".join("?" * len(chunk))
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT e.id, e.model_version, {_CASE_COLUMNS} FROM embeddings e"
+                    f"SELECT e.id, e.model_version, {CASE_COLUMNS} FROM embeddings e"
                     f" JOIN cases c ON c.id = e.case_id WHERE e.id IN ({marks})",
                     chunk,
                 ).fetchall()
-            found.update((row[0], _case(row[2:], row[1])) for row in rows)
+            found.update((row[0], case_from_row(row[2:], row[1])) for row in rows)
         return found
 
     def invalid(self) -> list[tuple[Case, tuple[str, ...]]]:
@@ -633,15 +646,15 @@ class SqliteCaseStore:
 
     def _invalid(self, db: sqlite3.Connection) -> list[tuple[Case, tuple[str, ...]]]:
         found = []
-        for row in db.execute(f"SELECT {_CASE_COLUMNS} FROM cases c ORDER BY c.id"):
-            case = _case(row, "")
+        for row in db.execute(f"SELECT {CASE_COLUMNS} FROM cases c ORDER BY c.id"):
+            case = case_from_row(row, "")
             problems = identifier_problems(case)
             if problems:
                 found.append((case, problems))
         return found
 
 
-def _rows(rows: list[tuple[int, int, int, bytes]], dim: int) -> Rows:
+def rows_from_tuples(rows: list[tuple[int, int, int, bytes]], dim: int) -> Rows:
     """Turn ``(id, patient_key, study_key, vector)`` tuples into a :class:`Rows` batch."""
     vectors = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), dim)
     return Rows(
@@ -652,8 +665,8 @@ def _rows(rows: list[tuple[int, int, int, bytes]], dim: int) -> Rows:
     )
 
 
-def _case(row: Sequence[Any], version: str) -> Case:
-    """Return the Case of a ``cases`` row (the columns of :data:`_CASE_COLUMNS`), as matched under ``version``."""
+def case_from_row(row: Sequence[Any], version: str) -> Case:
+    """Return the Case of a ``cases`` row (the columns of :data:`CASE_COLUMNS`), as matched under ``version``."""
     case_id, sop, study, accession, date, patient, label, source = row
     return Case(
         sop_instance_uid=sop,
@@ -668,7 +681,7 @@ def _case(row: Sequence[Any], version: str) -> Case:
     )
 
 
-def _batched(items: Iterable[tuple[NewCase, Floats]]) -> Iterator[tuple[tuple[NewCase, Floats], ...]]:
+def batched(items: Iterable[tuple[NewCase, Floats]]) -> Iterator[tuple[tuple[NewCase, Floats], ...]]:
     """Yield ``items`` in tuples of :data:`BATCH_ROWS` (``itertools.batched`` before Python 3.12)."""
     iterator = iter(items)
     while batch := tuple(itertools.islice(iterator, BATCH_ROWS)):

@@ -7,6 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cxr_node.config import Settings
@@ -15,10 +16,13 @@ from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.postgres import PostgresStore
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
+from cxr_node.neighbours import ReplicaIndex
+from cxr_node.neighbours.postgres import PgCaseStore
 from tests.integration.helpers import write_config
 from tests.integration.test_cli import cli
 from tests.postgres import PostgresServer
 from tests.unit.test_jobs import new_job
+from tests.unit.test_neighbours import VERSION, clustered, fill, new_case, row_of
 from tests.unit.test_store_states import NOT_ANALYSED, output
 
 WORKER = Holder("worker", "old-host", 1, 1)
@@ -62,10 +66,24 @@ def test_migrate_moves_every_row_with_ids_and_uids_kept(
     worker was running is re-queued; new jobs continue after the highest id; the open delivery is still due."""
     source = settings.storage.root / spool.DB_NAME
     ids = single_host_store(source)
+    stored = clustered(np.random.default_rng(3), 60)
+    index = ReplicaIndex(settings.storage.root / "index")
+    fill(index, stored)
+    index.close()
     config = write_config(pg_settings(settings, postgres_url, postgres_password_file), tmp_path / "node.yaml")
     done = cli("db", "migrate", "--from", f"sqlite:{source}", "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert "running job(s) re-queued" in done.stdout
+    assert "index embeddings" in done.stdout
+    replica = ReplicaIndex(tmp_path / "replica", store=PgCaseStore(postgres_url, postgres_server.password))
+    try:  # the same cases, numbered as before, and new ones after them
+        found = replica.query(VERSION, stored[7], 3, patient_hash=None, study_instance_uid=None)
+        assert row_of(found[0].case.sop_instance_uid) == 7
+        assert replica.size(VERSION) == 60
+        [added] = replica.add_many(VERSION, stored[:1], [new_case(999)])
+        assert added.case_id == 61
+    finally:
+        replica.close()
     old, new = SqliteStore(source, readonly=True), PostgresStore(postgres_url, postgres_server.password)
     try:
         for job in old.jobs.query():

@@ -38,3 +38,5 @@ def test_two_hosts_die_and_every_image_still_gets_one_sr_and_one_sc(tmp_path: Pa
         assert taken_back, history
         assert any(e[1] == "inferred" and str(e[3]).startswith("worker-b:") for e in history), history
     assert set(report["inferred_by_host"]) <= {"worker-a", "worker-b"}
+    # one neighbour index for all workers: every analysed image is a case in PostgreSQL, none in a SQLite file
+    assert report["index_cases"] == COUNT and not report["sqlite_index_on_shared_root"], report

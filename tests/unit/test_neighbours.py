@@ -1,4 +1,5 @@
-"""The neighbour index: top-k against brute force, exclusions, library, versions, labels, purge, rebuild, bad input."""
+"""The neighbour index on each case store: top-k against brute force, exclusions, library, versions, labels, purge,
+rebuild, bad input."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import pytest
 
 from cxr_node.neighbours import (
     CHECKPOINTS,
-    DB_NAME,
     EngineParams,
     NeighbourIndex,
     NewCase,
-    SqliteNeighbourIndex,
+    ReplicaIndex,
     case_number,
 )
+from tests.index_backends import BACKENDS, IndexBackend, index_backend
 
 VERSION = "demo-1.0"
 DIM = 32
@@ -62,14 +63,14 @@ def brute_force(stored: np.ndarray, query: np.ndarray, k: int, allowed: np.ndarr
     return rows[order][:k].tolist()
 
 
-def fill(index: SqliteNeighbourIndex, stored: np.ndarray, **case_args: str | None) -> None:
+def fill(index: ReplicaIndex, stored: np.ndarray, **case_args: str | None) -> None:
     """Add every row of ``stored`` as its own case, in batches."""
     for start in range(0, len(stored), 500):
         rows = range(start, min(start + 500, len(stored)))
         index.add_many(VERSION, stored[rows.start : rows.stop], [new_case(r, **case_args) for r in rows])
 
 
-def rows_found(index: SqliteNeighbourIndex, query: np.ndarray, k: int, **kwargs: object) -> list[int]:
+def rows_found(index: ReplicaIndex, query: np.ndarray, k: int, **kwargs: object) -> list[int]:
     """Return the stored rows the index returns for ``query`` (no exclusion unless given)."""
     kwargs = {"patient_hash": None, "study_instance_uid": None, **kwargs}
     return [row_of(n.case.sop_instance_uid) for n in index.query(VERSION, query, k, **kwargs)]  # type: ignore[arg-type]
@@ -81,10 +82,16 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "index"
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> IndexBackend:
+    """Each case store: the SQLite file, a fresh PostgreSQL database."""
+    return index_backend(request)
+
+
 @pytest.fixture
-def index(root: Path) -> Iterator[SqliteNeighbourIndex]:
-    """A fresh index with the default (measured) settings."""
-    with SqliteNeighbourIndex(root) as opened:
+def index(root: Path, backend: IndexBackend) -> Iterator[ReplicaIndex]:
+    """A fresh index with the default (measured) settings on each case store."""
+    with backend.open(root) as opened:
         yield opened
 
 
@@ -92,7 +99,7 @@ def index(root: Path) -> Iterator[SqliteNeighbourIndex]:
 
 
 @pytest.mark.parametrize("make", [unit, clustered], ids=["random", "clustered"])
-def test_exact_engine_matches_brute_force(index: SqliteNeighbourIndex, make: object) -> None:
+def test_exact_engine_matches_brute_force(index: ReplicaIndex, make: object) -> None:
     """Below the exact threshold, top-k rows, order and similarities are those of brute force."""
     rng = np.random.default_rng(1)
     stored, queries = make(rng, 700), make(rng, 25)  # type: ignore[operator]
@@ -106,11 +113,11 @@ def test_exact_engine_matches_brute_force(index: SqliteNeighbourIndex, make: obj
         np.testing.assert_allclose([n.similarity for n in found], stored[expected] @ query, atol=1e-6)
 
 
-def test_ivf_engine_recall_on_clustered_embeddings(root: Path) -> None:
+def test_ivf_engine_recall_on_clustered_embeddings(root: Path, backend: IndexBackend) -> None:
     """Above the threshold the IVF engine finds >= 95 % of the exact top-10, and all of it scanning every list."""
     rng = np.random.default_rng(2)
     stored, queries = clustered(rng, 5000), clustered(rng, 40)
-    with SqliteNeighbourIndex(root, SMALL_IVF) as index:
+    with backend.open(root, SMALL_IVF) as index:
         fill(index, stored)
         engine = index.load(VERSION).engines["store"]
         assert engine.startswith("ivf:")
@@ -121,11 +128,11 @@ def test_ivf_engine_recall_on_clustered_embeddings(root: Path) -> None:
             assert rows_found(index, query, 10, nprobe=lists) == brute_force(stored, query, 10)
 
 
-def test_ivf_engine_on_random_embeddings_is_exact_when_scanning_every_list(root: Path) -> None:
+def test_ivf_engine_on_random_embeddings_is_exact_when_scanning_every_list(root: Path, backend: IndexBackend) -> None:
     """On unstructured vectors the IVF engine's results are a subset of the stored rows and exact at full scan."""
     rng = np.random.default_rng(3)
     stored, queries = unit(rng, 3000), unit(rng, 10)
-    with SqliteNeighbourIndex(root, SMALL_IVF) as index:
+    with backend.open(root, SMALL_IVF) as index:
         fill(index, stored)
         lists = int(index.load(VERSION).engines["store"].split(":")[1])
         for query in queries:
@@ -137,13 +144,13 @@ def test_ivf_engine_on_random_embeddings_is_exact_when_scanning_every_list(root:
 
 
 @pytest.mark.parametrize("params", [EngineParams(), SMALL_IVF], ids=["exact", "ivf"])
-def test_same_patient_and_same_study_are_excluded(root: Path, params: EngineParams) -> None:
+def test_same_patient_and_same_study_are_excluded(root: Path, backend: IndexBackend, params: EngineParams) -> None:
     """The query's patient and study never come back, and k results still do when enough others exist."""
     rng = np.random.default_rng(4)
     query = unit(rng, 1)[0]
     near = query + 0.05 * unit(rng, 600)  # the nearest rows all belong to the query's patient or study
     stored = np.vstack([near / np.linalg.norm(near, axis=1, keepdims=True), unit(rng, 2000)]).astype(np.float32)
-    with SqliteNeighbourIndex(root, params) as index:
+    with backend.open(root, params) as index:
         index.add_many(VERSION, stored[:300], [new_case(r, patient="P") for r in range(300)])
         index.add_many(VERSION, stored[300:600], [new_case(r, study="1.2.9") for r in range(300, 600)])
         fill_rows = range(600, len(stored))
@@ -159,7 +166,7 @@ def test_same_patient_and_same_study_are_excluded(root: Path, params: EnginePara
         assert set(rows_found(index, query, 10)) <= set(range(600))  # without exclusion: the near rows
 
 
-def test_library_only_returns_only_library_cases(index: SqliteNeighbourIndex) -> None:
+def test_library_only_returns_only_library_cases(index: ReplicaIndex) -> None:
     """``library_only`` searches the labelled library alone; the default searches both sources."""
     rng = np.random.default_rng(5)
     stored = unit(rng, 300)
@@ -174,7 +181,7 @@ def test_library_only_returns_only_library_cases(index: SqliteNeighbourIndex) ->
     assert rows_found(index, query, 5) == brute_force(stored, query, 5)
 
 
-def test_model_versions_are_never_compared(index: SqliteNeighbourIndex) -> None:
+def test_model_versions_are_never_compared(index: ReplicaIndex) -> None:
     """Each model version has its own vectors and length; a query sees only its version's cases."""
     rng = np.random.default_rng(6)
     index.add_many("v1", unit(rng, 50), [new_case(r) for r in range(50)])
@@ -191,7 +198,7 @@ def test_model_versions_are_never_compared(index: SqliteNeighbourIndex) -> None:
 # ---------------------------------------------------------------------------------------------- cases
 
 
-def test_returned_case_carries_metadata_and_case_number(index: SqliteNeighbourIndex) -> None:
+def test_returned_case_carries_metadata_and_case_number(index: ReplicaIndex) -> None:
     """``add`` returns the stored case with its de-identified number; a query returns the same record."""
     rng = np.random.default_rng(7)
     vector = unit(rng, 1)[0]
@@ -203,7 +210,7 @@ def test_returned_case_carries_metadata_and_case_number(index: SqliteNeighbourIn
     assert case_number(12_345_678) == "C12345678"
 
 
-def test_adding_an_image_twice_keeps_one_case(index: SqliteNeighbourIndex) -> None:
+def test_adding_an_image_twice_keeps_one_case(index: ReplicaIndex) -> None:
     """A retried add (same SOP Instance UID and version) stores nothing new and returns the same case."""
     rng = np.random.default_rng(8)
     vector = unit(rng, 1)[0]
@@ -214,7 +221,7 @@ def test_adding_an_image_twice_keeps_one_case(index: SqliteNeighbourIndex) -> No
     assert index.size(VERSION) == 1
 
 
-def test_library_import_promotes_a_stored_case(index: SqliteNeighbourIndex) -> None:
+def test_library_import_promotes_a_stored_case(index: ReplicaIndex) -> None:
     """Adding a stored image again as ``library`` moves it into the library (same case number)."""
     rng = np.random.default_rng(9)
     vector = unit(rng, 1)[0]
@@ -226,7 +233,7 @@ def test_library_import_promotes_a_stored_case(index: SqliteNeighbourIndex) -> N
     assert index.size(VERSION) == 1
 
 
-def test_label_sets_every_case_of_a_study(index: SqliteNeighbourIndex) -> None:
+def test_label_sets_every_case_of_a_study(index: ReplicaIndex) -> None:
     """``label`` updates each case of the study and returns the count; None clears it."""
     rng = np.random.default_rng(10)
     stored = unit(rng, 4)
@@ -243,11 +250,11 @@ def test_label_sets_every_case_of_a_study(index: SqliteNeighbourIndex) -> None:
         index.label("1.2.7", "pneumonia")  # type: ignore[arg-type]
 
 
-def test_purge_study_removes_it_from_memory_database_and_checkpoint(root: Path) -> None:
+def test_purge_study_removes_it_from_memory_database_and_checkpoint(root: Path, backend: IndexBackend) -> None:
     """A purged study is never returned again, its vectors leave the database and checkpoint files."""
     rng = np.random.default_rng(11)
     stored = unit(rng, 60)
-    with SqliteNeighbourIndex(root) as index:
+    with backend.open(root) as index:
         index.add_many(VERSION, stored, [new_case(r, study="1.2.5" if r < 2 else None) for r in range(60)])
         index.add_many("v0", stored[:2], [new_case(r) for r in range(2)])
         index.checkpoint(VERSION)
@@ -256,9 +263,10 @@ def test_purge_study_removes_it_from_memory_database_and_checkpoint(root: Path) 
         assert not set(rows_found(index, stored[0], 60)) & {0, 1}
         assert index.purge_study("1.2.5") == 0
     secret = stored[0].astype("<f4").tobytes()
-    for path in [root / DB_NAME, *(root / CHECKPOINTS).iterdir()]:
+    assert not backend.holds_bytes(root, secret)
+    for path in (root / CHECKPOINTS).iterdir():
         assert secret not in path.read_bytes(), path
-    with SqliteNeighbourIndex(root) as index:
+    with backend.open(root) as index:
         assert index.load(VERSION).origin == "checkpoint"
         assert not set(rows_found(index, stored[0], 60)) & {0, 1}
 
@@ -266,12 +274,12 @@ def test_purge_study_removes_it_from_memory_database_and_checkpoint(root: Path) 
 # ---------------------------------------------------------------------------------------------- rebuild
 
 
-def test_rebuild_from_the_same_items_gives_identical_results(root: Path) -> None:
+def test_rebuild_from_the_same_items_gives_identical_results(root: Path, backend: IndexBackend) -> None:
     """Rebuilding an exact index from the items it was filled with changes no result and no case number."""
     rng = np.random.default_rng(12)
     stored, queries = unit(rng, 300), unit(rng, 15)
     items = [(new_case(r), stored[r]) for r in range(300)]
-    with SqliteNeighbourIndex(root) as index:
+    with backend.open(root) as index:
         for case, vector in items:
             index.add(VERSION, vector, case)
         before = [index.query(VERSION, q, 8, patient_hash="x", study_instance_uid="y") for q in queries]
@@ -280,33 +288,33 @@ def test_rebuild_from_the_same_items_gives_identical_results(root: Path) -> None
     assert after == before
 
 
-def test_ivf_rebuild_is_deterministic_and_survives_restarts(root: Path) -> None:
+def test_ivf_rebuild_is_deterministic_and_survives_restarts(root: Path, backend: IndexBackend) -> None:
     """Rebuilding twice from the same items, and reopening from checkpoint or database, gives identical results."""
     rng = np.random.default_rng(13)
     stored, queries = clustered(rng, 3000), clustered(rng, 20)
     items = [(new_case(r), stored[r]) for r in range(len(stored))]
 
-    def results(index: SqliteNeighbourIndex) -> list[list[tuple[str, float]]]:
+    def results(index: ReplicaIndex) -> list[list[tuple[str, float]]]:
         found = [index.query(VERSION, q, 10, patient_hash=None, study_instance_uid=None) for q in queries]
         return [[(n.case.sop_instance_uid, n.similarity) for n in one] for one in found]
 
-    with SqliteNeighbourIndex(root, SMALL_IVF) as index:
+    with backend.open(root, SMALL_IVF) as index:
         index.rebuild(VERSION, items)
         first = results(index)
         assert index.load(VERSION).engines["store"].startswith("ivf:")
         index.rebuild(VERSION, iter(items))
         assert results(index) == first
-    with SqliteNeighbourIndex(root, SMALL_IVF) as index:
+    with backend.open(root, SMALL_IVF) as index:
         assert index.load(VERSION).origin == "checkpoint"
         assert results(index) == first
     for path in (root / CHECKPOINTS).iterdir():
         path.unlink()
-    with SqliteNeighbourIndex(root, SMALL_IVF) as index:
+    with backend.open(root, SMALL_IVF) as index:
         assert index.load(VERSION).origin == "database"
         assert results(index) == first
 
 
-def test_rebuild_replaces_every_vector_of_the_version(index: SqliteNeighbourIndex) -> None:
+def test_rebuild_replaces_every_vector_of_the_version(index: ReplicaIndex) -> None:
     """After a rebuild only its items remain; kept images keep their case numbers, other versions are untouched."""
     rng = np.random.default_rng(14)
     stored = unit(rng, 100)
@@ -347,7 +355,7 @@ BAD_INPUTS = (
 )
 
 
-def _calls(index: SqliteNeighbourIndex) -> dict[str, tuple[object, str]]:
+def _calls(index: ReplicaIndex) -> dict[str, tuple[object, str]]:
     """Return, per bad input, a call that makes it and the argument its error must name."""
     rng = np.random.default_rng(15)
     good = unit(rng, 1)[0]
@@ -387,7 +395,7 @@ def _calls(index: SqliteNeighbourIndex) -> dict[str, tuple[object, str]]:
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_raises_value_error_naming_the_argument(index: SqliteNeighbourIndex, name: str) -> None:
+def test_bad_input_raises_value_error_naming_the_argument(index: ReplicaIndex, name: str) -> None:
     """Wrong lengths, NaN or zero vectors, unknown labels and other bad values raise ValueError naming the argument."""
     call, argument = _calls(index)[name]  # type: ignore[misc]
     with pytest.raises(ValueError, match=rf"^{argument} "):
@@ -395,7 +403,7 @@ def test_bad_input_raises_value_error_naming_the_argument(index: SqliteNeighbour
     assert index.size(VERSION) == 1  # nothing half-written
 
 
-def test_sqlite_index_satisfies_the_protocol(index: SqliteNeighbourIndex) -> None:
-    """The embedded index is a NeighbourIndex (callers type against the Protocol)."""
+def test_index_satisfies_the_protocol(index: ReplicaIndex) -> None:
+    """The index on either store is a NeighbourIndex (callers type against the Protocol)."""
     typed: NeighbourIndex = index
     assert typed.size(VERSION) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -141,15 +142,19 @@ def test_checkpoint_round_trip(tmp_path: Path, size: int) -> None:
 
 
 def test_checkpoint_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
-    """A temporary file left by a killed writer goes at the next write; a live writer's stays."""
+    """A temporary file left by a killed writer of this host goes at the next write; a live writer's stays, and
+    so does one another host writes into a shared folder (its process ids are not this host's)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
     path = checkpoint.path_for(tmp_path, "v1")
-    stale = path.with_name(f"{path.name}.{int(dead.stdout)}{checkpoint.PARTIAL}")
+    stale = path.with_name(f"{path.name}.{pid}@{socket.gethostname()}{checkpoint.PARTIAL}")
+    stale_unnamed = path.with_name(f"{path.name}.{pid}{checkpoint.PARTIAL}")  # written before hosts were named
     live = path.with_name(f"{path.name}.1{checkpoint.PARTIAL}")  # pid 1 always runs
-    stale.write_bytes(b"half")
-    live.write_bytes(b"busy")
+    elsewhere = path.with_name(f"{path.name}.{pid}@another-host.example{checkpoint.PARTIAL}")
+    for temp in (stale, stale_unnamed, live, elsewhere):
+        temp.write_bytes(b"half")
     checkpoint.write(path, checkpoint.Snapshot("v1", 1, 0, DIM, {False: Partition(DIM, PARAMS)}))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, elsewhere.name])
 
 
 def test_engine_params_are_checked() -> None:
