@@ -3,8 +3,9 @@
 Two sources make one exposition, served by the supervisor: gauges measured from the durable store at each
 scrape (:class:`StoreCollector`: jobs, deliveries, destinations, disk), and the worker's own metrics
 (inference time per image, batches), which the worker process records with prometheus_client's multiprocess
-mode in ``storage.root/run/metrics`` (:func:`share_with_children`) and the supervisor reads back with its
-``MultiProcessCollector``. A process that never shared (a test, ``cxr-node status``) reports its own values.
+mode in ``metrics/`` under this host's ``storage.run_dir`` (:func:`share_with_children`) and the supervisor
+reads back with its ``MultiProcessCollector``. A process that never shared (a test, ``cxr-node status``)
+reports its own values.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from cxr_node.config import Settings, export_metrics_dir
+from cxr_node.errors import StorageError
 from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.states import JobState
@@ -35,7 +37,6 @@ log = structlog.get_logger("cxr_node.metrics")
 
 MULTIPROCESS_DIR: Final = "metrics"
 """The worker's multiprocess metrics folder, under this host's ``storage.run_dir``."""
-"""Where, under ``storage.root``, the worker's prometheus_client multiprocess files live."""
 SKIP_CATEGORIES: Final = (
     ("own output", "own_output"),
     ("SOP class", "sop_class"),
@@ -99,8 +100,8 @@ class Snapshot:
     """Everything /metrics and ``cxr-node status`` show from the store, measured once.
 
     ``alive`` is, per role, when a process of that role last recorded itself alive (on any host sharing the
-    store; ``alive_here``, on this host); ``stuck`` lists running jobs whose lease has run out (their worker
-    stopped renewing it) as ``(job id, seconds since)``.
+    store); ``stuck`` lists running jobs whose lease has run out (their worker stopped renewing it) as
+    ``(job id, seconds since)``.
     """
 
     jobs: dict[str, int]
@@ -111,7 +112,6 @@ class Snapshot:
     disk_used: float
     alive: dict[str, float]
     stuck: list[tuple[int, float]]
-    alive_here: dict[str, float] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -137,13 +137,8 @@ def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snap
     """Measure the node now."""
     root, now = settings.storage.root, time.time() if now is None else now
     alive: dict[str, float] = {}
-    here: dict[str, float] = {}
-    this_host = socket.gethostname()
     for holder in store.jobs.holders():
         alive[holder.role] = max(alive.get(holder.role, 0.0), holder.renewed_at)
-        parsed = Holder.parse(holder.role, holder.id)
-        if parsed is not None and parsed.host == this_host:
-            here[holder.role] = max(here.get(holder.role, 0.0), holder.renewed_at)
     running = store.jobs.query(JobState.RUNNING)
     return Snapshot(
         jobs={state.value: n for state, n in store.jobs.counts().items()},
@@ -154,7 +149,6 @@ def snapshot(settings: Settings, store: Store, now: float | None = None) -> Snap
         disk_used=disk_used_fraction(root) if root.exists() else 0.0,
         alive=alive,
         stuck=[(job.id, now - job.lease_until) for job in running if job.lease_until and job.lease_until < now],
-        alive_here=here,
     )
 
 
@@ -223,25 +217,14 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
     return found
 
 
-def health(
-    settings: Settings, snap: Snapshot, now: float | None = None, roles: Sequence[str] | None = None
-) -> list[str]:
-    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender gone, jobs stuck.
-
-    With ``roles`` (a host that runs some roles only, as in a scale-out), the health of this host's roles: its
-    SCP when it receives, and its own worker or sender having renewed within ``metrics.stuck_after_s``.
-    """
+def health(settings: Settings, snap: Snapshot, now: float | None = None) -> list[str]:
+    """What is wrong with the node ([] when healthy): SCP not listening, worker or sender gone, jobs stuck
+    (the whole node, as ``cxr-node status`` and a supervisor of every role judge it; see :func:`role_health`)."""
     now = time.time() if now is None else now
     problems = []
-    if (roles is None or "receiver" in roles) and not _listening(settings):
+    if not _listening(settings):
         problems.append(f"the DICOM SCP is not listening on port {settings.node.port}")
     stale = settings.metrics.stuck_after_s
-    here = snap.alive_here or {}
-    for role in ("worker", "sender"):
-        if roles is not None and role in roles and now - here.get(role, float("-inf")) > stale:
-            problems.append(f"this host's {role} has not been alive for {stale:g} s")
-    if roles is not None:  # a probe of this host's roles: the rest of the service is not its health
-        return problems
     if snap.queue_depth and now - snap.alive.get("worker", float("-inf")) > stale:
         problems.append(f"{snap.queue_depth} jobs wait but no worker has been alive for {stale:g} s")
     if settings.destinations and now - snap.alive.get("sender", float("-inf")) > stale:
@@ -250,6 +233,34 @@ def health(
     if stuck:
         shown = ", ".join(map(str, stuck[:10])) + (" ..." if len(stuck) > 10 else "")
         problems.append(f"{len(stuck)} running jobs have had no live worker for over {stale:g} s: {shown}")
+    return problems
+
+
+def role_health(settings: Settings, store: Store, roles: Sequence[str], now: float | None = None) -> list[str]:
+    """The health of this host's ``roles`` alone, as cheaply as a probe should be: a receiver's SCP answering
+    (no database read), and this host's worker or sender having renewed its holder entry (one small read; a
+    store it cannot read is a problem of that role, not of a receiver)."""
+    now = time.time() if now is None else now
+    problems = []
+    if "receiver" in roles and not _listening(settings):
+        problems.append(f"the DICOM SCP is not listening on port {settings.node.port}")
+    judged = [role for role in ("worker", "sender") if role in roles]
+    if not judged:
+        return problems
+    try:
+        holders = store.jobs.holders()
+    except StorageError as exc:
+        return [*problems, f"the store cannot be read: {exc}"]
+    here = socket.gethostname()
+    stale = settings.metrics.stuck_after_s
+    for role in judged:
+        renewed = [
+            h.renewed_at
+            for h in holders
+            if h.role == role and (parsed := Holder.parse(role, h.id)) is not None and parsed.host == here
+        ]
+        if now - max(renewed, default=float("-inf")) > stale:
+            problems.append(f"this host's {role} has not been alive for {stale:g} s")
     return problems
 
 
@@ -310,7 +321,10 @@ class MetricsServer:
         if path.startswith("/metrics"):
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path.startswith("/healthz"):
-            problems = health(self.settings, snapshot(self.settings, self.store), roles=self.roles)
+            if self.roles is None:
+                problems = health(self.settings, snapshot(self.settings, self.store))
+            else:
+                problems = role_health(self.settings, self.store, self.roles)
             text = "\n".join(problems) + "\n" if problems else "ok\n"
             return (503 if problems else 200), text.encode(), "text/plain"
         return 404, b"try /metrics or /healthz\n", "text/plain"

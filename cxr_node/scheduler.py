@@ -18,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from cxr_node.config import Settings
 from cxr_node.jobs import retention
 from cxr_node.jobs.interfaces import JobStore, Store
+from cxr_node.jobs.leases import recover_deliveries
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Listener
 from cxr_node.send.deliver import Dispatcher
@@ -131,6 +132,9 @@ class Sender:
     def run(self, stop: threading.Event) -> None:
         """Run deliveries and housekeeping until ``stop`` is set; the round in hand is finished first."""
         self.jobs.renew(self.holder, ALIVE_EVERY_S)
+        freed = recover_deliveries(self.jobs, self.dispatcher.store)  # a sender before this one died on this host
+        if freed:
+            log.info("sender.recovered", deliveries_freed=freed)
         for destination in self.dispatcher.destinations:
             self.dispatcher.probe(destination)
         self.housekeeper.settle()

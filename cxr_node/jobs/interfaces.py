@@ -168,6 +168,10 @@ class DeliveryStore(Protocol):
         """Re-queue the deliveries of one job, or of every dead job; return the job ids."""
         ...
 
+    def renew(self, holder: Holder, lease_s: float) -> int:
+        """Extend the leases of the open deliveries ``holder`` claimed; return how many."""
+        ...
+
     def release(self, holders: Sequence[str]) -> int:
         """Free the deliveries leased to senders that are gone and forget them; return how many were freed."""
         ...

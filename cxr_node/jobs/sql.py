@@ -115,6 +115,8 @@ class SqlDatabase(Protocol):
         ...
 
 
+ROWS_PER_JOB: Final = 4
+"""Delivery rows a sender's claim reads per job it wants (one per output kind: SR, SC, SEG, GSPS)."""
 _HELD: Final = (JobState.RUNNING.value, JobState.INFERRED.value)
 """States in which a job belongs to a worker's lease: analysed, or its outputs being written."""
 IN_FLIGHT: Final = (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.WRITTEN)
@@ -560,23 +562,27 @@ class SqlDeliveries:
             with self.db.read() as db:
                 return self._due(db, destination, now, max_jobs, None)
         with self.db.transaction() as db:
-            free = "(d.holder IS NULL OR d.holder = ? OR d.lease_until < ?)"
-            ids = [
-                row[0]
-                for row in db.execute(
-                    "SELECT id FROM jobs WHERE id IN (SELECT d.job_id FROM deliveries d WHERE d.destination = ?"
-                    f" AND d.state IN ({_marks(_OPEN)}) AND d.next_attempt_at <= ? AND {free})"
-                    f" ORDER BY id LIMIT ?{self.db.dialect.skip_locked}",
-                    (destination, *_OPEN, now, holder.id, now, max_jobs),
-                )
-            ]
+            # The delivery rows themselves are locked (never the job rows a delivery outcome locks after its
+            # delivery: no lock cycle with record()), and the UPDATE checks again that each is still free, so two
+            # senders claiming at once never both take one.
+            free = "(holder IS NULL OR holder = ? OR lease_until < ?)"
+            open_due = f"destination = ? AND state IN ({_marks(_OPEN)}) AND next_attempt_at <= ? AND {free}"
+            args = (destination, *_OPEN, now, holder.id, now)
+            locked = db.execute(
+                f"SELECT job_id FROM deliveries WHERE {open_due} ORDER BY job_id LIMIT ?{self.db.dialect.skip_locked}",
+                (*args, max_jobs * ROWS_PER_JOB),
+            ).fetchall()
+            candidates = sorted({row[0] for row in locked})[:max_jobs]
+            if not candidates:
+                return []
+            claimed = db.execute(
+                f"UPDATE deliveries SET holder = ?, lease_until = ? WHERE {open_due}"
+                f" AND job_id IN ({_marks(candidates)}) RETURNING job_id",
+                (holder.id, now + lease_s, *args, *candidates),
+            ).fetchall()
+            ids = sorted({row[0] for row in claimed})
             if not ids:
                 return []
-            db.execute(
-                f"UPDATE deliveries SET holder = ?, lease_until = ? WHERE destination = ? AND job_id IN ({_marks(ids)})"
-                f" AND state IN ({_marks(_OPEN)})",
-                (holder.id, now + lease_s, destination, *ids, *_OPEN),
-            )
             return self._due(db, destination, now, max_jobs, ids)
 
     @staticmethod
@@ -750,6 +756,17 @@ class SqlDeliveries:
             target = JobState.WRITTEN if has_outputs else JobState.QUEUED
             self.jobs.move(db, job_id, target, "re-queued by an operator")
             db.execute("UPDATE jobs SET attempts = 0 WHERE id = ?", (job_id,))  # a fresh start after a fix
+
+    def renew(self, holder: Holder, lease_s: float) -> int:
+        """Extend the leases of the open deliveries ``holder`` claimed (a long round to a slow destination);
+        return how many."""
+        with self.db.transaction() as db:
+            return int(
+                db.execute(
+                    f"UPDATE deliveries SET lease_until = ? WHERE holder = ? AND state IN ({_marks(_OPEN)})",
+                    (time.time() + lease_s, holder.id, *_OPEN),
+                ).rowcount
+            )
 
     def release(self, holders: Sequence[str]) -> int:
         """Free the deliveries leased to senders that are gone (so they are sent at once, not after the lease)

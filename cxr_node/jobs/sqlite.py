@@ -178,26 +178,46 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reads outside a transaction."""
-        with self.lock:
+        """The connection, for reads outside a transaction.
+
+        Raises
+        ------
+        StorageError
+            When SQLite fails (the file gone, I/O error, locked past the busy timeout).
+        """
+        with self.lock, self._errors("read failed"):
             yield self.connection
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the write lock (``BEGIN IMMEDIATE``) for the block; commit at its end, roll back on error."""
-        with self.lock:
+        """Hold the write lock (``BEGIN IMMEDIATE``) for the block; commit at its end, roll back on error.
+
+        Raises
+        ------
+        StorageError
+            When SQLite fails (disk full, I/O error, locked past the busy timeout).
+        """
+        with self.lock, self._errors("write failed"):
             self.connection.execute("BEGIN IMMEDIATE")
             self._topics.clear()
             try:
                 yield self.connection
             except BaseException:
-                self.connection.execute("ROLLBACK")
+                if self.connection.in_transaction:
+                    self.connection.execute("ROLLBACK")
                 raise
             self.connection.execute("COMMIT")
             topics, self._topics = self._topics, set()
         if self.wakeup is not None:
             for topic in topics:
                 self.wakeup.notify(topic)
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: jobs database {what}: {exc}") from exc
 
     def wake(self, topic: Topic) -> None:
         """Inside a transaction: once it commits, wake the consumers of ``topic``."""

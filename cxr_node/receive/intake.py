@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +112,7 @@ class Intake:
         except RejectedInstance as exc:
             log.warning("store.rejected", reason=exc.reason, status=f"0x{exc.status:04X}")
             return StoreOutcome(exc.status, status.error_comment(exc.reason))
-        except (OSError, StorageError, sqlite3.Error) as exc:
+        except (OSError, StorageError) as exc:
             log.error("store.failed", error=str(exc))
             return StoreOutcome(status.OUT_OF_RESOURCES, status.error_comment(f"cannot store: {_short(exc)}"))
         except Exception as exc:

@@ -163,9 +163,13 @@ class Dispatcher:
             if refused:
                 log.warning("destination.unmet", refused=refused)
                 self.store.refuse(destination.name, refused)
+            renewed = time.monotonic()
             for item in due:
                 if item.kind in refused:
                     continue
+                if time.monotonic() - renewed > self.settings.lease_s / 3:  # a slow destination: keep the claim
+                    self.store.renew(self.holder, self.settings.lease_s)
+                    renewed = time.monotonic()
                 with bound_contextvars(job_id=item.job_id, kind=item.kind):
                     outcome = self._store_one(assoc, item)
                     if outcome.status is None and not assoc.is_established:

@@ -45,3 +45,32 @@ def test_metrics_count_jobs_and_healthz_follows_the_scp(make_settings: Callable[
     finally:
         server.stop()
         node.stop(grace_s=1)
+
+
+def test_a_supervisor_of_some_roles_judges_only_its_own_on_this_host(
+    make_settings: Callable[..., Settings], chest_cr: Path
+) -> None:
+    """A receiver host is healthy while its SCP answers, whatever waits for workers elsewhere; a worker host is
+    healthy while its own worker renews, not because another host's worker does; a store it cannot read is
+    the worker host's problem, never the receiver's."""
+    from cxr_node.jobs.leases import Holder
+    from cxr_node.metrics import role_health
+
+    settings = make_settings(**{"metrics.stuck_after_s": 60})
+    node = Receiver(settings).start()
+    server = MetricsServer(settings, open_store(settings), roles=["receiver"]).start()
+    try:
+        assert store_all(node.port, [small_cr(chest_cr, "r1")]) == [0]  # queued, and no worker anywhere
+        assert get(server.httpd.server_address[1], "/healthz") == (200, "ok\n")
+        store = node.store
+        store.jobs.renew(Holder("worker", "another-host", 1, 1), 60)
+        assert role_health(settings, store, ["worker"]) == ["this host's worker has not been alive for 60 s"]
+        store.jobs.renew(this_process("worker"), 60)
+        assert role_health(settings, store, ["worker", "sender"]) == ["this host's sender has not been alive for 60 s"]
+        store.close()  # a store that cannot be read
+        assert role_health(settings, store, ["receiver"]) == []
+        [problem] = role_health(settings, store, ["worker"])
+        assert problem.startswith("the store cannot be read")
+    finally:
+        server.stop()
+        node.stop(grace_s=2)

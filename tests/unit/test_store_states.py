@@ -311,6 +311,17 @@ def test_deliveries_of_a_gone_sender_are_freed_at_once(store: AnyStore) -> None:
     assert SENDER_A.id not in {h.id for h in store.jobs.holders()}
 
 
+def test_a_sender_on_a_long_round_keeps_its_claim(store: AnyStore) -> None:
+    """Renewing extends the claim on what is still open: another sender does not take it after the first lease."""
+    job_id = written_job(store, "6.6", ["sr", "sc"])
+    now = time.time()
+    assert store.deliveries.due("pacs", now, 10, SENDER_A, 1)
+    assert store.deliveries.renew(SENDER_A, 600) == 2
+    assert store.deliveries.due("pacs", now + 5, 10, SENDER_B, 60) == []
+    store.deliveries.record(job_id, "pacs", "sr", DeliveryState.DELIVERED, 0, None)
+    assert store.deliveries.renew(SENDER_A, 600) == 1  # what it recorded is no longer its
+
+
 def test_two_senders_finishing_one_job_together_deliver_it(store: AnyStore) -> None:
     """The last two deliveries of a job recorded at the same moment from two threads: the job ends delivered."""
     for round_ in range(5):
@@ -353,6 +364,37 @@ def test_many_workers_claim_every_job_exactly_once(store: AnyStore) -> None:
     every = [job_id for ids in claimed for job_id in ids]
     assert len(every) == len(set(every)) == 80
     assert store.jobs.counts()[JobState.QUEUED] == 0
+
+
+def test_many_senders_send_every_output_exactly_once(store: AnyStore) -> None:
+    """Eight senders claiming and recording at once on one destination: each output is claimed and recorded by
+    one sender only, nothing deadlocks, and every job ends delivered."""
+    ids = [written_job(store, f"6.9.{i}", ["sr", "sc"]) for i in range(40)]
+    sent: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+
+    def send(n: int) -> None:
+        holder = Holder("sender", f"host-{n}", n, 1)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                due = store.deliveries.due("pacs", time.time(), 1, holder, 60)
+                if not due:
+                    return
+                for item in due:
+                    store.deliveries.record(item.job_id, "pacs", item.kind, DeliveryState.DELIVERED, 0, None)
+                    sent.append((item.job_id, item.kind))
+        except BaseException as exc:  # a double claim shows as InvalidTransition, a deadlock as StorageError
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert errors == []
+    assert sorted(sent) == sorted((job_id, kind) for job_id in ids for kind in ("sr", "sc"))
+    assert store.jobs.counts()[JobState.DELIVERED] == 40
 
 
 # --- migration --------------------------------------------------------------------------------------
