@@ -18,6 +18,8 @@ import os
 import re
 import select
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,8 @@ SCHEMA_VERSION: Final = 6
 holder on each event)."""
 PASSWORD_ENV: Final = "CXR_NODE_DB_PASSWORD"  # noqa: S105  # the name of the variable, not a password
 CONNECT_TIMEOUT_S: Final = 10
+CHECK_IDLE_S: Final = 5.0
+"""A pooled connection idle longer than this is checked with a round trip before it is used again."""
 _LOCK_KEY: Final = 0x63787253  # pg_advisory_xact_lock key held while the schema is created or migrated
 _CHANNEL: Final = "cxr_node_"
 _SCHEMA: Final = """
@@ -226,6 +230,7 @@ class PgDatabase:
                 f" and the password in storage.database_password_file or {PASSWORD_ENV}?)"
             ) from exc
         self._local = threading.local()
+        self._idle_since: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
         self.migrated_from: int | None = None  # the schema version found, when this open migrated it (0: created)
         self.pool = ConnectionPool(
             url,
@@ -235,7 +240,8 @@ class PgDatabase:
             open=False,
             timeout=30.0,
             name="cxr-node",
-            check=ConnectionPool.check_connection,
+            check=self._check,
+            reset=self._returned,
         )
         try:
             self.pool.open(wait=True, timeout=30.0)
@@ -247,6 +253,17 @@ class PgDatabase:
         except BaseException:
             self.pool.close()
             raise
+
+    def _returned(self, conn: psycopg.Connection[Any]) -> None:
+        """The pool's reset hook: note when the connection was last given back."""
+        self._idle_since[conn] = time.monotonic()
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        """The pool's check before handing a connection out: one that sat idle long (a server restart, a
+        fail-over, a firewall's idle timeout may have ended it) is tried with a round trip; one used moments ago
+        is not, as that round trip would be a fifth of a transaction's cost."""
+        if time.monotonic() - self._idle_since.get(conn, float("-inf")) > CHECK_IDLE_S:
+            ConnectionPool.check_connection(conn)
 
     def connect(self, **options: Any) -> psycopg.Connection[Any]:
         """A connection of its own, outside the pool (a listener's)."""

@@ -116,3 +116,21 @@ def test_the_password_comes_from_an_owner_only_file_or_the_environment(
     monkeypatch.delenv(PASSWORD_ENV)
     assert password(None) is None
     assert redact("postgresql://u:p@h:5432/d") == "postgresql://u:***@h:5432/d"
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced_after_idling(
+    store: PostgresStore, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the store's connections (a restart, a fail-over): once a connection has idled past
+    CHECK_IDLE_S, the pool tries it before use and opens a new one, so the next call simply works."""
+    import cxr_node.jobs.postgres as backend
+
+    assert store.jobs.counts()[JobState.QUEUED] == 0
+    with postgres_server.connect() as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'cxr' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert ended and all(row == (True,) for row in ended)
+    monkeypatch.setattr(backend, "CHECK_IDLE_S", 0.0)
+    store.jobs.record(new_job("8.9"), JobState.QUEUED)
+    assert store.jobs.counts()[JobState.QUEUED] == 1
