@@ -215,6 +215,104 @@ def test_install_script_staged(staged: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def install_env(root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a DESTDIR-staged install.sh run under ``root``."""
+    return {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "DESTDIR": str(root), **extra}
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"ROLES": "receiver gpu"}, "unknown role 'gpu'"),
+        ({"ROLES": "receiver,sender"}, "unknown role 'receiver,sender'"),
+        ({"ROLES": " "}, "ROLES is empty"),
+        ({"ROLES": "worker", "CXR_NODE_UID": "x998"}, "numeric ids"),
+        ({"CXR_NODE_GID": "0"}, "numeric ids"),
+    ],
+    ids=["unknown-role", "commas", "blank", "uid", "gid"],
+)
+def test_install_script_refuses_bad_roles_and_ids(tmp_path: Path, variables: dict[str, str], message: str) -> None:
+    """A misspelt ROLES or a non-numeric id stops install.sh before it installs anything."""
+    done = subprocess.run(
+        ["bash", str(INSTALL)], env=install_env(tmp_path / "stage", **variables), capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not (tmp_path / "stage").exists()
+
+
+def test_install_script_roles_mode_installs_the_scale_out_files() -> None:
+    """ROLES mode installs the role units, the GPU drop-in as the worker's, the cluster CLI and database.env from
+    the files docs/scale-out.md and tests/unit/test_deploy.py describe, and never enables cxr-node.service."""
+    script = INSTALL.read_text()
+    assert 'install -m 0644 "$SRC/systemd/$unit" "$unit_dir/$unit"' in script
+    assert "unit=cxr-node-$role.service" in script
+    assert "cxr-node-worker.service.d/gpu.conf" in script
+    assert '"$SRC/deploy/systemd/cxr-node-cluster" "$DESTDIR/usr/local/bin/cxr-node-cluster"' in script
+    assert '"$SRC/deploy/systemd/database.env.example" "$env_file"' in script
+    assert "readonly ALL_ROLES=(receiver worker sender)" in script
+    roles = script.split("\ninstall_roles() {", 1)[1].split("\n}\n", 1)[0]
+    assert 'systemctl enable "${units[@]}"' in roles
+    assert re.search(r"\$\{?UNIT(?![A-Z_])|cxr-node\.service", roles) is None  # neither installed nor enabled
+    for path in ("systemd/cxr-node-receiver.service", "systemd/cxr-node-worker.service",
+                 "systemd/cxr-node-sender.service", "deploy/systemd/cxr-node-cluster",
+                 "deploy/systemd/database.env.example"):  # fmt: skip
+        assert (ROOT / path).is_file(), path
+
+
+@pytest.fixture(scope="module")
+def staged_roles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DESTDIR install of this checkout in scale-out mode: receiver and worker, with the GPU drop-in (minutes)."""
+    root = tmp_path_factory.mktemp("stage-roles")
+    root.chmod(0o755)
+    subprocess.run(["bash", str(INSTALL)], env=install_env(root, ROLES="receiver worker", GPU="1"), check=True,
+                   timeout=900)  # fmt: skip
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_install_script_roles_staged(staged_roles: Path) -> None:
+    """ROLES stages the role units named, the worker's GPU drop-in, the cluster CLI, database.env and an empty
+    owner-only db-password, no identifier key and no cxr-node.service; a second run (another role, no GPU=1)
+    adds that role, keeps the site's database.env, password and drop-in, and the units pass verify --root."""
+    units = staged_roles / "etc/systemd/system"
+    conf = staged_roles / "etc/cxr-node"
+    assert sorted(path.name for path in units.glob("*.service")) == ["cxr-node-receiver.service",
+                                                                    "cxr-node-worker.service"]  # fmt: skip
+    assert not (units / UNIT.name).exists() and not (units / f"{UNIT.name}.d").exists()
+    assert (units / "cxr-node-worker.service.d/gpu.conf").read_text() == GPU_DROPIN.read_text()
+    for role in ("receiver", "worker"):
+        assert (units / f"cxr-node-{role}.service").read_text() == (SYSTEMD / f"cxr-node-{role}.service").read_text()
+    cluster = staged_roles / "usr/local/bin/cxr-node-cluster"
+    assert cluster.read_text() == (ROOT / "deploy/systemd/cxr-node-cluster").read_text()
+    assert cluster.stat().st_mode & 0o777 == 0o755
+    database_env, password = conf / "database.env", conf / "db-password"
+    assert database_env.read_text() == (ROOT / "deploy/systemd/database.env.example").read_text()
+    assert database_env.stat().st_mode & 0o777 == 0o640
+    assert password.read_text() == "" and password.stat().st_mode & 0o777 == 0o600
+    assert (conf / "node.yaml").is_file()
+    assert not (staged_roles / "var/lib/cxr-node/identifier.key").exists()
+
+    database_env.write_text("CXR_NODE_STORAGE__DATABASE=postgresql://cxr_node@db.site:5432/cxr_node\n")
+    password.write_text("the site's password\n")
+    subprocess.run(["bash", str(INSTALL)], env=install_env(staged_roles, ROLES="sender"), check=True, timeout=900)
+    assert database_env.read_text() == "CXR_NODE_STORAGE__DATABASE=postgresql://cxr_node@db.site:5432/cxr_node\n"
+    assert password.read_text() == "the site's password\n" and password.stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in units.glob("*.service")) == [
+        "cxr-node-receiver.service", "cxr-node-sender.service", "cxr-node-worker.service"]  # fmt: skip
+    assert (units / "cxr-node-worker.service.d/gpu.conf").is_file()  # kept up to date without GPU=1
+    assert not (units / UNIT.name).exists()
+
+    analyze = tool("systemd-analyze")
+    system = staged_roles / "usr/lib/systemd/system"
+    if not system.exists():
+        shutil.copytree("/usr/lib/systemd/system", system, symlinks=True)
+    names = [f"cxr-node-{role}.service" for role in ("receiver", "worker", "sender")]
+    done = subprocess.run([analyze, "verify", f"--root={staged_roles}", *names], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.slow
 def test_node_works_under_the_unit_sandbox(staged: Path) -> None:
     """The staged node stores and analyses phantoms under the unit's seccomp filters, read-only /, as nobody."""
