@@ -30,7 +30,7 @@ import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cxr_node.errors import StorageError
-from cxr_node.jobs.sql import POSTGRESQL, Dialect, Rows, SqlDeliveries, SqlJobs, SqlResults
+from cxr_node.jobs.sql import POSTGRESQL, Dialect, Rows, SqlStore
 from cxr_node.jobs.wakeup import Listener, Topic
 
 log = structlog.get_logger("cxr_node.jobs.postgres")
@@ -417,35 +417,12 @@ class PgListener(Listener):
             conn.close()
 
 
-class PostgresStore:
+class PostgresStore(SqlStore[PgDatabase]):
     """The shared store: jobs, results and deliveries in one PostgreSQL database (the arguments are
     :class:`PgDatabase`'s)."""
 
     def __init__(self, url: str, password: str | None = None, readonly: bool = False) -> None:
-        self.db = PgDatabase(url, password=password, readonly=readonly)
-        self._jobs = SqlJobs(self.db)
-        self._results = SqlResults(self.db, self._jobs)
-        self._deliveries = SqlDeliveries(self.db, self._jobs)
-
-    @property
-    def migrated_from(self) -> int | None:
-        """The schema version this open found and migrated (0: created it), or None when it was current."""
-        return self.db.migrated_from
-
-    @property
-    def jobs(self) -> SqlJobs:
-        """The jobs."""
-        return self._jobs
-
-    @property
-    def results(self) -> SqlResults:
-        """Results and outputs."""
-        return self._results
-
-    @property
-    def deliveries(self) -> SqlDeliveries:
-        """Deliveries and destinations."""
-        return self._deliveries
+        super().__init__(PgDatabase(url, password=password, readonly=readonly))
 
     def listen(self, topic: Topic) -> Listener:
         """A LISTEN on ``topic``: NOTIFY from any host wakes it."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import codec
@@ -108,6 +108,11 @@ class SqlDatabase(Protocol):
 
     def transaction(self) -> AbstractContextManager[Cursor]:
         """One write transaction: committed at the block's end, rolled back on error."""
+        ...
+
+    @property
+    def migrated_from(self) -> int | None:
+        """The schema version the open found and migrated (0: created), or None when it was current."""
         ...
 
     def wake(self, topic: Topic) -> None:
@@ -828,3 +833,37 @@ class SqlDeliveries:
             r[0]: DestinationState(r[0], bool(r[1]), json.loads(r[2]), json.loads(r[3]), r[4], r[5], r[6], r[7], r[8])
             for r in rows
         }
+
+
+D = TypeVar("D", bound=SqlDatabase)
+
+
+class SqlStore(Generic[D]):
+    """A backend's :class:`~cxr_node.jobs.interfaces.Store` but for ``listen`` and ``close``: the three parts
+    over its database ``db``."""
+
+    def __init__(self, db: D) -> None:
+        self.db = db
+        self._jobs = SqlJobs(db)
+        self._results = SqlResults(db, self._jobs)
+        self._deliveries = SqlDeliveries(db, self._jobs)
+
+    @property
+    def migrated_from(self) -> int | None:
+        """The schema version this open found and migrated (0: created it), or None when it was current."""
+        return self.db.migrated_from
+
+    @property
+    def jobs(self) -> SqlJobs:
+        """The jobs."""
+        return self._jobs
+
+    @property
+    def results(self) -> SqlResults:
+        """Results and outputs."""
+        return self._results
+
+    @property
+    def deliveries(self) -> SqlDeliveries:
+        """Deliveries and destinations."""
+        return self._deliveries

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from cxr_node.errors import StorageError
-from cxr_node.jobs.sql import SQLITE, Dialect, SqlDeliveries, SqlJobs, SqlResults
+from cxr_node.jobs.sql import SQLITE, Dialect, SqlStore
 from cxr_node.jobs.wakeup import Listener, Topic, Wakeup
 
 SCHEMA_VERSION: Final = 6
@@ -229,40 +229,17 @@ class Database:
             self.connection.close()
 
 
-class SqliteStore:
+class SqliteStore(SqlStore[Database]):
     """The embedded store: jobs, results and deliveries over one SQLite database (the arguments are
     :class:`Database`'s)."""
 
     def __init__(self, path: Path, fsync: bool = True, readonly: bool = False, wakeup: Wakeup | None = None) -> None:
-        self.db = Database(path, fsync=fsync, readonly=readonly, wakeup=wakeup)
-        self._jobs = SqlJobs(self.db)
-        self._results = SqlResults(self.db, self._jobs)
-        self._deliveries = SqlDeliveries(self.db, self._jobs)
+        super().__init__(Database(path, fsync=fsync, readonly=readonly, wakeup=wakeup))
 
     @property
     def path(self) -> Path:
         """The database file."""
         return self.db.path
-
-    @property
-    def migrated_from(self) -> int | None:
-        """The schema version this open found and migrated (0: created it), or None when it was current."""
-        return self.db.migrated_from
-
-    @property
-    def jobs(self) -> SqlJobs:
-        """The jobs."""
-        return self._jobs
-
-    @property
-    def results(self) -> SqlResults:
-        """Results and outputs."""
-        return self._results
-
-    @property
-    def deliveries(self) -> SqlDeliveries:
-        """Deliveries and destinations."""
-        return self._deliveries
 
     def listen(self, topic: Topic) -> Listener:
         """Wake-up calls of ``topic`` from this node's processes on this host (plain timeouts when read-only)."""
