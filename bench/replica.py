@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -145,26 +145,26 @@ class Data:
 # --------------------------------------------------------------------------------------------- engines
 
 
-class Engine:
+class Engine(Protocol):
     """One replica engine as the benchmark drives it: build, search one query, add rows, remove ids."""
 
-    name = ""
+    name: str = ""
     settings: tuple[str, ...] = ("",)
 
     def build(self, data: Data) -> None:
-        raise NotImplementedError
+        ...
 
     def search(self, query: np.ndarray, setting: str) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
     def remove(self, ids: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
     def describe(self) -> str:
-        raise NotImplementedError
+        ...
 
 
 class NumpyEngine(Engine):
