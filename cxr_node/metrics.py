@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from cxr_node.config import Settings, export_metrics_dir
 from cxr_node.errors import StorageError
 from cxr_node.jobs.interfaces import Store
-from cxr_node.jobs.leases import Holder
+from cxr_node.jobs.leases import Holder, is_dead
 from cxr_node.jobs.states import JobState
 from cxr_node.receive.pressure import WAITING, disk_used_fraction
 
@@ -257,7 +257,10 @@ def role_health(settings: Settings, store: Store, roles: Sequence[str], now: flo
         renewed = [
             h.renewed_at
             for h in holders
-            if h.role == role and (parsed := Holder.parse(role, h.id)) is not None and parsed.host == here
+            if h.role == role
+            and (parsed := Holder.parse(role, h.id)) is not None
+            and parsed.host == here
+            and not is_dead(parsed)  # a predecessor's last renewal is not this process being alive
         ]
         if now - max(renewed, default=float("-inf")) > stale:
             problems.append(f"this host's {role} has not been alive for {stale:g} s")

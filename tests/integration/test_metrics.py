@@ -65,7 +65,10 @@ def test_a_supervisor_of_some_roles_judges_only_its_own_on_this_host(
         store = node.store
         store.jobs.renew(Holder("worker", "another-host", 1, 1), 60)
         assert role_health(settings, store, ["worker"]) == ["this host's worker has not been alive for 60 s"]
-        store.jobs.renew(this_process("worker"), 60)
+        me = this_process("worker")
+        store.jobs.renew(Holder("worker", me.host, 2**22 + 7, 1), 60)  # a worker of this host that died
+        assert role_health(settings, store, ["worker"]) == ["this host's worker has not been alive for 60 s"]
+        store.jobs.renew(me, 60)
         assert role_health(settings, store, ["worker", "sender"]) == ["this host's sender has not been alive for 60 s"]
         store.close()  # a store that cannot be read
         assert role_health(settings, store, ["receiver"]) == []
