@@ -40,6 +40,9 @@ SCHEMA_VERSION: Final = 6
 holder on each event)."""
 PASSWORD_ENV: Final = "CXR_NODE_DB_PASSWORD"  # noqa: S105  # the name of the variable, not a password
 CONNECT_TIMEOUT_S: Final = 10
+POOL_WAIT_S: Final = 10.0
+"""The longest a call waits for a pooled connection (the database down: a receiver answers 0xA700 after this,
+within a PACS's usual DIMSE timeout, rather than holding the C-STORE until the PACS gives up)."""
 CHECK_IDLE_S: Final = 5.0
 """A pooled connection idle longer than this is checked with a round trip before it is used again."""
 _LOCK_KEY: Final = 0x63787253  # pg_advisory_xact_lock key held while the schema is created or migrated
@@ -222,7 +225,7 @@ class PgDatabase:
         self._kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S}
         if password:
             self._kwargs["password"] = password
-        try:  # one plain attempt first: a wrong password or host is one clear line, not a pool retrying for 30 s
+        try:  # one plain attempt first: a wrong password or host is one clear line, not a pool retrying
             psycopg.connect(url, **self._kwargs).close()
         except psycopg.Error as exc:
             raise StorageError(
@@ -238,13 +241,13 @@ class PgDatabase:
             min_size=1,
             max_size=max_connections,
             open=False,
-            timeout=30.0,
+            timeout=POOL_WAIT_S,
             name="cxr-node",
             check=self._check,
             reset=self._returned,
         )
         try:
-            self.pool.open(wait=True, timeout=30.0)
+            self.pool.open(wait=True, timeout=POOL_WAIT_S)
         except (PoolTimeout, psycopg.Error) as exc:
             self.pool.close()
             raise StorageError(f"storage.database {redact(url)}: cannot connect ({_first_line(exc)})") from exc
@@ -301,7 +304,9 @@ class PgDatabase:
         try:
             yield
         except PoolTimeout as exc:
-            raise StorageError(f"storage.database {redact(self.url)}: no connection within 30 s ({what})") from exc
+            raise StorageError(
+                f"storage.database {redact(self.url)}: no connection within {POOL_WAIT_S:g} s ({what})"
+            ) from exc
         except psycopg.Error as exc:
             raise StorageError(f"storage.database {redact(self.url)}: {what}: {_first_line(exc)}") from exc
 

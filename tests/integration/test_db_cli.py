@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cxr_node.app import Receiver
 from cxr_node.config import Settings
+from cxr_node.dicom import status
 from cxr_node.jobs import spool
 from cxr_node.jobs.leases import Holder
 from cxr_node.jobs.postgres import PostgresStore
@@ -18,7 +21,7 @@ from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.neighbours import ReplicaIndex
 from cxr_node.neighbours.postgres import PgCaseStore
-from tests.integration.helpers import write_config
+from tests.integration.helpers import echo, small_cr, store_all, write_config
 from tests.integration.test_cli import cli
 from tests.postgres import PostgresServer
 from tests.unit.test_jobs import new_job
@@ -161,3 +164,24 @@ def test_an_unreachable_or_refusing_database_is_one_line(
     done = cli("status", "--config", str(config))
     assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot connect" in done.stderr and (password or "irrelevant") not in done.stderr
+
+
+def test_receivers_answer_out_of_resources_while_the_database_is_down(
+    make_settings: Callable[..., Settings], chest_cr: Path, tmp_path: Path
+) -> None:
+    """PostgreSQL stops under a running receiver: the next C-STORE is answered 0xA700 (the PACS retries later)
+    within the pool's wait, never Success for what could not be recorded; C-ECHO still answers."""
+    server = PostgresServer().start()
+    try:
+        url = server.create_database("down")
+        secret = server.write_password_file(tmp_path / "pw")
+        node = Receiver(make_settings(**{"storage.database": url, "storage.database_password_file": secret})).start()
+        try:
+            assert store_all(node.port, [small_cr(chest_cr, "before")]) == [status.SUCCESS]
+            server.stop()
+            assert store_all(node.port, [small_cr(chest_cr, "during")]) == [status.OUT_OF_RESOURCES]
+            assert echo(node.port) == status.SUCCESS
+        finally:
+            node.stop(grace_s=2)
+    finally:
+        server.stop()
