@@ -27,6 +27,7 @@ import yaml
 from cxr_node.config import Settings, load_settings
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import JobState
+from tests.unit.test_packaging import directives, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -58,15 +59,6 @@ HARDENING = (
 """cxr-node.service's directives every role unit keeps as they are (docs/operations.md, Hardening)."""
 
 Manifest = dict[str, Any]
-
-
-def tool(*names: str) -> str:
-    """Return the first of ``names`` found on PATH, or skip the test naming what is missing."""
-    for name in names:
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    pytest.skip(f"{' or '.join(names)} not installed")
 
 
 def documents(path: Path) -> list[Manifest]:
@@ -161,16 +153,6 @@ def secret_keys() -> set[str]:
     """The keys the example Secret defines."""
     (secret,) = documents(EXAMPLE_SECRET)
     return set(secret.get("stringData", {})) | set(secret.get("data", {}))
-
-
-def directives(text: str) -> dict[str, list[str]]:
-    """Return every ``Key=value`` of a unit file, values in order (comments and sections dropped)."""
-    found: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
 
 
 def role_unit(role: str) -> Path:
