@@ -67,6 +67,7 @@ from cxr_node.jobs.records import Job, NewJob, Output
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, Summary
+from tests.integration.helpers import wait_for
 from tests.postgres import APP_ROLE, PostgresServer
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -590,16 +591,6 @@ class Host:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def host_env(worker: bool) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from tests.integration.helpers import wait_for
 from tests.orthanc import Orthanc
 from tests.postgres import PostgresServer
 
@@ -94,15 +95,6 @@ def _query(conn: psycopg.Connection[Any], sql: str, *args: object) -> list[tuple
     return conn.execute(sql, args or None).fetchall()  # type: ignore[arg-type]  # test-only constant SQL
 
 
-def _wait(predicate: Any, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
-
-
 def scale_out(folder: str, count: str) -> dict[str, Any]:
     """Run the scenario with ``count`` phantom images; return the JSON report."""
     base, n = Path(folder), int(count)
@@ -146,7 +138,7 @@ def scale_out(folder: str, count: str) -> dict[str, Any]:
         }
         for name in HOSTS:
             hosts.append(Host(name, base, common, ports.get(name, 0), extra.get(name, {})).start())
-        if not _wait(lambda: all(h.ready() for h in hosts), 120):
+        if not wait_for(lambda: all(h.ready() for h in hosts), 120):
             raise RuntimeError("not every host became ready: " + ", ".join(h.name for h in hosts if not h.ready()))
         by_name = {h.name: h for h in hosts}
         conn = psycopg.connect(url, password=server.password, autocommit=True)
@@ -160,13 +152,13 @@ def scale_out(folder: str, count: str) -> dict[str, Any]:
         ]
         started = time.monotonic()
         holding = "SELECT 1 FROM jobs WHERE state = 'running' AND holder LIKE 'worker-a:%'"
-        held = _wait(lambda: bool(_query(conn, holding)), 60)
+        held = wait_for(lambda: bool(_query(conn, holding)), 60)
         held_ids = [row[0] for row in _query(conn, "SELECT id FROM jobs WHERE holder LIKE 'worker-a:%'")]
         by_name["worker-a"].kill()
         worker_killed_s = round(time.monotonic() - started, 1)
-        delivering = _wait(
+        delivering = wait_for(
             lambda: bool(_query(conn, "SELECT 1 FROM deliveries WHERE holder LIKE 'sender-a:%' AND state = 'pending'")),
-            90, step=0.05,
+            90, every=0.05,
         )  # fmt: skip
         by_name["sender-a"].kill()
         sender_killed_s = round(time.monotonic() - started, 1)
@@ -177,7 +169,7 @@ def scale_out(folder: str, count: str) -> dict[str, Any]:
             states = dict(_query(conn, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
             return sum(states.values()) >= n and all(state in FINISHED for state in states)
 
-        finished = _wait(settled, 240, step=0.5)
+        finished = wait_for(settled, 240, every=0.5)
         finished_s = round(time.monotonic() - started, 1)
         histories = {
             job_id: [tuple(row) for row in _query(
