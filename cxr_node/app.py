@@ -32,7 +32,7 @@ from cxr_node.privacy import PatientHasher, load_key
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
 from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
-from cxr_node.results.findings import Provenance
+from cxr_node.results.findings import Algorithm, Provenance
 from cxr_node.results.kinds import producible
 from cxr_node.scheduler import Housekeeper, Sender, timetable
 from cxr_node.send.deliver import Dispatcher
@@ -117,6 +117,31 @@ def provenance(settings: Settings, manifest: Manifest) -> Provenance:
         members=tuple(member.name for member in manifest.classifier.members),
         software_version=__version__,
         device_uid=device_uid(settings.node.ae_title),
+        algorithms=algorithms(manifest),
+    )
+
+
+def algorithms(manifest: Manifest) -> tuple[Algorithm, ...]:
+    """The manifest's algorithms as the outputs identify them (IHE AI Results): the ensemble, whose Device UID
+    follows every weights file it runs, then each classifier and the lung segmentation, each following its own."""
+    from cxr_node.dicom.uids import algorithm_uid
+
+    segmentation, members = manifest.segmentation, manifest.classifier.members
+    every = (segmentation.sha256, *(member.sha256 for member in members))
+    return (
+        Algorithm(manifest.name, manifest.version, algorithm_uid(manifest.name, manifest.version, *every), "ensemble"),
+        *(
+            Algorithm(
+                member.name, member.version, algorithm_uid(member.name, member.version, member.sha256), "classifier"
+            )
+            for member in members
+        ),
+        Algorithm(
+            segmentation.name,
+            segmentation.version,
+            algorithm_uid(segmentation.name, segmentation.version, segmentation.sha256),
+            "segmentation",
+        ),
     )
 
 

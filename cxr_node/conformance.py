@@ -151,7 +151,7 @@ TEMPLATE_CODES: Final[tuple[TemplateCode, ...]] = (
     TemplateCode(Code("111003", "DCM", "Algorithm Version"), "SR, TID 4019"),
     TemplateCode(Code("111030", "DCM", "Image Region"), "SR, TID 1410 (SCOORD)"),
     TemplateCode(Code("260753009", "SCT", "Source"), "SR, image the SCOORD is selected from"),
-    TemplateCode(Code("111028", "DCM", "Image Library"), "SR, TID 1600 (when the source allows it, see 8.1.1.1)"),
+    TemplateCode(Code("111028", "DCM", "Image Library"), "SR, TID 1600"),
     TemplateCode(Code("126200", "DCM", "Image Library Group"), "SR, TID 1600"),
     TemplateCode(Code("121139", "DCM", "Modality"), "SR, TID 1602"),
     TemplateCode(Code("CR", "DCM", "Computed Radiography"), "SR, TID 1602 value: the source's modality"),

@@ -18,6 +18,10 @@ PLAIN_CHEST_XRAY: Final = Code("399208008", "SCT", "Plain chest X-ray")
 COVID19: Final = Code("840539006", "SCT", "COVID-19")
 LUNG: Final = Code("39607008", "SCT", "Lung structure")
 
+# Who made it: IHE AI Results' purpose of reference for an algorithm in the Contributing Equipment Sequence
+# (the profile's own code, used until DICOM assigns one; docs/ihe-air.md).
+PROCESSING_ALGORITHM: Final = Code("Newcode1", "99IHE", "Processing Algorithm")
+
 # Values of qualitative evaluations.
 PRESENT: Final = Code("52101004", "SCT", "Present")
 ABSENT: Final = Code("272519000", "SCT", "Absent")

@@ -63,6 +63,12 @@ def device_uid(ae_title: str) -> str:
     return derived_uid("device", ae_title)
 
 
+def algorithm_uid(name: str, version: str, *weights_sha256: str) -> str:
+    """Return the Device UID of a trained algorithm (IHE AI Results): derived from its name, version and the
+    SHA-256 of every weights file it runs, so retraining it changes the UID even when the version is kept."""
+    return derived_uid("algorithm", name, version, *weights_sha256)
+
+
 def uid_problem(value: object) -> str:
     """Return why ``value`` is not a valid UID (PS3.5 §9.1), or "" when it is one.
 

@@ -23,7 +23,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
 from cxr_node.config import SeriesNumbers
+from cxr_node.dicom import codes as node_codes
 from cxr_node.dicom.uids import (
+    NODE_MANUFACTURER,
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     PRIVATE_KIND,
@@ -32,7 +34,7 @@ from cxr_node.dicom.uids import (
     output_uid,
 )
 from cxr_node.results.encoding import write_explicit_le
-from cxr_node.results.findings import Findings, Provenance
+from cxr_node.results.findings import Algorithm, Findings, Provenance
 
 Kind = Literal["sr", "sc", "seg", "pr"]
 """The output kinds; :mod:`cxr_node.results.kinds` says what each one is."""
@@ -145,19 +147,44 @@ def equipment(provenance: Provenance, ids: Identity) -> EquipmentArgs:
     }
 
 
+_ROLE_DESCRIPTIONS: Final = {
+    "ensemble": "AI ensemble whose mean probability is the result",
+    "classifier": "AI classifier, member of the ensemble",
+    "segmentation": "AI lung segmentation: the region the classifiers see",
+}
+
+
 def contributing_equipment(provenance: Provenance, options: OutputOptions) -> list[hd.ContributingEquipment]:
-    """The Contributing Equipment Sequence entry that names the algorithm (IHE AI Results)."""
-    return [
-        hd.ContributingEquipment(
-            manufacturer=provenance.manufacturer,
-            purpose_of_reference=codes.DCM.ProcessingEquipment,
-            manufacturer_model_name=provenance.algorithm[:64],
-            software_versions=[f"cxr-node {provenance.software_version}"[:64], provenance.model_version[:64]],
-            device_serial_number=provenance.device_uid[:64],
-            institution_name=options.institution_name or None,
-            contribution_description=f"AI analysis; {provenance.intended_use}"[:64],
-        )
-    ]
+    """The Contributing Equipment Sequence entries that name who made an output: the node (Processing
+    Equipment, its own Device UID), then each algorithm (IHE AI Results' Processing Algorithm: manufacturer,
+    model name, version and a Device UID that changes when the algorithm is retrained), the ensemble first."""
+    node = hd.ContributingEquipment(
+        manufacturer=provenance.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=NODE_MANUFACTURER,
+        software_versions=provenance.software_version[:64],
+        institution_name=options.institution_name or None,
+        contribution_description=f"AI analysis; {provenance.intended_use}"[:1024],
+    )
+    node.DeviceUID = provenance.device_uid
+    return [node, *(_algorithm_equipment(provenance, algorithm) for algorithm in provenance.algorithms)]
+
+
+def _algorithm_equipment(provenance: Provenance, algorithm: Algorithm) -> hd.ContributingEquipment:
+    description = _ROLE_DESCRIPTIONS[algorithm.role]
+    if algorithm.role == "ensemble":
+        description += f" ({', '.join(provenance.members)})"
+    entry = hd.ContributingEquipment(
+        manufacturer=provenance.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=algorithm.version[:64],
+        contribution_description=description[:1024],
+    )
+    # highdicom takes only the purposes of CID 7005; that context group is extensible, and AIR extends it
+    entry.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(node_codes.PROCESSING_ALGORITHM)]
+    entry.DeviceUID = algorithm.device_uid
+    return entry
 
 
 def copy_element(element: DataElement) -> DataElement:

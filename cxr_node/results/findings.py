@@ -10,19 +10,39 @@ Arrays are at the analysed resolution; :attr:`Summary.source_shape` maps them ba
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
-from cxr_node.dicom.uids import NODE_MANUFACTURER
+from cxr_node.dicom.uids import NODE_MANUFACTURER, algorithm_uid
 from cxr_node.neighbours.cases import LABELS, Label
 
 DECISIONS: Final = ("COVID-19 pneumonia suggested", "COVID-19 pneumonia not suggested", "not analysed")
 
 
+AlgorithmRole = Literal["ensemble", "classifier", "segmentation"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One trained algorithm a result came from, identified as IHE AI Results asks: its name, its version and a
+    Device UID that changes whenever its weights change (a retraining under the same version included,
+    :func:`cxr_node.dicom.uids.algorithm_uid`)."""
+
+    name: str
+    version: str
+    device_uid: str
+    role: AlgorithmRole
+
+
 @dataclass(frozen=True)
 class Provenance:
-    """Who made the result: the model (name, version, members, intended use) and the node (version, device UID)."""
+    """Who made the result: the model (name, version, members, intended use), the node (version, device UID) and
+    the algorithms behind it (the ensemble first, then each classifier and the lung segmentation).
+
+    ``algorithms`` comes from the manifest, with Device UIDs derived from the weights' checksums
+    (:func:`cxr_node.app.provenance`); when it is not given, it is derived from the names and versions alone.
+    """
 
     model_name: str
     model_version: str
@@ -31,6 +51,36 @@ class Provenance:
     software_version: str
     device_uid: str
     manufacturer: str = NODE_MANUFACTURER
+    algorithms: tuple[Algorithm, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.algorithms:
+            ensemble = Algorithm(
+                self.model_name, self.model_version, algorithm_uid(self.model_name, self.model_version), "ensemble"
+            )
+            members = tuple(
+                Algorithm(name, self.model_version, algorithm_uid(name, self.model_version), "classifier")
+                for name in self.members
+            )
+            object.__setattr__(self, "algorithms", (ensemble, *members))
+        first = self.algorithms[0]
+        if first.role != "ensemble" or (first.name, first.version) != (self.model_name, self.model_version):
+            raise ValueError(f"the first algorithm must be the ensemble {self.algorithm}, found {first}")
+
+    @property
+    def ensemble(self) -> Algorithm:
+        """The ensemble as one algorithm: the model the manifest names."""
+        return self.algorithms[0]
+
+    @property
+    def segmentation(self) -> Algorithm | None:
+        """The lung segmentation network, when the provenance names it."""
+        return next((found for found in self.algorithms if found.role == "segmentation"), None)
+
+    def member_version(self, name: str) -> str:
+        """The version of the classifier ``name`` (the model's version when the provenance does not name it)."""
+        found = next((a for a in self.algorithms if a.role == "classifier" and a.name == name), None)
+        return found.version if found is not None else self.model_version
 
     @property
     def model_key(self) -> str:

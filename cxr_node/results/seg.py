@@ -33,6 +33,7 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions, ids: 
     if not findings.summary.analysed or findings.lung_mask is None:
         raise OutputError("a segmentation needs an analysed image's lung mask")
     provenance = findings.provenance
+    segmenter = provenance.segmentation or provenance.ensemble  # the network whose mask this is
     mask = resize_nearest(findings.lung_mask, findings.summary.source_shape)
     segment = hd.seg.SegmentDescription(
         segment_number=1,
@@ -41,8 +42,8 @@ def build_seg(source: Dataset, findings: Findings, options: OutputOptions, ids: 
         segmented_property_type=codes.LUNG,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=provenance.model_name,
-            version=provenance.model_version,
+            name=segmenter.name,
+            version=segmenter.version,
             family=dcm_codes.cid7162.ArtificialIntelligence,
         ),
     )

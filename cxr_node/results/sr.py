@@ -25,13 +25,14 @@ from typing import Final
 import highdicom.sr as hsr
 import numpy as np
 from highdicom.sr.content import _check_valid_source_image_dataset  # the check highdicom makes of a source
+from highdicom.sr.templates import _get_coded_modality  # the modality code highdicom's library entries use
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA
 
 from cxr_node.dicom import codes
-from cxr_node.dicom.uids import NODE_MANUFACTURER, derived_uid
+from cxr_node.dicom.uids import derived_uid
 from cxr_node.imaging.masks import convex_hull, lung_outlines
 from cxr_node.results import sr_content as item
 from cxr_node.results.common import (
@@ -93,9 +94,8 @@ def report_content(source: Dataset, findings: Findings, notes: Sequence[str]) ->
     """The root CONTAINER of the report: TID 1500 with one group for the finding (or for why there is none),
     one per similar case, and the report-level evaluations."""
     provenance = findings.provenance
-    observer = item.device_observer(
-        provenance.device_uid, NODE_MANUFACTURER, provenance.manufacturer, provenance.algorithm[:64]
-    )
+    ensemble = provenance.ensemble
+    observer = item.device_observer(ensemble.device_uid, provenance.algorithm, provenance.manufacturer, ensemble.name)
     groups = [_finding_group(source, findings) if findings.summary.analysed else _not_analysed_group(source, findings)]
     groups += [_neighbour_group(source, findings, case) for case in findings.summary.similar]
     root = item.measurement_report(_REPORT_TITLE, observer, codes.PLAIN_CHEST_XRAY, _library(source), groups)
@@ -129,10 +129,52 @@ def library_ready(evidence: Dataset) -> bool:
 
 
 def _library(source: Dataset) -> list[Dataset]:
-    """The Image Library (TID 1600) entry of the source when it can be described; highdicom writes it (rare)."""
+    """The Image Library (TID 1600) of the one image analysed: highdicom's entry when it can describe the image,
+    else the entry with the descriptors the image has (:func:`partial_library`)."""
     if not library_ready(source):
-        return []
+        return [partial_library(source)]
     return list(hsr.ImageLibrary([usable_evidence(source)]))
+
+
+_PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
+
+
+def partial_library(source: Dataset) -> hsr.ContainerContentItem:
+    """The Image Library (TID 1600) of an image highdicom cannot describe in full (real CRs often lack Patient
+    Orientation or a valid Imager Pixel Spacing): its reference, modality and matrix (TID 1602), and the
+    orientation and spacing (TID 1603) only where the image has sound values."""
+    acquisition = hsr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    descriptors: list[hsr.ContentItem] = [
+        hsr.CodeContentItem(dcm_codes.DCM.Modality, _get_coded_modality(source.SOPClassUID), acquisition),
+        hsr.NumContentItem(dcm_codes.DCM.PixelDataRows, source.Rows, _PIXELS, relationship_type=acquisition),
+        hsr.NumContentItem(dcm_codes.DCM.PixelDataColumns, source.Columns, _PIXELS, relationship_type=acquisition),
+    ]
+    orientation = source.get("PatientOrientation")
+    if orientation and len(orientation) == 2 and all(orientation):
+        descriptors += [
+            hsr.TextContentItem(dcm_codes.DCM.PatientOrientationRow, orientation[0], acquisition),
+            hsr.TextContentItem(dcm_codes.DCM.PatientOrientationColumn, orientation[1], acquisition),
+        ]
+    spacing = source.get("ImagerPixelSpacing")
+    if spacing and len(spacing) == 2 and _valid_spacing(spacing):
+        mm = dcm_codes.UCUM.Millimeter
+        descriptors += [
+            hsr.NumContentItem(dcm_codes.DCM.HorizontalPixelSpacing, spacing[1], mm, relationship_type=acquisition),
+            hsr.NumContentItem(dcm_codes.DCM.VerticalPixelSpacing, spacing[0], mm, relationship_type=acquisition),
+        ]
+    contains = hsr.RelationshipTypeValues.CONTAINS
+    entry = hsr.ImageContentItem(
+        name=dcm_codes.SCT.Source,
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=contains,
+    )
+    entry.ContentSequence = hsr.ContentSequence(descriptors)
+    group = hsr.ContainerContentItem(dcm_codes.DCM.ImageLibraryGroup, relationship_type=contains)
+    group.ContentSequence = hsr.ContentSequence([entry])
+    library = hsr.ContainerContentItem(dcm_codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = hsr.ContentSequence([group])
+    return library
 
 
 def _finding_group(source: Dataset, findings: Findings) -> Dataset:
@@ -143,7 +185,12 @@ def _finding_group(source: Dataset, findings: Findings) -> Dataset:
     measurements = [
         item.measurement(codes.PROBABILITY, rounded(summary.probability), codes.UNIT_PROBABILITY, ensemble),
         *(
-            item.measurement(codes.PROBABILITY, rounded(p), codes.UNIT_PROBABILITY, item.algorithm(name, version))
+            item.measurement(
+                codes.PROBABILITY,
+                rounded(p),
+                codes.UNIT_PROBABILITY,
+                item.algorithm(name, provenance.member_version(name)),
+            )
             for name, p in summary.members
         ),
         item.measurement(codes.OPERATING_POINT, rounded(summary.operating_point), codes.UNIT_PROBABILITY),

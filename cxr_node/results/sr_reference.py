@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from cxr_node.dicom import codes
-from cxr_node.dicom.uids import NODE_MANUFACTURER, derived_uid
+from cxr_node.dicom.uids import derived_uid
 from cxr_node.results.common import Identity, OutputError, OutputOptions, contributing_equipment, copy_character_set
 from cxr_node.results.findings import Findings, SimilarCase
 from cxr_node.results.sr import (
@@ -24,6 +24,7 @@ from cxr_node.results.sr import (
     library_ready,
     lung_region,
     own_texts,
+    partial_library,
     repairs_text,
     rounded,
     study_date,
@@ -46,6 +47,9 @@ def build_sr_reference(source: Dataset, findings: Findings, options: OutputOptio
             title=dcm_codes.DCM.ImagingMeasurementReport,
             referenced_images=[evidence] if library_ready(evidence) else None,
         )
+        if not library_ready(evidence):
+            content = report[0].ContentSequence
+            content.insert(len(content) - 1, partial_library(evidence))  # before the Imaging Measurements
         report[0].ContentSequence.append(_evaluations(findings, ids.notes))
         sr = hsr.ComprehensiveSR(
             evidence=[evidence],
@@ -68,10 +72,10 @@ def build_sr_reference(source: Dataset, findings: Findings, options: OutputOptio
 def _observation_context(findings: Findings) -> hsr.ObservationContext:
     provenance = findings.provenance
     device = hsr.DeviceObserverIdentifyingAttributes(
-        uid=provenance.device_uid,
-        name=NODE_MANUFACTURER,
+        uid=provenance.ensemble.device_uid,
+        name=provenance.algorithm,
         manufacturer_name=provenance.manufacturer,
-        model_name=provenance.algorithm[:64],
+        model_name=provenance.ensemble.name,
     )
     return hsr.ObservationContext(
         observer_device_context=hsr.ObserverContext(
@@ -107,7 +111,7 @@ def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasur
             codes.PROBABILITY,
             rounded(probability),
             codes.UNIT_PROBABILITY,
-            algorithm_id=hsr.AlgorithmIdentification(name=name, version=provenance.model_version),
+            algorithm_id=hsr.AlgorithmIdentification(name=name, version=provenance.member_version(name)),
         )
         for name, probability in findings.summary.members
     ]
