@@ -207,7 +207,9 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     """
     if not tls.enabled:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A bare server context: client certificates are checked against ca_file only, never the system's CAs
+    # (create_default_context would trust every public CA for them).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))

@@ -412,6 +412,29 @@ def test_client_certificate_required(start_node: StartNode, pki: Pki) -> None:
     assert echo(node, tls=client_tls(pki, with_cert=True)) == status.SUCCESS
 
 
+def test_client_certificates_are_checked_against_ca_file_only(
+    start_node: StartNode, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client certificate from a CA the system trusts (SSL_CERT_FILE) but node.tls.ca_file does not name is
+    refused: the system's CAs, public ones included, never vouch for a DICOM peer."""
+    other = tmp_path / "system-ca"
+    other.mkdir()
+    _openssl(
+        other,
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2"
+        " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign -subj",
+        "/CN=some public CA",
+    )
+    leaf = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    _issue(other, "client", f"/CN={PACS_AET}", leaf + "extendedKeyUsage=clientAuth\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(other / "ca.pem"))  # what OpenSSL's default trust store reads
+    node = start_node(**tls_overrides(pki, require_client_cert=True))
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
+    context.load_cert_chain(certfile=str(other / "client.pem"), keyfile=str(other / "client.key"))
+    assert echo(node, tls=(context, "localhost")) is None
+    assert echo(node, tls=client_tls(pki, with_cert=True)) == status.SUCCESS
+
+
 @pytest.mark.skipif(not dcmtk_has_tls(), reason="this DCMTK build has no TLS support")
 def test_dcmtk_echoscu_and_storescu_over_tls(start_node: StartNode, pki: Pki, small_cr: Path) -> None:
     """DCMTK echoscu and storescu with +tls, the client certificate and the test CA talk to the TLS node."""
