@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cxr_node.errors import ConfigError
 
@@ -145,16 +145,77 @@ class TriageSettings(_Section):
 
 
 class Destination(_Section):
-    """A DICOM peer that receives the node's results."""
+    """A peer that receives the node's results: a DICOM AE over DIMSE (C-STORE), or a DICOMweb server
+    (STOW-RS) at ``url``. Both get the same deliveries: order, retries, dead letters, probes, leases."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AETitle
-    host: str
-    port: Port
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: AETitle | None = Field(default=None, validate_default=True)
+    host: str | None = Field(default=None, validate_default=True)
+    port: Port | None = Field(default=None, validate_default=True)
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # dicomweb only: the service's base URL (STOW-RS posts to <url>/studies), how the node authenticates
+    url: str | None = None
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(default=None, min_length=1, pattern=r"^[^:\r\n]+$")
+    password_file: Path | None = None  # basic: the password, first line; mode 0600 (read at each connection)
+    token_file: Path | None = None  # bearer: the token, first line; mode 0600 (read at each connection)
+    timeout_s: float | None = Field(default=None, gt=0)  # this destination's timeout (else delivery.timeout_s)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_url_password(cls, data: Any) -> Any:
+        # a password in the URL is refused below; replaced first so no error message can echo it
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            return {**data, "url": re.sub(r"^([a-zA-Z]+://[^/@:]*):[^/@]*@", r"\1:***@", data["url"])}
+        return data
+
+    @field_validator("ae_title", "host", "port")
+    @classmethod
+    def _needed_by_dimse(cls, value: object, info: ValidationInfo) -> object:
+        if value is None and info.data.get("protocol") == "dimse":
+            raise ValueError(f"a dimse destination needs {info.field_name}")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("expected the service's base URL, http(s)://host[:port]/path, with no query")
+        if "@" in value.split("/")[2]:
+            raise ValueError("no user or password in the URL: use auth: basic, username and password_file")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> Destination:
+        if self.protocol == "dimse":
+            extra = [key for key in ("url", "username", "password_file", "token_file") if getattr(self, key)]
+            if extra or self.auth != "none":
+                raise ValueError(f"{', '.join(extra) or 'auth'}: only for protocol: dicomweb")
+            return self
+        return self._dicomweb_keys()
+
+    def _dicomweb_keys(self) -> Destination:
+        if self.url is None:
+            raise ValueError("protocol: dicomweb needs url (the base URL, e.g. http://pacs:8042/dicom-web)")
+        if self.tls:
+            raise ValueError("tls: a dicomweb destination is encrypted by an https url, not tls: true")
+        if (self.ca_file or self.cert_file or self.key_file) and not self.url.startswith("https://"):
+            raise ValueError("ca_file, cert_file and key_file need an https url")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (the node's client certificate)")
+        needs = {"none": (), "basic": ("username", "password_file"), "bearer": ("token_file",)}[self.auth]
+        missing = [key for key in needs if getattr(self, key) is None]
+        unused = [k for k in ("username", "password_file", "token_file") if k not in needs and getattr(self, k)]
+        if missing or unused:
+            wrong = f"needs {', '.join(missing)}" if missing else f"does not use {', '.join(unused)}"
+            raise ValueError(f"auth: {self.auth} {wrong}")
+        return self
 
 
 class DeliverySettings(_Section):

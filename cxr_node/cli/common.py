@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeAlias
 
-from cxr_node.config import Settings, config_path, load_settings
+from cxr_node.config import Destination, Settings, config_path, load_settings
 from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.send.scu import PeerAddress
 
@@ -60,11 +60,31 @@ def peer(args: argparse.Namespace, target: str) -> tuple[PeerAddress, str]:
     except ValueError:
         pass
     found = settings(args)
-    for destination in found.destinations:
-        if destination.name == target:
-            return PeerAddress.of(destination), calling or found.delivery.calling_ae_title
+    return PeerAddress.of(destination(args, target)), calling or found.delivery.calling_ae_title
+
+
+def destination(args: argparse.Namespace, target: str) -> Destination:
+    """The destination of the configuration named ``target``.
+
+    Raises
+    ------
+    ConfigError
+        When there is none (the message lists those configured).
+    """
+    found = settings(args)
+    for candidate in found.destinations:
+        if candidate.name == target:
+            return candidate
     names = ", ".join(d.name for d in found.destinations) or "none configured"
     raise ConfigError(f"{target!r} is neither AE@host:port nor a destination in {found.source} ({names})")
+
+
+def dicomweb_destination(args: argparse.Namespace, target: str) -> Destination | None:
+    """The ``protocol: dicomweb`` destination ``target`` names, or None (an address, or a DIMSE destination)."""
+    if PeerAddress.matches(target):
+        return None
+    found = destination(args, target)
+    return found if found.protocol == "dicomweb" else None
 
 
 def expand(items: Sequence[str]) -> list[Path]:

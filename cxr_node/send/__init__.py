@@ -1,1 +1,1 @@
-"""Stage 5: C-STORE and C-ECHO to DICOM peers."""
+"""Stage 5: results to the destinations: C-STORE (and C-ECHO) to DICOM peers, STOW-RS to DICOMweb servers."""

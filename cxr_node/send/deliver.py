@@ -1,26 +1,25 @@
 """Delivering the outputs to every destination: probe, send in order of arrival, back off, give up, alarm.
 
-One round (:meth:`Dispatcher.round`) opens at most one association per destination and sends the due
-outputs of up to ``delivery.jobs_per_association`` jobs, oldest job first. A Success or warning status is
-delivered; a failure status is retried with exponential backoff and jitter up to ``delivery.max_attempts``;
-no association or no response backs off the whole destination (its deliveries keep their order and their
-attempt counts), so a PACS that was down for an hour gets the backlog in order of arrival.
-Output kinds a destination does not accept (seen when probing) are recorded as refused and raise an alarm.
+One round (:meth:`Dispatcher.round`) opens at most one link per destination (an association, or an HTTP
+connection for a DICOMweb destination: :mod:`cxr_node.send.transport`) and sends the due outputs of up to
+``delivery.jobs_per_association`` jobs, oldest job first. A Success or warning status is delivered; a failure
+status is retried with exponential backoff and jitter up to ``delivery.max_attempts`` (at once dead when the
+transport knows a retry cannot succeed); no link or no response backs off the whole destination (its deliveries
+keep their order and their attempt counts), so a PACS that was down for an hour gets the backlog in order of
+arrival. Output kinds a destination does not accept (seen when probing, or in a STOW-RS answer) are recorded as
+refused and raise an alarm.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 import structlog
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pynetdicom.association import Association
 from structlog.contextvars import bound_contextvars
 
 from cxr_node.config import DeliverySettings, Destination
@@ -30,13 +29,14 @@ from cxr_node.jobs.interfaces import DeliveryStore
 from cxr_node.jobs.leases import Holder, this_process
 from cxr_node.jobs.records import DestinationState, Due
 from cxr_node.jobs.states import DeliveryState
-from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES, REGISTRY
-from cxr_node.send.scu import PeerAddress, StoreResult, associate, store
+from cxr_node.results.kinds import REGISTRY
+from cxr_node.send.scu import StoreResult
+from cxr_node.send.transport import Link, Transport, transport_for
 
 log = structlog.get_logger("cxr_node.send")
 
 OUTPUT_CLASSES: Final[dict[str, str]] = {kind.name: kind.sop_class_uid for kind in REGISTRY}
-"""The SOP class of each output kind; proposed in the syntaxes of :data:`OUTPUT_TRANSFER_SYNTAXES`."""
+"""The SOP class of each output kind (proposed in the syntaxes of ``results.kinds.OUTPUT_TRANSFER_SYNTAXES``)."""
 
 
 def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -60,6 +60,7 @@ class Dispatcher:
         kinds: Sequence[str] = tuple(OUTPUT_CLASSES),
         rng: random.Random | None = None,
         holder: Holder | None = None,
+        transports: Mapping[str, Transport] | None = None,
     ) -> None:
         self.store = store
         self.holder = holder or this_process("sender")  # claims what it sends, so senders on many hosts share
@@ -68,12 +69,13 @@ class Dispatcher:
         self.settings = settings
         self.kinds: list[str] = [kind for kind in kinds if kind in OUTPUT_CLASSES]
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not cryptography
+        given = transports or {}
+        self.transports = {d.name: given.get(d.name) or transport_for(d, settings) for d in self.destinations}
 
-    def _associate(self, destination: Destination, kinds: Sequence[str]) -> tuple[Association | None, str]:
-        contexts = [(OUTPUT_CLASSES[kind], OUTPUT_TRANSFER_SYNTAXES) for kind in kinds]
+    def _open(self, destination: Destination, kinds: Sequence[str], refused: Sequence[str]) -> tuple[Link | None, str]:
+        classes = [OUTPUT_CLASSES[kind] for kind in kinds]
         try:
-            return associate(PeerAddress.of(destination), self.settings.calling_ae_title, contexts,
-                             self.settings.timeout_s), ""  # fmt: skip
+            return self.transports[destination.name].open(classes, [OUTPUT_CLASSES[k] for k in refused]), ""
         except SendError as exc:
             return None, str(exc)
 
@@ -84,18 +86,11 @@ class Dispatcher:
 
     def _probe(self, destination: Destination, now: float) -> DestinationState:
         previous = self.store.destinations().get(destination.name)
-        assoc, error = self._associate(destination, self.kinds)
-        if assoc is None:
-            return self._down(destination, previous, now, error, probed=True)
-        accepted = sorted(
-            {
-                kind
-                for kind in self.kinds
-                for cx in assoc.accepted_contexts
-                if str(cx.abstract_syntax) == OUTPUT_CLASSES[kind]
-            }
-        )
-        assoc.release()
+        try:
+            classes = self.transports[destination.name].probe([OUTPUT_CLASSES[kind] for kind in self.kinds])
+        except SendError as exc:
+            return self._down(destination, previous, now, str(exc), probed=True)
+        accepted = sorted(kind for kind in self.kinds if OUTPUT_CLASSES[kind] in classes)
         refused = [kind for kind in self.kinds if kind not in accepted]
         state = DestinationState(destination.name, True, accepted, refused, None, now, None, 0.0, 0)
         self.store.save_destination(state)
@@ -152,17 +147,15 @@ class Dispatcher:
 
     def _send(self, destination: Destination, state: DestinationState, due: list[Due], now: float) -> int:
         kinds = sorted({item.kind for item in due})
-        assoc, error = self._associate(destination, kinds)
-        if assoc is None:
+        link, error = self._open(destination, kinds, state.refused)
+        if link is None:
             self._down(destination, state, now, error)
             return 0
         delivered = 0
         try:
-            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            refused = [kind for kind in kinds if OUTPUT_CLASSES[kind] not in accepted]
+            refused = [kind for kind in kinds if OUTPUT_CLASSES[kind] not in link.accepted]
             if refused:
-                log.warning("destination.unmet", refused=refused)
-                self.store.refuse(destination.name, refused)
+                state = self._refuse(destination, state, refused)
             renewed = time.monotonic()
             for item in due:
                 if item.kind in refused:
@@ -171,14 +164,17 @@ class Dispatcher:
                     self.store.renew(self.holder, self.settings.lease_s)
                     renewed = time.monotonic()
                 with bound_contextvars(job_id=item.job_id, kind=item.kind):
-                    outcome = self._store_one(assoc, item)
-                    if outcome.status is None and not assoc.is_established:
+                    outcome = link.send(self.root / item.path)
+                    if outcome.status is None and not link.alive:
                         self._down(destination, state, time.time(), outcome.comment)
                         break
+                    if outcome.refused:  # said in a STOW-RS answer: refuse the kind as a probe would
+                        refused.append(item.kind)
+                        state = self._refuse(destination, state, [item.kind], outcome.comment)
+                        continue
                     delivered += self._record(destination, item, outcome)
         finally:
-            if assoc.is_established:
-                assoc.release()
+            link.close()
         if delivered and state.failures:
             self.store.save_destination(
                 replace(state, reachable=True, down_since=None, retry_at=0.0, failures=0, error=None)
@@ -186,13 +182,19 @@ class Dispatcher:
             log.info("destination.up")
         return delivered
 
-    def _store_one(self, assoc: Association, item: Due) -> StoreResult:
-        path = self.root / item.path
-        try:
-            ds = dcmread(path)
-        except (InvalidDicomError, OSError) as exc:
-            return StoreResult(path, None, f"output file unreadable: {exc}")
-        return store(assoc, ds, path)
+    def _refuse(
+        self, destination: Destination, state: DestinationState, kinds: list[str], comment: str = ""
+    ) -> DestinationState:
+        """Record ``kinds`` refused by ``destination`` (its open deliveries of them too), raise the alarm, and
+        return the destination's state with them refused."""
+        log.warning("destination.unmet", refused=kinds, **({"comment": comment} if comment else {}))
+        self.store.refuse(destination.name, kinds)
+        if not set(kinds) - set(state.refused):
+            return state
+        accepted = [kind for kind in state.accepted if kind not in kinds]
+        state = replace(state, accepted=accepted, refused=sorted({*state.refused, *kinds}))
+        self.store.save_destination(state)
+        return state
 
     def _record(self, destination: Destination, item: Due, outcome: StoreResult) -> int:
         if outcome.ok:
@@ -212,11 +214,11 @@ class Dispatcher:
             return 1
         attempts = item.attempts + 1
         error = outcome.comment or f"status 0x{(outcome.status or 0):04X}"
-        if attempts >= self.settings.max_attempts:
+        if attempts >= self.settings.max_attempts or outcome.permanent:
             finished = self.store.record(
                 item.job_id, destination.name, item.kind, DeliveryState.DEAD, outcome.status, error
             )
-            log.error("send.dead", attempts=attempts, error=error)
+            log.error("send.dead", attempts=attempts, error=error, permanent=outcome.permanent)
             if finished is not None:
                 log.error(f"job.{finished.value}")
             return 0

@@ -86,11 +86,25 @@ class PeerAddress:
             raise ValueError(f"expected AE@host:port, found {text!r}")
         return cls(match["ae"], match["host"], int(match["port"]))
 
+    @staticmethod
+    def matches(text: str) -> bool:
+        """True when ``text`` has the form ``AE@host:port``."""
+        return _ADDRESS.match(text.strip()) is not None
+
     @classmethod
     def of(cls, destination: Destination) -> PeerAddress:
-        """The peer of a configured destination, with its TLS settings."""
+        """The peer of a configured DIMSE destination, with its TLS settings.
+
+        Raises
+        ------
+        SendError
+            When ``destination`` is not a DIMSE peer (protocol dicomweb).
+        """
+        ae_title, host, port = destination.ae_title, destination.host, destination.port
+        if destination.protocol != "dimse" or ae_title is None or host is None or port is None:
+            raise SendError(f"destination {destination.name} is not a DICOM AE (protocol {destination.protocol})")
         tls = ClientTLS(destination.ca_file, destination.cert_file, destination.key_file) if destination.tls else None
-        return cls(destination.ae_title, destination.host, destination.port, tls)
+        return cls(ae_title, host, port, tls)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
@@ -98,11 +112,18 @@ class PeerAddress:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """The outcome of sending one data set or file."""
+    """The outcome of sending one data set or file.
+
+    ``status`` is the DICOM status (a C-STORE response, or a STOW-RS Warning/Failure Reason), None when no answer
+    said one. ``permanent``: a retry cannot succeed (the delivery is dead at once). ``refused``: the destination
+    does not accept this SOP class (recorded as refused, with an alarm, as when an association refuses it).
+    """
 
     path: Path | None
     status: int | None
     comment: str = ""
+    permanent: bool = False
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
