@@ -32,6 +32,7 @@ from cxr_node.privacy import PatientHasher, load_key
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
 from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
+from cxr_node.receive.stow import StowServer, start_stow
 from cxr_node.results.findings import Algorithm, Provenance
 from cxr_node.results.kinds import producible
 from cxr_node.scheduler import Housekeeper, Sender, timetable
@@ -289,7 +290,8 @@ def recover(settings: Settings, roles: Sequence[str] = ROLES) -> None:
 
 
 class Receiver:
-    """The receiver role: the SCP and the intake writing to the durable store."""
+    """The receiver role: the SCP (and, with ``stow.enabled``, the STOW-RS endpoint) and the intake writing to
+    the durable store."""
 
     def __init__(self, settings: Settings, reuse_port: bool = False) -> None:
         self.settings = settings
@@ -297,6 +299,7 @@ class Receiver:
         self.store = open_store(settings)
         self.intake = Intake(settings, self.store.jobs, patient_hasher(settings))
         self.server: NodeServer | None = None
+        self.stow: StowServer | None = None
 
     @property
     def port(self) -> int:
@@ -309,10 +312,20 @@ class Receiver:
         """Start accepting associations."""
         spool_received_into(self.settings.storage.root / spool.RECEIVING)
         self.server = start_server(self.settings.node, event_handlers(self.intake), reuse_port=self.reuse_port)
+        if self.settings.stow.enabled:
+            try:
+                root = self.settings.storage.root
+                self.stow = start_stow(self.settings.stow, self.intake, root, reuse_port=self.reuse_port)
+            except BaseException:
+                self.stop(grace_s=0)
+                raise
         return self
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop accepting, let open associations finish (up to ``grace_s``), then close the store."""
+        if self.stow is not None:
+            self.stow.stop(grace_s)
+            self.stow = None
         if self.server is not None:
             ae = self.server.ae
             self.server.shutdown()

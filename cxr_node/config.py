@@ -301,6 +301,53 @@ class NeighbourSettings(_Section):
     library_only: bool = False
 
 
+class StowSettings(_Section):
+    """DICOMweb in: the optional STOW-RS endpoint (``POST {base_path}/studies[/{study}]``) of the receivers, with
+    the SCP's checks, bounds and durability (docs/dicomweb.md). Off by default; loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    base_path: str = Field(default="/dicomweb", pattern=r"^(/[A-Za-z0-9._~-]+)*$", max_length=200)
+    tls: TLSSettings = TLSSettings()
+    token_file: Path | None = None  # bearer token, first line, at least 16 characters; mode 0600
+    allowed_ips: list[str] = []
+    max_body_mb: float = Field(default=1024.0, gt=0)
+    max_instances: int = Field(default=1000, ge=1, le=100_000)
+    max_connections: int = Field(default=32, ge=1, le=4096)
+    max_connections_per_peer: int = Field(default=8, ge=1, le=4096)
+    header_timeout_s: float = Field(default=10.0, gt=0)  # TLS handshake, request line and headers
+    idle_timeout_s: float = Field(default=30.0, gt=0)  # most silence while the body arrives
+    request_timeout_s: float = Field(default=600.0, gt=0)  # the whole body
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _authenticated_off_loopback(self) -> StowSettings:
+        if self.enabled and not _loopback(self.host) and self.token_file is None and not self.tls.require_client_cert:
+            raise ValueError(
+                "stow.host is not a loopback address: set stow.token_file or stow.tls.require_client_cert"
+            )
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body accepted, in bytes."""
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class LoggingSettings(_Section):
     """Log level and rendering (JSON for journald, console for a terminal)."""
 
@@ -322,6 +369,7 @@ class Settings(_Section):
     results: ResultsSettings = ResultsSettings()
     neighbours: NeighbourSettings = NeighbourSettings()
     metrics: MetricsSettings = MetricsSettings()
+    stow: StowSettings = StowSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = Field(default="<defaults>", exclude=True)
 
