@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint demo bench clean install-service
+.PHONY: install test test-all lint demo viewer bench clean install-service
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: install  ## ruff, mypy --strict and the layer contracts of DESIGN.md §3
 
 demo: install  ## start the node on loopback, send it chest images as a PACS would, print what happened
 	$(BIN)/python -m cxr_node demo
+
+viewer:  ## after `make demo`: Orthanc with DICOMweb holding demo-output/, OHIF on http://127.0.0.1:3000 (tools/viewer.py)
+	$(PYTHON) tools/viewer.py --demo-output demo-output $(if $(PORT),--port $(PORT))
 
 bench: install  ## receive vs DCMTK storescp, inference throughput, end-to-end turnaround (tables on stdout)
 	$(BIN)/python bench/receive.py

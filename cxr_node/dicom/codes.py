@@ -55,6 +55,7 @@ INTENDED_USE: Final = Code("CXRN005", PRIVATE_SCHEME, "Intended use")
 REASON_NOT_ANALYSED: Final = Code("CXRN006", PRIVATE_SCHEME, "Reason not analysed")
 SIMILAR_CASE_SOP_INSTANCE_UID: Final = Code("CXRN007", PRIVATE_SCHEME, "Similar case SOP Instance UID")
 CASE_NUMBER: Final = Code("CXRN008", PRIVATE_SCHEME, "De-identified case number")
+SIMILAR_CASES: Final = Code("CXRN010", PRIVATE_SCHEME, "Similar past cases")
 
 PRIVATE_CODES: Final = (
     LUNG_MASK_QUALITY,
@@ -65,5 +66,6 @@ PRIVATE_CODES: Final = (
     REASON_NOT_ANALYSED,
     SIMILAR_CASE_SOP_INSTANCE_UID,
     CASE_NUMBER,
+    SIMILAR_CASES,
 )
 """The private concepts, for docs/outputs.md and the conformance statement."""

@@ -91,14 +91,20 @@ def build_sr(source: Dataset, findings: Findings, options: OutputOptions, ids: I
 
 
 def report_content(source: Dataset, findings: Findings, notes: Sequence[str]) -> Dataset:
-    """The root CONTAINER of the report: TID 1500 with one group for the finding (or for why there is none),
-    one per similar case, and the report-level evaluations."""
+    """The root CONTAINER of the report: TID 1500 with one group for the finding (or for why there is none), a
+    "Similar past cases" container with one group per similar case, and the report-level evaluations.
+
+    The similar cases stay out of Imaging Measurements: OHIF 3.13 stops drawing a report whose Imaging
+    Measurements hold a group without an image region (TRAPS.md), and a past case has no region on this image.
+    """
     provenance = findings.provenance
     ensemble = provenance.ensemble
     observer = item.device_observer(ensemble.device_uid, provenance.algorithm, provenance.manufacturer, ensemble.name)
     groups = [_finding_group(source, findings) if findings.summary.analysed else _not_analysed_group(source, findings)]
-    groups += [_neighbour_group(source, findings, case) for case in findings.summary.similar]
     root = item.measurement_report(_REPORT_TITLE, observer, codes.PLAIN_CHEST_XRAY, _library(source), groups)
+    cases = [_neighbour_group(source, findings, case) for case in findings.summary.similar]
+    if cases:
+        root.ContentSequence.append(item.container(codes.SIMILAR_CASES, item.CONTAINS, cases))
     root.ContentSequence.append(_evaluations(findings, notes))
     return root
 

@@ -9,6 +9,8 @@ VR, another order) shows up as a failing test, not as a silent difference.
 
 from __future__ import annotations
 
+from typing import cast
+
 import highdicom.sr as hsr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
@@ -50,6 +52,8 @@ def build_sr_reference(source: Dataset, findings: Findings, options: OutputOptio
         if not library_ready(evidence):
             content = report[0].ContentSequence
             content.insert(len(content) - 1, partial_library(evidence))  # before the Imaging Measurements
+        if findings.summary.similar:
+            report[0].ContentSequence.append(_similar_cases(evidence, findings))
         report[0].ContentSequence.append(_evaluations(findings, ids.notes))
         sr = hsr.ComprehensiveSR(
             evidence=[evidence],
@@ -88,13 +92,9 @@ Group = hsr.MeasurementsAndQualitativeEvaluations | hsr.PlanarROIMeasurementsAnd
 
 
 def _groups(evidence: Dataset, findings: Findings) -> list[Group]:
-    groups: list[Group] = []
     if findings.summary.analysed:
-        groups.append(_finding_group(evidence, findings))
-    else:
-        groups.append(_not_analysed_group(evidence, findings))
-    groups += [_neighbour_group(evidence, findings, case) for case in findings.summary.similar]
-    return groups
+        return [_finding_group(evidence, findings)]
+    return [_not_analysed_group(evidence, findings)]
 
 
 def _finding_group(evidence: Dataset, findings: Findings) -> hsr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -170,6 +170,15 @@ def _neighbour_group(
     )
     group[0].ContentSequence.extend(_case_identifiers(case))
     return group
+
+
+def _similar_cases(evidence: Dataset, findings: Findings) -> hsr.ContainerContentItem:
+    """The root-level container of the similar-case groups (kept out of Imaging Measurements, see sr.py)."""
+    contains = hsr.RelationshipTypeValues.CONTAINS
+    container = hsr.ContainerContentItem(codes.SIMILAR_CASES, relationship_type=contains)
+    groups = [cast(hsr.ContentItem, _neighbour_group(evidence, findings, case)[0]) for case in findings.summary.similar]
+    container.ContentSequence = hsr.ContentSequence(groups)
+    return container
 
 
 def _case_identifiers(case: SimilarCase) -> list[hsr.ContentItem]:
