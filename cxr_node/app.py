@@ -213,6 +213,7 @@ def build_worker(
         hasher=hasher,
         listener=listener,
         pool=pool,
+        domain=settings.domain,
     )
 
 

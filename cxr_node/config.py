@@ -301,6 +301,19 @@ class NeighbourSettings(_Section):
     library_only: bool = False
 
 
+class DomainSettings(_Section):
+    """The out-of-domain gate: what happens to an image unlike those the model was validated on (docs/domain.md).
+
+    ``refuse``: not analysed, with the score and the bound as the reason; ``flag``: analysed, and the outputs say
+    it is outside the validated domain; ``off``: not checked. A model without a domain description is never
+    checked (the worker warns at start-up). ``pass_rate`` overrides the description's own calibration: the share
+    of the model's validation images that pass.
+    """
+
+    gate: Literal["refuse", "flag", "off"] = "refuse"
+    pass_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
 class StowSettings(_Section):
     """DICOMweb in: the optional STOW-RS endpoint (``POST {base_path}/studies[/{study}]``) of the receivers, with
     the SCP's checks, bounds and durability (docs/dicomweb.md). Off by default; loopback by default."""
@@ -368,6 +381,7 @@ class Settings(_Section):
     worker: WorkerSettings = WorkerSettings()
     results: ResultsSettings = ResultsSettings()
     neighbours: NeighbourSettings = NeighbourSettings()
+    domain: DomainSettings = DomainSettings()
     metrics: MetricsSettings = MetricsSettings()
     stow: StowSettings = StowSettings()
     logging: LoggingSettings = LoggingSettings()

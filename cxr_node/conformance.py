@@ -186,10 +186,10 @@ PRIVATE_DEFINITIONS: Final[Mapping[str, str]] = {
     "CXRN006": "Concept name of a TEXT: why the image was not analysed.",
     "CXRN007": "Concept name of a UIDREF: SOP Instance UID of a similar past case's image.",
     "CXRN008": "Concept name of a TEXT: the node's de-identified number of a similar past case.",
-    "CXRN010": "Concept name of a CONTAINER at the report's root holding one TID 1501 group per similar past "
-    "case (kept out of Imaging Measurements: a group without an image region there stops OHIF drawing the report).",
     "CXRN009": "Concept name of a TEXT: the image was analysed although the out-of-domain gate scored it outside "
     "the model's validated domain (domain.gate: flag); the text gives the score and the bound.",
+    "CXRN010": "Concept name of a CONTAINER at the report's root holding one TID 1501 group per similar past "
+    "case (kept out of Imaging Measurements: a group without an image region there stops OHIF drawing the report).",
 }
 """What each private (99CXRNODE) code means; the statement must define every private code."""
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 def cmd_index(args: argparse.Namespace) -> int:
     """The neighbour index: import the labelled library, label a study, query a file, rebuild, check, clean."""
     from cxr_node.app import load_model, open_index, patient_hasher
+    from cxr_node.work.gate import DomainGate
     from cxr_node.work.library import Embedder
 
     found = settings(args)
@@ -29,7 +30,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         if args.index_command in ("check", "drop-invalid"):
             return {"check": _check, "drop-invalid": _drop_invalid}[args.index_command](index)
         _, engine = load_model(found)
-        embedder = Embedder(engine, patient_hasher(found), found.worker.max_side)
+        gate = DomainGate.for_model(found.domain.gate, engine.domain, found.domain.pass_rate)
+        embedder = Embedder(engine, patient_hasher(found), found.worker.max_side, gate=gate)
         action = {"import": _import, "query": _query, "rebuild": _rebuild}[args.index_command]
         return action(args, found, embedder, index)
     finally:

@@ -171,6 +171,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
+def cmd_domain_fit(args: argparse.Namespace) -> int:
+    """Fit a model's domain description on its training and validation images; name it in the manifest."""
+    from cxr_node.training.domain import fit_domain
+
+    with user_errors():
+        fitted = fit_domain(Path(args.manifest), Path(args.data), pass_rate=args.pass_rate, device=args.device,
+                            progress=_progress)  # fmt: skip
+    found, images = fitted.description, fitted.images
+    print(f"wrote {fitted.file}: fitted on {images['train']} training images, bound {found.bound:.2f} lets "
+          f"{found.pass_rate:.0%} of {images['val']} validation images pass; manifest {fitted.manifest}")  # fmt: skip
+    return 0
+
+
+def cmd_domain_score(args: argparse.Namespace) -> int:
+    """Score images (files, or a labelled set's part) against a model's domain description."""
+    from cxr_node.training.domain import score_images
+    from cxr_node.training.evaluate import split_rows
+
+    with user_errors():
+        paths = [Path(p) for p in args.images]
+        if args.data:
+            paths += [row.path for row in split_rows(Path(args.data), args.split)[0]]
+        if not paths:
+            raise ValueError("give image files, or --data with a labelled set")
+        scored = score_images(Path(args.manifest), paths, pass_rate=args.pass_rate, device=args.device,
+                              progress=_progress if len(paths) > 16 else None)  # fmt: skip
+    if args.each or not args.data:
+        print("\n".join(scored.lines()))
+    f = scored.summary()
+    if not f["images"]:
+        print(f"no image scored: {f['not_classified']} not classified (the node does not analyse them either)")
+        return 0
+    print(f"{f['images']} images scored, {f['not_classified']} not classified; bound {f['bound']:.2f}: "
+          f"{f['pass_rate']:.1%} inside; median score {f['median']:.2f}, largest {f['max']:.2f}")  # fmt: skip
+    return 0
+
+
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add ``dataset``, ``phantoms``, ``train`` and ``evaluate`` to ``sub``."""
     p = sub.add_parser("dataset", help="build labelled sets for training")
@@ -195,6 +236,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_phantoms)
 
     _register_train(sub)
+    _register_domain(sub)
 
     p = sub.add_parser("evaluate", help="evaluate a manifest's models on a labelled set (metrics, CIs, plots)")
     p.add_argument("--manifest", required=True, help="model manifest (YAML)")
@@ -217,6 +259,27 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-tolerance", type=float, default=0.01, help="share of decisions bf16 may change")
     p.add_argument("--probability-tolerance", type=float, default=0.02, help="largest |p_bf16 - p_fp32| allowed")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _register_domain(sub: Subparsers) -> None:
+    """Add ``domain fit|score`` to ``sub``."""
+    p = sub.add_parser("domain", help="the out-of-domain gate: fit a model's domain description, score images")
+    dsub = p.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--manifest", required=True, help="model manifest (YAML)")
+    model.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
+    d = dsub.add_parser("fit", parents=[model], help="fit on the model's training and validation images")
+    d.add_argument("--data", required=True, help="the labelled set the model was trained on (its split is checked)")
+    d.add_argument("--pass-rate", type=float, default=0.95, help="share of validation images to pass (default: 0.95)")
+    d.set_defaults(func=cmd_domain_fit)
+    d = dsub.add_parser("score", parents=[model], help="score image files or a labelled set against the description")
+    d.add_argument("images", nargs="*", help="DICOM or PNG files")
+    d.add_argument("--data", default=None, help="a labelled set CSV (its --split part)")
+    parts = ["test", "val", "train", "all"]
+    d.add_argument("--split", default="all", choices=parts, help="part of --data (default: all)")
+    d.add_argument("--pass-rate", type=float, default=None, help="judge at this pass rate (default: the description's)")
+    d.add_argument("--each", action="store_true", help="with --data: one line per image too")
+    d.set_defaults(func=cmd_domain_score)
 
 
 def _register_train(sub: Subparsers) -> None:

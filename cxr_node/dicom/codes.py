@@ -56,6 +56,7 @@ REASON_NOT_ANALYSED: Final = Code("CXRN006", PRIVATE_SCHEME, "Reason not analyse
 SIMILAR_CASE_SOP_INSTANCE_UID: Final = Code("CXRN007", PRIVATE_SCHEME, "Similar case SOP Instance UID")
 CASE_NUMBER: Final = Code("CXRN008", PRIVATE_SCHEME, "De-identified case number")
 SIMILAR_CASES: Final = Code("CXRN010", PRIVATE_SCHEME, "Similar past cases")
+OUTSIDE_DOMAIN: Final = Code("CXRN009", PRIVATE_SCHEME, "Outside validated domain")
 
 PRIVATE_CODES: Final = (
     LUNG_MASK_QUALITY,
@@ -67,5 +68,6 @@ PRIVATE_CODES: Final = (
     SIMILAR_CASE_SOP_INSTANCE_UID,
     CASE_NUMBER,
     SIMILAR_CASES,
+    OUTSIDE_DOMAIN,
 )
 """The private concepts, for docs/outputs.md and the conformance statement."""

@@ -3,7 +3,9 @@
 For a batch of presentation images (float32 in [0, 1], any size) the engine normalises each, segments the
 lungs with the U-Net, judges the mask, feeds the lung region (as the manifest says: crop, mask or both) to
 the ensemble, and maps the Grad-CAM heatmap and the lung mask back to each image's own grid. An image whose
-mask is implausible is not classified: its Analysis says why.
+mask is implausible is not classified: its Analysis says why. When the manifest has a domain description, each
+classified image also gets its out-of-domain score (:mod:`cxr_node.infer.domain`); what to do with an image
+outside the domain is the worker's policy, not the engine's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from numpy.typing import NDArray
 from cxr_node.infer import preprocess
 from cxr_node.infer.classify import Ensemble, EnsembleOutput, RuntimeOptions
 from cxr_node.infer.device import CpuFeatures
+from cxr_node.infer.domain import DomainDescription, DomainScore, image_statistics, load_description
 from cxr_node.infer.registry import Manifest
 from cxr_node.infer.segment import LungSegmenter, MaskQuality, mask_quality
 
@@ -53,6 +56,10 @@ class Analysis:
         The lung mask's plausibility verdict.
     timings_ms : dict[str, float]
         This image's share of each step's wall time.
+    statistics : numpy.ndarray or None
+        (len(domain.STATISTICS),) float64 image statistics inside and outside the lung mask (classified images).
+    domain : DomainScore or None
+        The out-of-domain score and bound; None without a domain description or when not classified.
     """
 
     analysed: bool
@@ -66,6 +73,8 @@ class Analysis:
     heatmap: NDArray[np.float32] | None
     quality: MaskQuality
     timings_ms: dict[str, float] = field(default_factory=dict)
+    statistics: NDArray[np.float64] | None = None
+    domain: DomainScore | None = None
 
 
 @dataclass(frozen=True)
@@ -87,19 +96,24 @@ class Engine:
         The lung U-Net.
     ensemble : Ensemble
         The classifier members.
+    domain : DomainDescription or None
+        The manifest's domain description (None: images are not scored).
     """
 
-    def __init__(self, manifest: Manifest, segmenter: LungSegmenter, ensemble: Ensemble) -> None:
+    def __init__(
+        self, manifest: Manifest, segmenter: LungSegmenter, ensemble: Ensemble, domain: DomainDescription | None = None
+    ) -> None:
         self.manifest = manifest
         self.segmenter = segmenter
         self.ensemble = ensemble
+        self.domain = domain
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, options: RuntimeOptions | None = None) -> Engine:
         """Load both networks of ``manifest`` with their checksummed weights onto ``options.device``."""
         options = options or RuntimeOptions()
         segmenter = LungSegmenter.from_manifest(manifest, device=options.device)
-        return cls(manifest, segmenter, Ensemble.from_manifest(manifest, options))
+        return cls(manifest, segmenter, Ensemble.from_manifest(manifest, options), manifest_domain(manifest))
 
     @property
     def runtime(self) -> dict[str, str | bool]:
@@ -166,7 +180,16 @@ class Engine:
             return []
         fitted = [self._region(image, mask) for image, mask in zip(normalised, masks, strict=True)]
         output = self.ensemble(self.ensemble.prepare(np.stack([canvas for canvas, _ in fitted]).astype(np.float32)))
-        return [self._analysed(output, k, fitted[k][1], masks[k], qualities[k]) for k in range(len(normalised))]
+        found = [self._analysed(output, k, fitted[k][1], masks[k], qualities[k]) for k in range(len(normalised))]
+        return [self._scored(a, image) for a, image in zip(found, normalised, strict=True)]
+
+    def _scored(self, analysis: Analysis, normalised: np.ndarray) -> Analysis:
+        """Add the image statistics and, with a domain description, the out-of-domain score."""
+        statistics = image_statistics(normalised, analysis.lung_mask)
+        domain = None
+        if self.domain is not None and analysis.embedding is not None:
+            domain = self.domain.judge(analysis.embedding, statistics)
+        return replace(analysis, statistics=statistics, domain=domain)
 
     def _region(self, image: np.ndarray, mask: NDArray[np.bool_]) -> tuple[np.ndarray, _Region]:
         """Return the classifier canvas for one image and where it came from, per the manifest's region."""
@@ -214,6 +237,19 @@ class Engine:
             heatmap=None,
             quality=quality,
         )
+
+
+def manifest_domain(manifest: Manifest) -> DomainDescription | None:
+    """The manifest's domain description, its checksum verified; None when the manifest has none.
+
+    Raises
+    ------
+    ModelError
+        The file is missing, its checksum differs, or it was written for other features.
+    """
+    if manifest.domain is None:
+        return None
+    return load_description(manifest.resolve(manifest.domain.file), manifest.domain.sha256)
 
 
 def _elapsed_ms(start: float) -> float:

@@ -145,6 +145,19 @@ class ClassifierSpec(_Frozen):
         raise KeyError(name)
 
 
+class DomainSpec(_Frozen):
+    """The model's domain description (:mod:`cxr_node.infer.domain`): where its training and validation images
+    lie, and the bound of the out-of-domain gate. Optional: a manifest without one runs with no gate."""
+
+    file: str = Field(min_length=1, description="path relative to the manifest file (or absolute)")
+    sha256: str = Field(pattern=_SHA256_PATTERN)
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
 class Manifest(_Frozen):
     """A model manifest: what the models are, where their weights are, what they are for.
 
@@ -159,6 +172,7 @@ class Manifest(_Frozen):
     segmentation: SegmentationSpec
     classifier: ClassifierSpec
     metrics: dict[str, Any] | None = None
+    domain: DomainSpec | None = None
     _directory: Path | None = PrivateAttr(default=None)
 
     @property
@@ -283,6 +297,8 @@ def _check_weights_exist(manifest: Manifest, file: Path) -> None:
     for key, weights in entries:
         if not manifest.resolve(weights).is_file():
             raise ModelError(f"{file}: {key}: weights file {manifest.resolve(weights)} not found")
+    if manifest.domain is not None and not manifest.resolve(manifest.domain.file).is_file():
+        raise ModelError(f"{file}: domain.file: domain description {manifest.resolve(manifest.domain.file)} not found")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -46,8 +46,16 @@ def encode_summary(summary: Summary) -> str:
         },
         "similar": [asdict(case) for case in summary.similar],
         "timings_ms": [[step, round(ms, 2)] for step, ms in summary.timings_ms],
+        "domain": _domain_json(summary),
     }
     return json.dumps(document, sort_keys=True, allow_nan=False)
+
+
+def _domain_json(summary: Summary) -> dict[str, float] | None:
+    """The out-of-domain score and bound (None when the image was not scored)."""
+    if summary.domain_score is None or summary.domain_bound is None:
+        return None
+    return {"score": summary.domain_score, "bound": summary.domain_bound}
 
 
 def _mask_json(mask: MaskVerdict) -> dict[str, Any]:
@@ -69,7 +77,7 @@ def decode_summary(text: str) -> Summary:
     """
     try:
         document = json.loads(text)
-        image, mask = document["image"], document.get("lung_mask")
+        image, mask, domain = document["image"], document.get("lung_mask"), document.get("domain") or {}
         return Summary(
             model_name=document["model"]["name"],
             model_version=document["model"]["version"],
@@ -85,6 +93,8 @@ def decode_summary(text: str) -> Summary:
             photometric=image.get("photometric") or "",
             similar=tuple(SimilarCase(**case) for case in document.get("similar") or ()),
             timings_ms=_timings(document.get("timings_ms")),
+            domain_score=domain.get("score"),
+            domain_bound=domain.get("bound"),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"stored result cannot be read: {type(exc).__name__}: {exc}") from exc

@@ -158,6 +158,10 @@ class Summary:
         The nearest past cases, best first.
     timings_ms : tuple of (step, milliseconds)
         This image's share of each inference step.
+    domain_score, domain_bound : float or None
+        The out-of-domain gate's score of the image and the bound it was judged against (both or neither; None
+        when the model has no domain description or the gate is off). A score above the bound is outside the
+        model's validated domain: refused (not analysed), or analysed and flagged.
     """
 
     model_name: str
@@ -174,6 +178,8 @@ class Summary:
     photometric: str = ""
     similar: tuple[SimilarCase, ...] = ()
     timings_ms: tuple[tuple[str, float], ...] = ()
+    domain_score: float | None = None
+    domain_bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.analysed and (self.probability is None or self.threshold is None or self.lung_mask is None):
@@ -185,6 +191,23 @@ class Summary:
                 raise ValueError(f"{name} must be in [0, 1], found {value}")
         if len(self.source_shape) != 2 or min(self.source_shape) < 0:
             raise ValueError(f"source_shape must be (rows, columns), found {self.source_shape}")
+        if (self.domain_score is None) != (self.domain_bound is None):
+            raise ValueError("domain_score and domain_bound go together: give both or neither")
+        for name, value in (("domain_score", self.domain_score), ("domain_bound", self.domain_bound)):
+            if value is not None and not value >= 0.0:
+                raise ValueError(f"{name} must be a number >= 0, found {value}")
+
+    @property
+    def outside_domain(self) -> bool:
+        """Whether the gate scored the image outside the model's validated domain (score above the bound)."""
+        return self.domain_score is not None and self.domain_bound is not None and self.domain_score > self.domain_bound
+
+    @property
+    def domain_text(self) -> str:
+        """``outside the validated domain (score X, bound Y)`` for an image outside it; "" otherwise."""
+        if not self.outside_domain:
+            return ""
+        return f"outside the validated domain (score {self.domain_score:.2f}, bound {self.domain_bound:.2f})"
 
     @property
     def positive(self) -> bool | None:

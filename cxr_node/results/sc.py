@@ -44,6 +44,8 @@ def banner(findings: Findings) -> Banner:
         first,
         f"model {provenance.algorithm} ({len(provenance.members)} networks), cxr-node {provenance.software_version}",
     ]
+    if summary.analysed and summary.outside_domain:
+        lines.insert(1, f"WARNING: {summary.domain_text}")
     if findings.summary.similar:
         shown = findings.summary.similar[:NEIGHBOURS_ON_BANNER]
         lines.append(

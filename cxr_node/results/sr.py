@@ -272,6 +272,8 @@ def _evaluations(findings: Findings, notes: Sequence[str]) -> Dataset:
     ]
     if not findings.summary.analysed:
         children.append(item.text(codes.REASON_NOT_ANALYSED, findings.summary.reason, item.CONTAINS))
+    elif findings.summary.outside_domain:
+        children.append(item.text(codes.OUTSIDE_DOMAIN, findings.summary.domain_text, item.CONTAINS))
     if notes:
         children.append(item.text(codes.COMMENT, repairs_text(notes), item.CONTAINS))
     children.append(item.text(codes.INTENDED_USE, findings.provenance.intended_use, item.CONTAINS))
@@ -321,9 +323,10 @@ def impression(findings: Findings) -> str:
     algorithm = findings.provenance.algorithm
     if not findings.summary.analysed:
         return f"Not analysed by {algorithm}: {findings.summary.reason}"
+    outside = f"; {findings.summary.domain_text}" if findings.summary.outside_domain else ""
     return (
         f"{findings.summary.decision} by {algorithm} (probability {findings.summary.probability:.2f}, "
-        f"operating point {findings.summary.operating_point:.2f})"
+        f"operating point {findings.summary.operating_point:.2f}){outside}"
     )
 
 

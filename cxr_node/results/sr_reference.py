@@ -203,6 +203,8 @@ def _evaluations(findings: Findings, notes: tuple[str, ...]) -> hsr.ContainerCon
     items.append(hsr.TextContentItem(codes.IMPRESSION, impression(findings), contains))
     if not findings.summary.analysed:
         items.append(hsr.TextContentItem(codes.REASON_NOT_ANALYSED, findings.summary.reason, contains))
+    elif findings.summary.outside_domain:
+        items.append(hsr.TextContentItem(codes.OUTSIDE_DOMAIN, findings.summary.domain_text, contains))
     if notes:
         items.append(hsr.TextContentItem(codes.COMMENT, repairs_text(notes), contains))
     items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))

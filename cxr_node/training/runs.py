@@ -141,8 +141,9 @@ def train_demo(
 
 
 def models_bytes(manifest_path: Path) -> int:
-    """Return the bytes of a manifest and every weights file it names."""
+    """Return the bytes of a manifest and every weights file it names (and its domain description)."""
     manifest = load_manifest(manifest_path)
     files = [manifest_path, manifest.resolve(manifest.segmentation.weights)]
     files += [manifest.resolve(member.weights) for member in manifest.classifier.members]
+    files += [manifest.resolve(manifest.domain.file)] if manifest.domain is not None else []
     return sum(file.stat().st_size for file in files)

@@ -301,15 +301,26 @@ def train_ensemble(recipe: EnsembleRecipe, on_epoch: OnEpoch | None = None) -> P
     trained U-Net's own mask (``classifier.masks: unet``, the default and closest to deployment; the
     ground truth where that mask is implausible) or with the ground truth (``truth``); train each
     member; average the members' validation probabilities and choose the threshold on them
-    (Youden's J by default); write ``unet.pt``, ``<member>.pt`` and ``manifest.yaml`` into ``recipe.out``.
+    (Youden's J by default); write ``unet.pt``, ``<member>.pt`` and ``manifest.yaml`` into ``recipe.out``; then fit
+    the models' domain description (the out-of-domain gate, :func:`cxr_node.training.domain.fit_domain`) on the
+    training and validation images and name it in the manifest (when too few of them can be classified to fit
+    one, the manifest stays without: the node then runs that model with no gate, and warns).
 
     Returns
     -------
     pathlib.Path
         The manifest written.
     """
+    from cxr_node.training.domain import fit_domain
+
     with cpu_threads(recipe.threads):
-        return write_ensemble(recipe, _train_all(recipe, on_epoch))
+        trained = _train_all(recipe, on_epoch)
+        path = write_ensemble(recipe, trained)
+        try:
+            fit_domain(path, recipe.data, device=str(resolve_device(recipe.device)), rows=trained.rows)
+        except ValueError as exc:
+            print(f"no domain description: {exc}", flush=True)
+        return path
 
 
 def _train_all(recipe: EnsembleRecipe, on_epoch: OnEpoch | None) -> TrainedEnsemble:

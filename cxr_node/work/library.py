@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -28,6 +28,7 @@ from cxr_node.jobs.states import JobState
 from cxr_node.neighbours import LABELS, Label, Neighbour, NeighbourIndex, NewCase, Source
 from cxr_node.neighbours.cases import indexable
 from cxr_node.privacy import PatientHasher
+from cxr_node.work.gate import DomainGate, refusal_reason
 from cxr_node.work.load import index_case
 from cxr_node.work.loop import Analyser
 
@@ -77,11 +78,13 @@ def read_labels(csv_path: Path, folder: Path) -> list[tuple[Path, Label]]:
 
 @dataclass(frozen=True)
 class Embedder:
-    """What turns files into index entries: the current model, the site's patient hasher, the decode size."""
+    """What turns files into index entries: the current model, the site's patient hasher, the decode size, and
+    the out-of-domain gate (an image outside the model's validated domain is never indexed)."""
 
     engine: Analyser
     hasher: PatientHasher
     max_side: int
+    gate: DomainGate = field(default_factory=DomainGate)
 
     @property
     def version(self) -> str:
@@ -102,18 +105,21 @@ class Embedder:
                 continue
             batch.append((path, case or index_case(ds, self.hasher, label, source), image.pixels))
             if len(batch) == BATCH:
-                yield from _analyse(self.engine, batch)
+                yield from _analyse(self.engine, batch, self.gate)
                 batch = []
         if batch:
-            yield from _analyse(self.engine, batch)
+            yield from _analyse(self.engine, batch, self.gate)
 
 
-def _analyse(engine: Analyser, batch: list[tuple[Path, NewCase, np.ndarray]]) -> Iterator[Embedded]:
-    for (path, case, _), analysis in zip(batch, engine.analyse([b[2] for b in batch]), strict=True):
-        if analysis.analysed and analysis.embedding is not None:
+def _analyse(engine: Analyser, batch: list[tuple[Path, NewCase, np.ndarray]], gate: DomainGate) -> Iterator[Embedded]:
+    for (path, case, _), found in zip(batch, engine.analyse([b[2] for b in batch]), strict=True):
+        analysis = gate.apply(found)
+        if gate.indexable(analysis) and analysis.embedding is not None:
             yield Embedded(path, case, analysis.embedding)
         else:
-            yield Embedded(path, case, None, analysis.reason or "not analysed")
+            outside = analysis.domain is not None and not analysis.domain.inside
+            why = refusal_reason(analysis.domain) if outside and analysis.domain is not None else "not analysed"
+            yield Embedded(path, case, None, analysis.reason or why)
 
 
 def keep_copy(settings: Settings, path: Path, case: NewCase) -> Path:

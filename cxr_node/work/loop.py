@@ -5,7 +5,9 @@ Each step is a named function with a typed input and output: ``claim`` (queued �
 → ``Retriever.similar`` / ``add`` → :func:`summary_of` (Analysis → Summary) → ``save_result`` (running →
 inferred) → :class:`~cxr_node.work.write.OutputWriter` (inferred → written). An image whose pixels cannot be
 decoded is recorded as not analysed (it gets a short SR); a file that cannot be read, or an analysis that
-raises, ends ``quarantined`` with the reason. The worker keeps going.
+raises, ends ``quarantined`` with the reason. The worker keeps going. Each analysis passes the out-of-domain
+gate (:class:`~cxr_node.work.gate.DomainGate`, ``domain.gate``) before it is recorded: an image outside the
+model's validated domain is refused or flagged, and never added to the neighbour index.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pydicom.dataset import Dataset
 from structlog.contextvars import bound_contextvars
 
 from cxr_node import metrics
-from cxr_node.config import WorkerSettings
+from cxr_node.config import DomainSettings, WorkerSettings
 from cxr_node.dicom.pixels import DecodedImage
 from cxr_node.errors import PixelDecodeError
+from cxr_node.infer.domain import DomainDescription
 from cxr_node.infer.engine import Analysis
 from cxr_node.jobs.interfaces import JobStore, ResultStore
 from cxr_node.jobs.leases import Holder, recover_jobs, this_process
@@ -37,6 +40,7 @@ from cxr_node.jobs.wakeup import Listener
 from cxr_node.neighbours import NewCase
 from cxr_node.privacy import PatientHasher
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
+from cxr_node.work.gate import DomainGate
 from cxr_node.work.load import Loaded, index_case
 from cxr_node.work.pool import BrokenProcessPool, StepPool, finish_step, load_step, write_step
 from cxr_node.work.retrieve import NoRetrieval, Retriever
@@ -103,7 +107,15 @@ def summary_of(
         photometric=image.photometric,
         similar=tuple(similar),
         timings_ms=tuple(analysis.timings_ms.items()),
+        domain_score=None if analysis.domain is None else analysis.domain.score,
+        domain_bound=None if analysis.domain is None else analysis.domain.bound,
     )
+
+
+def model_domain(analyser: Analyser) -> DomainDescription | None:
+    """The analyser's domain description (the engine's ``domain``), or None when it has none."""
+    found = getattr(analyser, "domain", None)
+    return found if isinstance(found, DomainDescription) else None
 
 
 def undecodable_summary(header: Dataset, reason: str, model: tuple[str, str]) -> Summary:
@@ -146,6 +158,8 @@ class Worker:
     pool : StepPool or None
         Where decoding and output writing run (inline in this thread by default; in processes, they overlap
         inference: the next batch decodes and the last one is written while this one is analysed).
+    domain : DomainSettings or None
+        The out-of-domain gate (``domain``; refuse by default); off when the analyser has no domain description.
     """
 
     def __init__(
@@ -162,6 +176,7 @@ class Worker:
         hasher: PatientHasher | None = None,
         listener: Listener | None = None,
         pool: StepPool | None = None,
+        domain: DomainSettings | None = None,
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -179,6 +194,10 @@ class Worker:
         self.hasher = hasher
         self.listener = listener or Listener(None)
         self.pool = pool or StepPool(0)
+        self.domain = domain or DomainSettings()
+        description = model_domain(analyser)
+        self.described = description is not None
+        self.gate = DomainGate.for_model(self.domain.gate, description, self.domain.pass_rate)
         self._writes: dict[int, tuple[Job, Future[bool]]] = {}
         self._crashes: dict[int, int] = {}
         self.busy_s = 0.0
@@ -191,7 +210,12 @@ class Worker:
         A thread renews the leases of the jobs in hand while the loop makes progress; jobs of workers that are
         gone are taken back at start and whenever the worker is idle.
         """
-        log.info("worker.started", model=self.provenance.model_name, version=self.provenance.model_version)
+        log.info("worker.started", model=self.provenance.model_name, version=self.provenance.model_version,
+                 domain_gate=self.gate.mode)  # fmt: skip
+        if not self.described:
+            log.warning("domain.no_description", model=self.provenance.algorithm,
+                        detail="the manifest has no domain description: images are not checked against the "
+                        "model's validated domain (cxr-node domain fit)")  # fmt: skip
         self.jobs.renew(self.holder, self.settings.lease_s)
         renewer = threading.Thread(target=self._renew_leases, args=(stop,), name="leases", daemon=True)
         renewer.start()
@@ -419,10 +443,12 @@ class Worker:
     def _record_bound(self, item: Loaded, image: DecodedImage, analysis: Analysis) -> None:
         model = (self.provenance.model_name, self.provenance.model_version)
         similar: tuple[SimilarCase, ...] = ()
+        analysis = self.gate.apply(analysis)
         case = self._case(item) if analysis.analysed and analysis.embedding is not None else None
         if case is not None and analysis.embedding is not None:
             similar = self.retriever.similar(case, analysis.embedding, model[1])
-            self.retriever.add(case, analysis.embedding, model[1])
+            if self.gate.indexable(analysis):
+                self.retriever.add(case, analysis.embedding, model[1])
         summary = summary_of(image, analysis, model, similar)
         findings = Findings(
             self.provenance, summary, image=image.pixels, lung_mask=analysis.lung_mask, heatmap=analysis.heatmap
@@ -436,6 +462,8 @@ class Worker:
             positive=summary.positive,
             reason=summary.reason or None,
             similar=len(similar),
+            domain_score=None if summary.domain_score is None else round(summary.domain_score, 2),
+            outside_domain=summary.outside_domain,
         )
         self._submit_write(item)
 
