@@ -270,7 +270,7 @@ def _outcome(job: Job | None, result: StoredResult | None) -> tuple[str, str, st
         return "", "", "", job.reason or ""
     summary = result.summary
     if not summary.analysed:
-        return "", "not anal.", "", summary.reason[:60]
+        return "", "not anal.", "", summary.reason[:80]
     decision = "POSITIVE" if summary.positive else "negative"
     similar = "; ".join(f"{case.display_id} {case.similarity:.2f}" for case in summary.similar[:2])
     return f"{summary.probability:.2f}", decision, similar, f"threshold {summary.operating_point:.2f}"

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from cxr_node.errors import StorageError
+from cxr_node.errors import CxrNodeError, StorageError
 
 KEY_BYTES: Final = 32
 HASH_HEX: Final = 16
@@ -78,3 +78,25 @@ def _read_key(path: Path) -> bytes:
     if len(key) < 16:
         raise StorageError(f"{path}: the identifier key holds {len(key)} bytes, 16 or more are needed")
     return key
+
+
+def read_secret(path: Path, key: str, error: type[CxrNodeError]) -> str:
+    """The first line of the secret file ``path`` ("" when the file is empty), which only its owner may read.
+
+    Every secret the node reads from a file (the database password, a destination's password or token, the
+    STOW-RS token) goes through here: the same check, the same one-line messages naming the config ``key``.
+
+    Raises
+    ------
+    CxrNodeError
+        ``error`` when the file cannot be read or its group or others may read it.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{key} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise error(f"{key} {path}: group or others may read it; chmod 600 {path}")
+    lines = text.splitlines()
+    return lines[0] if lines else ""

@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from cxr_node.errors import StorageError
 from cxr_node.jobs.sql import POSTGRESQL, Dialect, Rows, SqlStore
 from cxr_node.jobs.wakeup import Listener, Topic
+from cxr_node.privacy import read_secret
 
 log = structlog.get_logger("cxr_node.jobs.postgres")
 
@@ -158,16 +159,7 @@ def password(password_file: Path | None) -> str | None:
     """
     if password_file is None:
         return os.environ.get(PASSWORD_ENV) or None
-    try:
-        mode = password_file.stat().st_mode
-        text = password_file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise StorageError(f"storage.database_password_file {password_file}: cannot read it ({exc.strerror})") from exc
-    if mode & 0o077:
-        raise StorageError(
-            f"storage.database_password_file {password_file}: others may read it; chmod 600 {password_file}"
-        )
-    return text.splitlines()[0] if text.strip() else None
+    return read_secret(password_file, "storage.database_password_file", StorageError) or None
 
 
 def redact(url: str) -> str:

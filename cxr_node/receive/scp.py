@@ -197,8 +197,13 @@ def build_ae(node: NodeSettings) -> AE:
     return ae
 
 
-def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    """Return the server TLS context configured by ``tls``, or None when TLS is off.
+def tls_context(
+    tls: TLSSettings, key: str = "node.tls", socket_class: type[ssl.SSLSocket] = GuardedSSLSocket
+) -> ssl.SSLContext | None:
+    """Return the server TLS context configured by ``tls`` (the config section ``key``), or None when TLS is off.
+
+    The SCP's and the STOW-RS endpoint's: TLS 1.2 or later, and client certificates (when required) checked
+    against ``ca_file`` only; ``socket_class`` bounds the decrypted reads like plain ones.
 
     Raises
     ------
@@ -216,9 +221,9 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
         if tls.ca_file is not None:
             context.load_verify_locations(cafile=str(tls.ca_file))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"node.tls: cannot load certificate, key or CA: {exc}") from exc
+        raise ConfigError(f"{key}: cannot load certificate, key or CA: {exc}") from exc
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-    context.sslsocket_class = GuardedSSLSocket  # so the decrypted reads are bounded like plain ones
+    context.sslsocket_class = socket_class
     return context
 
 

@@ -37,10 +37,11 @@ from urllib.parse import urlsplit
 import structlog
 from pydicom.uid import UID
 
-from cxr_node.config import StowSettings, TLSSettings
+from cxr_node.config import StowSettings
 from cxr_node.dicom import status
 from cxr_node.errors import ConfigError
 from cxr_node.jobs import spool
+from cxr_node.privacy import read_secret
 from cxr_node.receive.connections import GuardedSocket, PeerSlots, RateLimitedLog
 from cxr_node.receive.intake import Intake, Peer
 from cxr_node.receive.multipart import (
@@ -52,6 +53,7 @@ from cxr_node.receive.multipart import (
     MultipartReader,
     valid_boundary,
 )
+from cxr_node.receive.scp import tls_context
 from cxr_node.receive.stow_parts import (
     DICOM_JSON,
     CappedSpool,
@@ -133,31 +135,6 @@ class DeadlineSSLSocket(DeadlineSocket, ssl.SSLSocket):
     """The same over TLS (installed as the context's ``sslsocket_class``)."""
 
 
-def tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    """The server TLS context of ``stow.tls`` (None when off); client certificates checked against ``ca_file``
-    when ``require_client_cert``.
-
-    Raises
-    ------
-    ConfigError
-        When the certificate, key or CA file cannot be loaded.
-    """
-    if not tls.enabled:
-        return None
-    # not ssl.create_default_context(CLIENT_AUTH): it trusts the system's CAs for client certificates too
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
-        if tls.ca_file is not None:
-            context.load_verify_locations(cafile=str(tls.ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"stow.tls: cannot load certificate, key or CA: {exc}") from exc
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-    context.sslsocket_class = DeadlineSSLSocket
-    return context
-
-
 def read_token(path: Path | None) -> bytes | None:
     """The bearer token: the first line of ``path`` (None when no file is configured).
 
@@ -170,14 +147,7 @@ def read_token(path: Path | None) -> bytes | None:
     """
     if path is None:
         return None
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"stow.token_file {path}: cannot read it ({getattr(exc, 'strerror', exc)})") from exc
-    if mode & 0o077:
-        raise ConfigError(f"stow.token_file {path}: others may read it; chmod 600 {path}")
-    token = text.splitlines()[0].strip() if text.strip() else ""
+    token = read_secret(path, "stow.token_file", ConfigError).strip()
     if len(token) < MIN_TOKEN:
         raise ConfigError(f"stow.token_file {path}: the token must be at least {MIN_TOKEN} characters")
     return token.encode("utf-8")
@@ -205,7 +175,7 @@ class StowServer(ThreadingHTTPServer):
         self.receiving = receiving
         self.reuse_port = reuse_port
         self.token = read_token(settings.token_file)
-        self.ssl_context = tls_context(settings.tls)
+        self.ssl_context = tls_context(settings.tls, "stow.tls", DeadlineSSLSocket)
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_ips)
         self.slots = PeerSlots(settings.max_connections_per_peer, settings.max_connections)
         self.refusals = RateLimitedLog()

@@ -25,6 +25,7 @@ import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from cxr_node import privacy
 from cxr_node.config import Destination
 from cxr_node.errors import SendError
 from cxr_node.send import stow
@@ -45,17 +46,10 @@ def read_secret(path: Path, key: str) -> str:
     SendError
         When it cannot be read, is empty, or group or others may read it.
     """
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SendError(f"{key} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from exc
-    if mode & 0o077:
-        raise SendError(f"{key} {path}: group or others may read it; chmod 600 {path}")
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
+    secret = privacy.read_secret(path, key, SendError).strip()
+    if not secret:
         raise SendError(f"{key} {path}: the file is empty")
-    return lines[0].strip()
+    return secret
 
 
 @dataclass(frozen=True)
