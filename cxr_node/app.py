@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import structlog
 
 from cxr_node.config import Settings
-from cxr_node.errors import ConfigError, StorageError
+from cxr_node.errors import ConfigError, ModelError, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import Store
 from cxr_node.jobs.leases import recover_deliveries, recover_jobs
@@ -33,7 +34,7 @@ from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
 from cxr_node.receive.scp import NodeServer, spool_received_into, start_server
 from cxr_node.receive.stow import StowServer, start_stow
-from cxr_node.results.findings import Algorithm, Provenance
+from cxr_node.results.findings import Algorithm, Provenance, SiteOperatingPoint
 from cxr_node.results.kinds import producible
 from cxr_node.scheduler import Housekeeper, Sender, timetable
 from cxr_node.send.deliver import Dispatcher
@@ -42,6 +43,7 @@ from cxr_node.supervisor import ROLES, STOP_GRACE_S, Supervisor, Wiring
 if TYPE_CHECKING:
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import Manifest
+    from cxr_node.work.candidates import Candidate
     from cxr_node.work.loop import Analyser, Worker
     from cxr_node.work.write import OutputWriter
 
@@ -82,8 +84,9 @@ def open_store(settings: Settings, readonly: bool = False) -> Store:
     return SqliteStore(root / spool.DB_NAME, fsync=settings.storage.fsync, readonly=readonly, wakeup=wakeup)
 
 
-def load_model(settings: Settings) -> tuple[Manifest, Engine]:
-    """The manifest of ``models.manifest`` and its engine on ``compute.device`` (imports torch).
+def load_model(settings: Settings, path: Path | None = None) -> tuple[Manifest, Engine]:
+    """The manifest of ``models.manifest`` (or of ``path``: a candidate's) and its engine on ``compute.device``
+    (imports torch).
 
     Raises
     ------
@@ -95,7 +98,7 @@ def load_model(settings: Settings) -> tuple[Manifest, Engine]:
     from cxr_node.infer.engine import Engine
     from cxr_node.infer.registry import load_manifest
 
-    manifest = load_manifest(settings.models.manifest)
+    manifest = load_manifest(path or settings.models.manifest)
     checked = manifest.classifier.cpu_bf16
     options = RuntimeOptions(
         device=resolve_device(settings.compute.device),
@@ -119,7 +122,59 @@ def provenance(settings: Settings, manifest: Manifest) -> Provenance:
         software_version=__version__,
         device_uid=device_uid(settings.node.ae_title),
         algorithms=algorithms(manifest),
+        site_operating_point=site_operating_point(settings, manifest),
     )
+
+
+def site_operating_point(settings: Settings, manifest: Manifest) -> SiteOperatingPoint | None:
+    """The operating point of the site calibration ``models.calibration`` names (None when unset).
+
+    Raises
+    ------
+    ModelError
+        When the file cannot be read, or was made for another model, version or weights than ``manifest``'s.
+    """
+    return operating_point(settings.models.calibration, manifest)
+
+
+def operating_point(calibration: Path | None, manifest: Manifest) -> SiteOperatingPoint | None:
+    """The operating point of the site calibration file ``calibration`` for ``manifest`` (None when unset).
+
+    Raises
+    ------
+    ModelError
+        When the file cannot be read, or was made for another model, version or weights than ``manifest``'s.
+    """
+    if calibration is None:
+        return None
+    from cxr_node.infer.calibration import load_for
+
+    found = load_for(calibration, manifest)
+    return SiteOperatingPoint(found.threshold, found.description)
+
+
+def load_candidates(settings: Settings, model_key: str) -> list[Candidate]:
+    """The candidate models of ``models.candidates``, each with its engine, gate and site operating point.
+
+    Raises
+    ------
+    ModelError
+        When a candidate cannot be loaded, its calibration does not apply to it, or it has the same name and
+        version as ``model_key`` (the configured model) or another candidate.
+    """
+    from cxr_node.work.candidates import Candidate
+    from cxr_node.work.gate import DomainGate
+
+    found: list[Candidate] = []
+    for entry in settings.models.candidates:
+        manifest, engine = load_model(settings, entry.manifest)
+        key = f"{manifest.name}/{manifest.version}"
+        if key == model_key or key in (c.key for c in found):
+            raise ModelError(f"models.candidates {entry.manifest}: {key} is already configured (a candidate needs its "
+                             "own name or version)")  # fmt: skip
+        gate = DomainGate.for_model(settings.domain.gate, engine.domain, settings.domain.pass_rate)
+        found.append(Candidate(engine, gate, operating_point(entry.calibration, manifest)))
+    return found
 
 
 def algorithms(manifest: Manifest) -> tuple[Algorithm, ...]:
@@ -181,11 +236,16 @@ def purge_index(settings: Settings, studies: Sequence[str]) -> int:
 
 
 def build_worker(
-    settings: Settings, store: Store, analyser: Analyser | None = None, manifest: Manifest | None = None
+    settings: Settings,
+    store: Store,
+    analyser: Analyser | None = None,
+    manifest: Manifest | None = None,
+    candidates: Sequence[Candidate] | None = None,
 ) -> Worker:
-    """The inference worker: the model (``analyser`` or the one of ``models.manifest``), the output writer for
-    every destination, the pool its decoding and writing run in (``worker.cpu_processes``) and, when
-    ``neighbours.k`` is above 0, the neighbour index. ``close()`` it when done."""
+    """The inference worker: the model (``analyser`` or the one of ``models.manifest``), the candidates beside it
+    (``candidates`` or those of ``models.candidates``), the output writer for every destination, the pool its
+    decoding and writing run in (``worker.cpu_processes``) and, when ``neighbours.k`` is above 0, the neighbour
+    index. ``close()`` it when done."""
     from cxr_node.infer.registry import load_manifest
     from cxr_node.work.loop import Worker
     from cxr_node.work.pool import StepPool
@@ -195,7 +255,17 @@ def build_worker(
         manifest, analyser = load_model(settings)
     manifest = manifest or load_manifest(settings.models.manifest)
     made_by = provenance(settings, manifest)
+    if made_by.site_operating_point is not None:
+        site = made_by.site_operating_point
+        log.info("worker.operating_point", threshold=site.threshold, source=site.source)
+    if candidates is None:
+        candidates = load_candidates(settings, made_by.model_key)
+    for candidate in candidates:
+        source = candidate.site.source if candidate.site is not None else "model manifest"
+        log.info("worker.candidate", model=candidate.key, operating_point=source, outputs="none (shadow)")
     writer = build_writer(settings, store, made_by)
+    if writer.golive is not None:  # recorded now (initial mode) if new: status shows it, a restart keeps it
+        log.info("worker.mode", model=made_by.model_key, mode=writer.golive.mode_of(made_by.model_key))
     retriever = IndexRetriever(open_index(settings), settings.neighbours) if settings.neighbours.k else None
     root, hasher = settings.storage.root, patient_hasher(settings)
     processes = pool_processes(settings)
@@ -214,16 +284,20 @@ def build_worker(
         listener=listener,
         pool=pool,
         domain=settings.domain,
+        candidates=candidates,
     )
 
 
 def build_writer(settings: Settings, store: Store, made_by: Provenance) -> OutputWriter:
-    """The output writer: the configured outputs, a pending delivery to every destination."""
-    from cxr_node.work.write import OutputWriter
+    """The output writer: the configured outputs, a delivery to every destination, in the model version's go-live
+    mode (``golive``; shadow withholds them from destinations not marked ``qa``)."""
+    from cxr_node.work.write import GoLive, OutputWriter
 
     destinations = [destination.name for destination in settings.destinations]
+    qa = tuple(destination.name for destination in settings.destinations if destination.qa)
+    golive = GoLive(store.modes, settings.golive.initial_mode, qa)
     root, fsync = settings.storage.root, settings.storage.fsync
-    return OutputWriter(root, store.jobs, store.results, made_by, settings.results, destinations, fsync)
+    return OutputWriter(root, store.jobs, store.results, made_by, settings.results, destinations, fsync, golive)
 
 
 def pool_processes(settings: Settings) -> int:

@@ -164,6 +164,7 @@ class Destination(_Section):
     password_file: Path | None = None  # basic: the password, first line; mode 0600 (read at each connection)
     token_file: Path | None = None  # bearer: the token, first line; mode 0600 (read at each connection)
     timeout_s: float | None = Field(default=None, gt=0)  # this destination's timeout (else delivery.timeout_s)
+    qa: bool = False  # a QA destination: gets every output in every go-live mode, shadow included (golive)
 
     @model_validator(mode="before")
     @classmethod
@@ -242,10 +243,33 @@ class MetricsSettings(_Section):
     stuck_after_s: float = Field(default=600.0, gt=0)
 
 
+class CandidateSettings(_Section):
+    """A candidate model run beside the configured one on the same images (model change control,
+    docs/calibration.md): its results are recorded apart, it writes no outputs, and ``cxr-node compare`` reports
+    how it differs. ``calibration``: its own site calibration (``cxr-node calibrate --manifest``)."""
+
+    manifest: Path
+    calibration: Path | None = None
+
+
 class ModelSettings(_Section):
-    """Which model manifest the worker loads."""
+    """Which model manifest the worker loads, the site calibration whose operating point replaces the
+    manifest's threshold (``cxr-node calibrate``, docs/calibration.md; None: the manifest's threshold), and the
+    candidates run beside it in shadow (none by default)."""
 
     manifest: Path = Path("models/demo/manifest.yaml")
+    calibration: Path | None = None
+    candidates: tuple[CandidateSettings, ...] = Field(default=(), max_length=4)
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, value: tuple[CandidateSettings, ...], info: ValidationInfo) -> tuple[CandidateSettings, ...]:
+        manifests = [candidate.manifest for candidate in value]
+        if len(set(manifests)) != len(manifests):
+            raise ValueError("a candidate manifest is listed twice")
+        if info.data.get("manifest") in manifests:
+            raise ValueError("the configured manifest cannot also be a candidate")
+        return value
 
 
 class ComputeSettings(_Section):
@@ -314,6 +338,14 @@ class DomainSettings(_Section):
     pass_rate: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
+class GoLiveSettings(_Section):
+    """Staged go-live (docs/operations.md): the mode a model version starts in when the jobs store has no record
+    of it yet. ``shadow``: outputs go to QA destinations only; ``supervised``: to every destination, marked for QA
+    review; ``live``: as they are. Going live is an operator's step (``cxr-node mode set live``), never this key."""
+
+    initial_mode: Literal["shadow", "supervised"] = "supervised"
+
+
 class StowSettings(_Section):
     """DICOMweb in: the optional STOW-RS endpoint (``POST {base_path}/studies[/{study}]``) of the receivers, with
     the SCP's checks, bounds and durability (docs/dicomweb.md). Off by default; loopback by default."""
@@ -343,9 +375,7 @@ class StowSettings(_Section):
     @model_validator(mode="after")
     def _authenticated_off_loopback(self) -> StowSettings:
         if self.enabled and not _loopback(self.host) and self.token_file is None and not self.tls.require_client_cert:
-            raise ValueError(
-                "stow.host is not a loopback address: set stow.token_file or stow.tls.require_client_cert"
-            )
+            raise ValueError("stow.host is not a loopback address: set stow.token_file or stow.tls.require_client_cert")
         return self
 
     @property
@@ -382,6 +412,7 @@ class Settings(_Section):
     results: ResultsSettings = ResultsSettings()
     neighbours: NeighbourSettings = NeighbourSettings()
     domain: DomainSettings = DomainSettings()
+    golive: GoLiveSettings = GoLiveSettings()
     metrics: MetricsSettings = MetricsSettings()
     stow: StowSettings = StowSettings()
     logging: LoggingSettings = LoggingSettings()

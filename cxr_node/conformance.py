@@ -190,6 +190,8 @@ PRIVATE_DEFINITIONS: Final[Mapping[str, str]] = {
     "the model's validated domain (domain.gate: flag); the text gives the score and the bound.",
     "CXRN010": "Concept name of a CONTAINER at the report's root holding one TID 1501 group per similar past "
     "case (kept out of Imaging Measurements: a group without an image region there stops OHIF drawing the report).",
+    "CXRN011": "Concept name of a TEXT: the go-live mode the report was written in (shadow, supervised or live; "
+    "shadow and supervised add that the result is for QA review, not for diagnosis).",
 }
 """What each private (99CXRNODE) code means; the statement must define every private code."""
 

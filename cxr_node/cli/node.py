@@ -28,6 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def status_report(args: argparse.Namespace) -> dict[str, Any]:
     """The node at a glance, as ``status --json`` prints it."""
     from cxr_node.app import open_store
+    from cxr_node.cli.mode import running_mode
     from cxr_node.jobs.states import VALUES_REPAIRED, JobState
     from cxr_node.metrics import health, snapshot
 
@@ -38,6 +39,7 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
         snap = snapshot(found, store, now)
         repaired = store.jobs.moves(JobState.WRITTEN, VALUES_REPAIRED)
         hosts = hosts_report(store, now)
+        golive = running_mode(store, found)
     finally:
         store.close()
     stale = found.metrics.stuck_after_s
@@ -49,6 +51,8 @@ def status_report(args: argparse.Namespace) -> dict[str, Any]:
         "hosts": hosts,
         "storage_root": str(found.storage.root),
         "model_manifest": str(found.models.manifest),
+        "golive": golive,
+        "model_candidates": [str(candidate.manifest) for candidate in found.models.candidates],
         "jobs": snap.jobs,
         "total": sum(snap.jobs.values()),
         "queue_depth": snap.queue_depth,
@@ -87,6 +91,11 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"PROBLEM       {problem}" for problem in report["problems"]]
     lines += [
         f"storage root  {report['storage_root']}   model {report['model_manifest']}",
+        f"go-live mode  {golive_line(report['golive'])}",
+        *(
+            f"candidate     {path} (beside it: results recorded apart, no outputs; cxr-node compare)"
+            for path in report["model_candidates"]
+        ),
         f"queue         {report['queue_depth']} waiting (limit {report['queue_limit']}), oldest pending "
         f"{report['oldest_pending_s']:.0f} s, disk {report['disk_used_percent']}% (limit "
         f"{report['disk_limit_percent']:g}%)",
@@ -116,6 +125,13 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         )
         lines.append(f"destination   {name}: {up}{unmet}; deliveries: {counts or 'none'}")
     return lines
+
+
+def golive_line(golive: dict[str, Any]) -> str:
+    """The running model's go-live mode in one line, e.g. ``cxr-demo/1: live (set by Dr A, 2026-12-03 ...)``."""
+    if not golive["recorded"]:
+        return f"{golive['model']}: {golive['mode']} (golive.initial_mode, not recorded yet)"
+    return f"{golive['model']}: {golive['mode']} (set by {golive['set_by']}, {golive['set_at']}; cxr-node mode show)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import shlex
 import time
 from collections.abc import Sequence
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr_node.cli.common import Subparsers, settings, user_errors
+from cxr_node.config import Settings
+from cxr_node.errors import CxrNodeError
 
 if TYPE_CHECKING:
     from cxr_node.training.loop import EpochLog
@@ -212,6 +215,92 @@ def cmd_domain_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Choose the site's operating point for the model in use from the site's outcomes; write the calibration."""
+    import getpass
+
+    from cxr_node.app import open_store
+    from cxr_node.infer.registry import load_manifest
+    from cxr_node.training.calibration import describe, parse_target, run_calibration
+    from cxr_node.training.outcomes import read_outcomes
+
+    found = settings(args)
+    with user_errors():
+        target = parse_target(args.target)
+        outcomes = read_outcomes(Path(args.labels))
+    path = Path(args.manifest) if args.manifest else found.models.manifest
+    manifest = load_manifest(path)
+    store = open_store(found, readonly=True)
+    try:
+        with user_errors():
+            run = run_calibration(store, manifest, outcomes, target, Path(args.out),
+                                  report=Path(args.report) if args.report else None, n_resamples=args.resamples,
+                                  seed=args.seed, by=args.by or getpass.getuser(), command=_command(args),
+                                  progress=_progress)  # fmt: skip
+    finally:
+        store.close()
+    print("\n".join(describe(run.found)))
+    candidate = next((i for i, c in enumerate(found.models.candidates) if c.manifest == path), None)
+    key = "models.calibration" if candidate is None else f"calibration of models.candidates[{candidate}]"
+    print(f"wrote {run.file}; set {key}: {run.file} in {found.source} and restart the worker")
+    if run.report:
+        print(f"report: {run.report['markdown']}")
+    return 0
+
+
+def _candidate_key(found: Settings, given: str | None) -> str:
+    """The candidate to compare: ``--candidate`` (a manifest or ``name/version``), else the only one configured."""
+    from cxr_node.cli.mode import candidate_keys, manifest_key
+
+    if given:
+        return manifest_key(Path(given), "--candidate") if Path(given).is_file() else given
+    keys = [key for key, _ in candidate_keys(found)]
+    if len(keys) != 1:
+        listed = ", ".join(keys) or "none"
+        raise CxrNodeError(f"give --candidate (name/version or its manifest): models.candidates lists {listed}")
+    return keys[0]
+
+
+def _since(text: str | None) -> float:
+    """``--since YYYY-MM-DD`` (UTC midnight) as epoch seconds; 0 without it."""
+    if not text:
+        return 0.0
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise CxrNodeError(f"--since {text!r}: expected a date, YYYY-MM-DD") from None
+    return datetime.datetime.combine(day, datetime.time(), datetime.UTC).timestamp()
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Report how a candidate model run beside the model in use differs from it (and on labelled cases)."""
+    from cxr_node.app import open_store
+    from cxr_node.cli.mode import configured_model_key
+    from cxr_node.training.compare import compare, describe, load_pairs, write_report
+    from cxr_node.training.outcomes import read_outcomes
+
+    found = settings(args)
+    candidate = _candidate_key(found, args.candidate)
+    live = args.live or configured_model_key(found)
+    with user_errors():
+        outcomes = read_outcomes(Path(args.labels)) if args.labels else None
+    store = open_store(found, readonly=True)
+    try:
+        pairs = load_pairs(store, candidate, _since(args.since))
+    finally:
+        store.close()
+    if not pairs:
+        raise CxrNodeError(f"no results of {candidate} recorded{' since ' + args.since if args.since else ''}: list "
+                           "its manifest in models.candidates and let the worker analyse images with it")  # fmt: skip
+    with user_errors():
+        comparison = compare(pairs, live, outcomes, n_resamples=args.resamples, seed=args.seed)
+    print("\n".join(describe(comparison)))
+    if args.out:
+        files = write_report(comparison, Path(args.out), command=_command(args))
+        print(f"report: {files['markdown']}")
+    return 0
+
+
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add ``dataset``, ``phantoms``, ``train`` and ``evaluate`` to ``sub``."""
     p = sub.add_parser("dataset", help="build labelled sets for training")
@@ -237,6 +326,25 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     _register_train(sub)
     _register_domain(sub)
+    _register_calibrate(sub, common)
+
+    p = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="a candidate model (models.candidates) beside the model in use: agreement, shifts, metrics",
+    )
+    p.add_argument(
+        "--candidate",
+        default=None,
+        help="the candidate: name/version or its manifest (default: the only one in models.candidates)",
+    )
+    p.add_argument("--live", default=None, help="the model in use, name/version (default: models.manifest's)")
+    p.add_argument("--labels", default=None, help="CSV of outcomes (as for calibrate): adds both models' metrics")
+    p.add_argument("--since", default=None, help="only results recorded since this day (YYYY-MM-DD, UTC)")
+    p.add_argument("--out", default=None, help="folder for compare.md, compare.html, compare.json and the plots")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    p.set_defaults(func=cmd_compare)  # fmt: skip
 
     p = sub.add_parser("evaluate", help="evaluate a manifest's models on a labelled set (metrics, CIs, plots)")
     p.add_argument("--manifest", required=True, help="model manifest (YAML)")
@@ -327,3 +435,18 @@ def _register_train(sub: Subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_train_demo)
+
+
+def _register_calibrate(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``calibrate`` to ``sub``."""
+    p = sub.add_parser("calibrate", parents=[common], help="the site's operating point from its outcomes")
+    p.add_argument("--labels", required=True, help="CSV of outcomes: accession number, label (positive/negative)")
+    p.add_argument("--target", required=True, help="sensitivity=0.90 or specificity=0.95")
+    p.add_argument("--out", required=True, help="site calibration file to write (YAML)")
+    p.add_argument("--report", default=None, help="folder for the report (ROC and reliability plots, summary)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    p.add_argument("--by", default=None, help="who calibrates (default: the user name)")
+    p.add_argument("--manifest", default=None,
+                   help="the model to calibrate: a candidate's manifest (default: models.manifest)")  # fmt: skip
+    p.set_defaults(func=cmd_calibrate)

@@ -57,6 +57,7 @@ SIMILAR_CASE_SOP_INSTANCE_UID: Final = Code("CXRN007", PRIVATE_SCHEME, "Similar 
 CASE_NUMBER: Final = Code("CXRN008", PRIVATE_SCHEME, "De-identified case number")
 SIMILAR_CASES: Final = Code("CXRN010", PRIVATE_SCHEME, "Similar past cases")
 OUTSIDE_DOMAIN: Final = Code("CXRN009", PRIVATE_SCHEME, "Outside validated domain")
+DEPLOYMENT_MODE: Final = Code("CXRN011", PRIVATE_SCHEME, "AI deployment mode")
 
 PRIVATE_CODES: Final = (
     LUNG_MASK_QUALITY,
@@ -69,5 +70,6 @@ PRIVATE_CODES: Final = (
     CASE_NUMBER,
     SIMILAR_CASES,
     OUTSIDE_DOMAIN,
+    DEPLOYMENT_MODE,
 )
 """The private concepts, for docs/outputs.md and the conformance statement."""

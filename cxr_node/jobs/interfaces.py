@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from cxr_node.jobs.leases import Holder
-from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, ModeRecord, NewJob, Output, StoredResult
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.jobs.wakeup import Listener, Topic
-from cxr_node.results.findings import Findings
+from cxr_node.results.findings import Findings, Mode, Summary
 
 
 class JobStore(Protocol):
@@ -116,11 +116,29 @@ class ResultStore(Protocol):
         """The stored result of ``job_id``, or None."""
         ...
 
+    def save_candidate(self, job_id: int, summary: Summary) -> None:
+        """Store (or replace) what a candidate model found on ``job_id``'s image; the job's state is not touched."""
+        ...
+
+    def candidate_results(self, job_id: int) -> list[Summary]:
+        """What the candidate models found on ``job_id``'s image."""
+        ...
+
+    def beside(self, model_key: str, since: float = 0.0) -> list[tuple[int, Summary, Summary | None]]:
+        """Each job candidate ``model_key`` ran on since ``since``: its summary and the job's own (or None)."""
+        ...
+
     def save_outputs(
-        self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str], reason: str | None = None
+        self,
+        job_id: int,
+        outputs: Sequence[Output],
+        destinations: Sequence[str],
+        reason: str | None = None,
+        withheld: Sequence[str] = (),
     ) -> Job:
-        """Record an inferred job's written outputs and a pending delivery per destination and output; move it
-        to written (with ``reason``, e.g. the source values repaired); drop the arrays."""
+        """Record an inferred job's written outputs and a pending delivery per destination and output (a withheld
+        one for the destinations in ``withheld``: shadow mode); move it to written (with ``reason``, e.g. the source
+        values repaired); drop the arrays."""
         ...
 
     def outputs(self, job_id: int) -> list[Output]:
@@ -189,6 +207,31 @@ class DeliveryStore(Protocol):
         ...
 
 
+class ModeStore(Protocol):
+    """The go-live mode of each model version (``Provenance.model_key``), with the history of who set it when."""
+
+    def current(self, model_key: str) -> ModeRecord | None:
+        """The model version's mode as last set, or None when it has no record yet."""
+        ...
+
+    def ensure(self, model_key: str, mode: Mode, set_by: str, reason: str | None = None) -> ModeRecord:
+        """The model version's mode; when it has no record yet, ``mode`` is recorded first (an existing record
+        is never changed: a restart or an upgrade keeps the mode)."""
+        ...
+
+    def set(self, model_key: str, mode: Mode, set_by: str, reason: str | None = None) -> ModeRecord:
+        """Record an operator's setting of the model version's mode (and its history row)."""
+        ...
+
+    def all(self) -> list[ModeRecord]:
+        """Every model version's current mode, by model key."""
+        ...
+
+    def history(self, model_key: str | None = None) -> list[ModeRecord]:
+        """Every setting, oldest first, of one model version or of all."""
+        ...
+
+
 class Store(Protocol):
     """One open store: its three parts, sharing one database."""
 
@@ -210,6 +253,11 @@ class Store(Protocol):
     @property
     def deliveries(self) -> DeliveryStore:
         """Deliveries and destinations."""
+        ...
+
+    @property
+    def modes(self) -> ModeStore:
+        """The go-live mode of each model version."""
         ...
 
     def listen(self, topic: Topic) -> Listener:

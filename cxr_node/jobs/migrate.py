@@ -22,9 +22,18 @@ from cxr_node.errors import StorageError
 from cxr_node.jobs.postgres import PostgresStore
 from cxr_node.jobs.sqlite import SqliteStore
 
-TABLES: Final = ("jobs", "job_events", "results", "outputs", "deliveries", "destinations")
+TABLES: Final = (
+    "jobs",
+    "job_events",
+    "results",
+    "outputs",
+    "deliveries",
+    "destinations",
+    "model_modes",
+    "model_mode_events",
+)
 """Copied in this order (references first). ``holders`` is not: it names processes of the old host."""
-_IDENTITIES: Final = ("jobs", "job_events")
+_IDENTITIES: Final = ("jobs", "job_events", "model_mode_events")
 CHUNK: Final = 500
 ALIVE_WITHIN_S: Final = 120.0
 """A role that renewed its holder entry this recently is taken to be running still."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cxr_node.jobs.states import JobState
-from cxr_node.results.findings import Summary
+from cxr_node.results.findings import Mode, Summary
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class StoredResult:
 class Output:
     """One DICOM object written for a job, in the outbox (path relative to the storage root).
 
-    ``send_order`` ranks it among the job's outputs (0 is sent first; :mod:`cxr_node.results.kinds`).
+    ``send_order`` ranks it among the job's outputs (0 is sent first; :mod:`cxr_node.results.kinds`); ``mode`` is
+    the go-live mode it was written in (kept with it: a later change of mode does not rewrite history).
     """
 
     kind: str
@@ -66,6 +67,7 @@ class Output:
     path: str
     size_bytes: int
     send_order: int = 0
+    mode: Mode = "live"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,19 @@ class Due:
     sop_class_uid: str
     sop_instance_uid: str
     attempts: int
+    mode: Mode = "live"
+
+
+@dataclass(frozen=True)
+class ModeRecord:
+    """One setting of a model version's go-live mode: which model (``name/version``), the mode, who set it (an
+    operator's name, or ``golive.initial_mode`` for the first record), when (epoch seconds) and why."""
+
+    model_key: str
+    mode: Mode
+    set_by: str
+    set_at: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import codec
 from cxr_node.jobs.leases import Holder
-from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, NewJob, Output, StoredResult
+from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, ModeRecord, NewJob, Output, StoredResult
 from cxr_node.jobs.states import (
     OPEN_DELIVERIES,
+    WITHHELD_ERROR,
     DeliveryState,
     JobState,
     can_move,
@@ -35,7 +36,7 @@ from cxr_node.jobs.states import (
     sources_of,
 )
 from cxr_node.jobs.wakeup import Topic
-from cxr_node.results.findings import Findings
+from cxr_node.results.findings import MODES, Findings, Mode, Summary
 
 
 class Rows(Protocol):
@@ -425,7 +426,7 @@ class SqlJobs:
     def delete(self, job_ids: Sequence[int]) -> int:
         """Delete jobs and everything recorded about them; return how many jobs were deleted."""
         with self.db.transaction() as db:
-            for table in ("job_events", "results", "outputs", "deliveries"):
+            for table in ("job_events", "results", "candidate_results", "outputs", "deliveries"):
                 db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in job_ids])
             return sum(db.execute("DELETE FROM jobs WHERE id = ?", (i,)).rowcount for i in job_ids)
 
@@ -507,30 +508,73 @@ class SqlResults:
             return None
         return StoredResult(row[0], row[1], codec.decode_summary(row[2]), row[3], row[4])
 
+    def save_candidate(self, job_id: int, summary: Summary) -> None:
+        """Store (or replace) what a candidate model (``models.candidates``) found on a job's image, apart from the
+        job's own result: the job's state is not touched."""
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO candidate_results (job_id, model_key, created_at, summary) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (job_id, model_key) DO UPDATE SET created_at = excluded.created_at,"
+                " summary = excluded.summary",
+                (job_id, summary.model_key, time.time(), codec.encode_summary(summary)),
+            )
+
+    def candidate_results(self, job_id: int) -> list[Summary]:
+        """What the candidate models found on ``job_id``'s image, by model key.
+
+        Raises
+        ------
+        ValueError
+            When a stored summary cannot be decoded.
+        """
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT summary FROM candidate_results WHERE job_id = ? ORDER BY model_key", (job_id,)
+            ).fetchall()
+        return [codec.decode_summary(row[0]) for row in rows]
+
+    def beside(self, model_key: str, since: float = 0.0) -> list[tuple[int, Summary, Summary | None]]:
+        """Each job a candidate ``model_key`` ran on (recorded at ``since`` or later), with its summary and the
+        job's own result's (None when the job has none), in job order."""
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT c.job_id, c.summary, r.summary FROM candidate_results c"
+                " LEFT JOIN results r ON r.job_id = c.job_id"
+                " WHERE c.model_key = ? AND c.created_at >= ? ORDER BY c.job_id",
+                (model_key, since),
+            ).fetchall()
+        return [
+            (row[0], codec.decode_summary(row[1]), None if row[2] is None else codec.decode_summary(row[2]))
+            for row in rows
+        ]
+
     def save_outputs(
-        self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str], reason: str | None = None
+        self,
+        job_id: int,
+        outputs: Sequence[Output],
+        destinations: Sequence[str],
+        reason: str | None = None,
+        withheld: Sequence[str] = (),
     ) -> Job:
-        """Record an inferred job's written outputs, one pending delivery per destination and output,
-        and move it to written (with ``reason``), in one transaction; the result's arrays are dropped."""
+        """Record an inferred job's written outputs (with the go-live mode each was written in), one pending
+        delivery per destination and output (withheld, never sent, for the destinations in ``withheld``), and
+        move it to written (with ``reason``), in one transaction; the result's arrays are dropped."""
         now = time.time()
         with self.db.transaction() as db:
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
             db.executemany(
                 "INSERT INTO outputs (job_id, kind, sop_class_uid, sop_instance_uid, path, size_bytes, created_at,"
-                " send_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " send_order, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (job_id, o.kind, o.sop_class_uid, o.sop_instance_uid, o.path, o.size_bytes, now, o.send_order)
+                    (job_id, o.kind, o.sop_class_uid, o.sop_instance_uid, o.path, o.size_bytes, now, o.send_order,
+                     o.mode)
                     for o in outputs
                 ],
-            )
+            )  # fmt: skip
             db.executemany(
-                "INSERT INTO deliveries (job_id, destination, kind, state, next_attempt_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [
-                    (job_id, name, o.kind, DeliveryState.PENDING.value, now, now)
-                    for name in destinations
-                    for o in outputs
-                ],
+                "INSERT INTO deliveries (job_id, destination, kind, state, next_attempt_at, updated_at, last_error)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [_delivery_row(job_id, name, o, name in withheld, now) for name in destinations for o in outputs],
             )
             db.execute("UPDATE results SET arrays = NULL WHERE job_id = ?", (job_id,))
             return self.jobs.move(db, job_id, JobState.WRITTEN, reason)
@@ -539,11 +583,16 @@ class SqlResults:
         """Return the outputs written for ``job_id``, in send order."""
         with self.db.read() as db:
             rows = db.execute(
-                "SELECT kind, sop_class_uid, sop_instance_uid, path, size_bytes, send_order FROM outputs"
+                "SELECT kind, sop_class_uid, sop_instance_uid, path, size_bytes, send_order, mode FROM outputs"
                 " WHERE job_id = ? ORDER BY send_order, kind",
                 (job_id,),
             ).fetchall()
         return [Output(*row) for row in rows]
+
+
+def _delivery_row(job_id: int, destination: str, output: Output, withheld: bool, now: float) -> tuple[object, ...]:
+    state = DeliveryState.WITHHELD if withheld else DeliveryState.PENDING
+    return (job_id, destination, output.kind, state.value, now, now, WITHHELD_ERROR if withheld else None)
 
 
 class SqlDeliveries:
@@ -607,7 +656,7 @@ class SqlDeliveries:
         else:
             among, args = f" AND d.job_id IN ({_marks(ids)})", tuple(ids)
         rows = db.execute(
-            "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts"
+            "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts, o.mode"
             " FROM deliveries d JOIN outputs o ON o.job_id = d.job_id AND o.kind = d.kind"
             f" WHERE d.destination = ? AND d.state IN ({_marks(_OPEN)}) AND d.next_attempt_at <= ?{among}"
             " ORDER BY d.job_id, o.send_order, d.kind",
@@ -666,7 +715,8 @@ class SqlDeliveries:
             ).fetchone()[0]
             self.jobs.move(db, job_id, JobState.DEAD, f"not delivered: {reason}"[:300])
             return JobState.DEAD
-        self.jobs.move(db, job_id, JobState.DELIVERED, None)
+        reason = WITHHELD_ERROR if DeliveryState.WITHHELD in states else None
+        self.jobs.move(db, job_id, JobState.DELIVERED, reason)
         return JobState.DELIVERED
 
     def settle_written(self) -> int:
@@ -835,6 +885,91 @@ class SqlDeliveries:
         }
 
 
+class SqlModes:
+    """The go-live mode of each model version and its history (the :class:`~cxr_node.jobs.interfaces.ModeStore`):
+    ``model_modes`` holds the current mode, ``model_mode_events`` every setting, both written in one
+    transaction."""
+
+    def __init__(self, db: SqlDatabase) -> None:
+        self.db = db
+
+    def current(self, model_key: str) -> ModeRecord | None:
+        """The model version's mode as last set, or None when it has no record yet."""
+        with self.db.read() as db:
+            rows = db.execute(f"SELECT {_MODE_COLUMNS} FROM model_modes WHERE model_key = ?", (model_key,)).fetchall()
+        return _to_mode(rows[0]) if rows else None
+
+    def ensure(self, model_key: str, mode: Mode, set_by: str, reason: str | None = None) -> ModeRecord:
+        """The model version's mode, recording ``mode`` first when it has none (an existing record is kept)."""
+        found = self.current(model_key)
+        if found is not None:
+            return found
+        record = ModeRecord(model_key, _checked(mode), set_by, time.time(), reason)
+        with self.db.transaction() as db:
+            inserted = db.execute(
+                "INSERT INTO model_modes (model_key, mode, set_by, set_at, reason) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (model_key) DO NOTHING RETURNING model_key",
+                _mode_values(record),
+            ).fetchone()
+            if inserted is not None:
+                self._event(db, record)
+                return record
+            row = db.execute(f"SELECT {_MODE_COLUMNS} FROM model_modes WHERE model_key = ?", (model_key,)).fetchone()
+            return _to_mode(row)  # another process recorded it first: its record stands
+
+    def set(self, model_key: str, mode: Mode, set_by: str, reason: str | None = None) -> ModeRecord:
+        """Record an operator's setting of the model version's mode, with its history row."""
+        if not set_by.strip():
+            raise ValueError("set_by: say who sets the mode (a name), found an empty string")
+        record = ModeRecord(model_key, _checked(mode), set_by, time.time(), reason)
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO model_modes (model_key, mode, set_by, set_at, reason) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (model_key) DO UPDATE SET mode = excluded.mode, set_by = excluded.set_by,"
+                " set_at = excluded.set_at, reason = excluded.reason",
+                _mode_values(record),
+            )
+            self._event(db, record)
+        return record
+
+    def all(self) -> list[ModeRecord]:
+        """Every model version's current mode, by model key."""
+        with self.db.read() as db:
+            rows = db.execute(f"SELECT {_MODE_COLUMNS} FROM model_modes ORDER BY model_key").fetchall()
+        return [_to_mode(row) for row in rows]
+
+    def history(self, model_key: str | None = None) -> list[ModeRecord]:
+        """Every setting, oldest first, of one model version (or of all when None)."""
+        where, args = ("model_key = ?", (model_key,)) if model_key is not None else ("1 = 1", ())
+        with self.db.read() as db:
+            rows = db.execute(f"SELECT {_MODE_COLUMNS} FROM model_mode_events WHERE {where} ORDER BY id", args)
+            return [_to_mode(row) for row in rows.fetchall()]
+
+    @staticmethod
+    def _event(db: Cursor, record: ModeRecord) -> None:
+        db.execute(
+            "INSERT INTO model_mode_events (model_key, mode, set_by, set_at, reason) VALUES (?, ?, ?, ?, ?)",
+            _mode_values(record),
+        )
+
+
+_MODE_COLUMNS: Final = "model_key, mode, set_by, set_at, reason"
+
+
+def _checked(mode: str) -> Mode:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
+    return mode
+
+
+def _mode_values(record: ModeRecord) -> tuple[object, ...]:
+    return (record.model_key, record.mode, record.set_by, record.set_at, record.reason)
+
+
+def _to_mode(row: Sequence[Any]) -> ModeRecord:
+    return ModeRecord(str(row[0]), _checked(str(row[1])), str(row[2]), float(row[3]), row[4])
+
+
 D = TypeVar("D", bound=SqlDatabase)
 
 
@@ -847,6 +982,7 @@ class SqlStore(Generic[D]):
         self._jobs = SqlJobs(db)
         self._results = SqlResults(db, self._jobs)
         self._deliveries = SqlDeliveries(db, self._jobs)
+        self._modes = SqlModes(db)
 
     @property
     def migrated_from(self) -> int | None:
@@ -867,3 +1003,8 @@ class SqlStore(Generic[D]):
     def deliveries(self) -> SqlDeliveries:
         """Deliveries and destinations."""
         return self._deliveries
+
+    @property
+    def modes(self) -> SqlModes:
+        """The go-live mode of each model version."""
+        return self._modes

@@ -18,8 +18,37 @@ from cxr_node.errors import StorageError
 from cxr_node.jobs.sql import SQLITE, Dialect, SqlStore
 from cxr_node.jobs.wakeup import Listener, Topic, Wakeup
 
-SCHEMA_VERSION: Final = 6
-_SCHEMA: Final = """
+SCHEMA_VERSION: Final = 7
+_GOLIVE_TABLES: Final = """
+CREATE TABLE IF NOT EXISTS model_modes (
+    model_key TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS model_mode_events (
+    id INTEGER PRIMARY KEY,
+    model_key TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS model_mode_events_by_key ON model_mode_events (model_key, id);
+CREATE TABLE IF NOT EXISTS candidate_results (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    model_key TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    summary TEXT NOT NULL,
+    PRIMARY KEY (job_id, model_key)
+);
+CREATE INDEX IF NOT EXISTS candidate_results_by_model ON candidate_results (model_key, job_id);
+"""
+"""The go-live tables (schema 7): each model version's current mode, every setting made, and the results of the
+candidate models run beside the configured one (``models.candidates``)."""
+_SCHEMA: Final = (
+    """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     instance_key TEXT NOT NULL UNIQUE,
@@ -77,6 +106,7 @@ CREATE TABLE IF NOT EXISTS outputs (
     size_bytes INTEGER NOT NULL,
     created_at REAL NOT NULL,
     send_order INTEGER NOT NULL DEFAULT 0,
+    mode TEXT NOT NULL DEFAULT 'live',
     PRIMARY KEY (job_id, kind)
 );
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -106,6 +136,19 @@ CREATE TABLE IF NOT EXISTS destinations (
     failures INTEGER NOT NULL DEFAULT 0
 );
 """
+    + _GOLIVE_TABLES
+)
+_KEEP_LIVE: Final = """
+INSERT INTO model_modes (model_key, mode, set_by, set_at, reason)
+SELECT DISTINCT r.model_name || '/' || r.model_version, 'live', 'schema upgrade', CAST(strftime('%s', 'now') AS REAL),
+    'outputs written before go-live modes existed, all of them live'
+FROM results r WHERE EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = r.job_id)
+ON CONFLICT (model_key) DO NOTHING;
+INSERT INTO model_mode_events (model_key, mode, set_by, set_at, reason)
+SELECT model_key, mode, set_by, set_at, reason FROM model_modes WHERE set_by = 'schema upgrade';
+"""
+"""Schema 7 keeps every model version that wrote outputs before it live, as its outputs were: an upgrade of the
+node never changes what a model's outputs say (a new model version starts in ``golive.initial_mode``)."""
 _MIGRATIONS: Final = {
     1: "ALTER TABLE results ADD COLUMN arrays BLOB;",
     3: "ALTER TABLE outputs ADD COLUMN send_order INTEGER NOT NULL DEFAULT 0;"
@@ -113,9 +156,11 @@ _MIGRATIONS: Final = {
     4: "ALTER TABLE jobs ADD COLUMN holder TEXT; ALTER TABLE jobs ADD COLUMN lease_until REAL;",
     5: "ALTER TABLE deliveries ADD COLUMN holder TEXT; ALTER TABLE deliveries ADD COLUMN lease_until REAL;"
     " ALTER TABLE job_events ADD COLUMN holder TEXT;",
+    6: "ALTER TABLE outputs ADD COLUMN mode TEXT NOT NULL DEFAULT 'live';\n" + _GOLIVE_TABLES + _KEEP_LIVE,
 }
 """Steps from an older schema version to the next, applied before the CREATE IF NOT EXISTS script (version 3
-stored no send order; its kinds were sent SR, SC, SEG, GSPS)."""
+stored no send order; its kinds were sent SR, SC, SEG, GSPS; version 6 no go-live modes: its outputs were written
+live, as every output was then)."""
 
 
 class Database:

@@ -59,17 +59,25 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     REFUSED = "refused"
     DEAD = "dead"
+    WITHHELD = "withheld"
 
 
 D = DeliveryState
 DELIVERY_TRANSITIONS: Final[dict[DeliveryState, frozenset[DeliveryState]]] = {
-    D.PENDING: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD}),
-    D.FAILED: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD, D.PENDING}),
+    D.PENDING: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD, D.WITHHELD}),
+    D.FAILED: frozenset({D.FAILED, D.DELIVERED, D.REFUSED, D.DEAD, D.PENDING, D.WITHHELD}),
     D.DELIVERED: frozenset({D.PENDING}),
     D.REFUSED: frozenset({D.PENDING}),
     D.DEAD: frozenset({D.PENDING}),
+    D.WITHHELD: frozenset(),
 }
-"""Allowed moves. Every finished delivery can be sent again by an operator (``cxr-node resend``)."""
+"""Allowed moves. Every finished delivery can be sent again by an operator (``cxr-node resend``) but a withheld
+one: an output written in shadow mode never reaches a clinical destination (its go-live mode is recorded with
+the output, and a later change of mode does not rewrite it)."""
+
+WITHHELD_ERROR: Final = "shadow mode: not sent to a clinical destination"
+"""Why a delivery is withheld (its ``last_error``), and the reason of a delivered job some of whose deliveries
+were."""
 
 OPEN_DELIVERIES: Final = frozenset({D.PENDING, D.FAILED})
 """Deliveries still to be attempted."""

@@ -22,6 +22,17 @@ DECISIONS: Final = ("COVID-19 pneumonia suggested", "COVID-19 pneumonia not sugg
 
 AlgorithmRole = Literal["ensemble", "classifier", "segmentation"]
 
+Mode = Literal["shadow", "supervised", "live"]
+"""A model version's go-live stage (docs/operations.md): shadow (QA destinations only), supervised (every
+destination, marked for QA review), live."""
+MODES: Final[tuple[Mode, ...]] = ("shadow", "supervised", "live")
+MODE_NOTICES: Final[dict[Mode, str]] = {
+    "shadow": "SHADOW MODE - QA ONLY, NOT FOR DIAGNOSIS",
+    "supervised": "SUPERVISED MODE - FOR QA REVIEW, NOT FOR DIAGNOSIS",
+    "live": "",
+}
+"""What an output written in each mode says on it (ASCII: it is burnt into the overlay and written in the SR)."""
+
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -36,12 +47,32 @@ class Algorithm:
 
 
 @dataclass(frozen=True)
+class SiteOperatingPoint:
+    """An operating point a site calibration chose for the model (``cxr-node calibrate``), used instead of the
+    manifest's threshold; ``source`` says where it came from, e.g. ``site calibration of 2026-12-03 for
+    sensitivity 0.90``."""
+
+    threshold: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0 or not self.source:
+            raise ValueError(f"need a threshold in [0, 1] and a source; found {self.threshold}, {self.source!r}")
+
+
+MANIFEST_SOURCE: Final = "model manifest"
+"""Where the operating point of a result comes from when no site calibration set it."""
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Who made the result: the model (name, version, members, intended use), the node (version, device UID) and
     the algorithms behind it (the ensemble first, then each classifier and the lung segmentation).
 
     ``algorithms`` comes from the manifest, with Device UIDs derived from the weights' checksums
     (:func:`cxr_node.app.provenance`); when it is not given, it is derived from the names and versions alone.
+    ``mode`` is the go-live mode the outputs are written in (the writer sets it from the jobs store per job).
+    ``site_operating_point`` is the site calibration's threshold and source when ``models.calibration`` is set.
     """
 
     model_name: str
@@ -52,8 +83,12 @@ class Provenance:
     device_uid: str
     manufacturer: str = NODE_MANUFACTURER
     algorithms: tuple[Algorithm, ...] = ()
+    site_operating_point: SiteOperatingPoint | None = None
+    mode: Mode = "live"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, found {self.mode!r}")
         if not self.algorithms:
             ensemble = Algorithm(
                 self.model_name, self.model_version, algorithm_uid(self.model_name, self.model_version), "ensemble"
@@ -91,6 +126,13 @@ class Provenance:
     def algorithm(self) -> str:
         """The model as one short string, e.g. ``cxr-demo 1.0.0``."""
         return f"{self.model_name} {self.model_version}"
+
+    @property
+    def mode_text(self) -> str:
+        """What the outputs say about the go-live mode they were written in, e.g. ``live`` or ``supervised:
+        SUPERVISED MODE - FOR QA REVIEW, NOT FOR DIAGNOSIS``."""
+        notice = MODE_NOTICES[self.mode]
+        return f"{self.mode}: {notice}" if notice else self.mode
 
 
 @dataclass(frozen=True)
@@ -198,6 +240,11 @@ class Summary:
                 raise ValueError(f"{name} must be a number >= 0, found {value}")
 
     @property
+    def model_key(self) -> str:
+        """The model that found this, as ``name/version``."""
+        return f"{self.model_name}/{self.model_version}"
+
+    @property
     def outside_domain(self) -> bool:
         """Whether the gate scored the image outside the model's validated domain (score above the bound)."""
         return self.domain_score is not None and self.domain_bound is not None and self.domain_score > self.domain_bound
@@ -274,6 +321,15 @@ class Findings:
         if self.summary.analysed and self.lung_mask is None:
             raise ValueError("analysed findings need the lung mask")
         _check_arrays(self.image, self.lung_mask, self.heatmap)
+
+    @property
+    def operating_point_source(self) -> str:
+        """Where the result's operating point came from: the site calibration's source when the result was
+        judged at its threshold, else :data:`MANIFEST_SOURCE`."""
+        site, threshold = self.provenance.site_operating_point, self.summary.threshold
+        if site is not None and threshold is not None and abs(threshold - site.threshold) <= 1e-9:
+            return site.source
+        return MANIFEST_SOURCE
 
     @property
     def scale(self) -> tuple[float, float]:

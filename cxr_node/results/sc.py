@@ -22,7 +22,7 @@ from cxr_node.results.common import (
     copy_character_set,
     copy_series_context,
 )
-from cxr_node.results.findings import Findings
+from cxr_node.results.findings import MODE_NOTICES, Findings
 from cxr_node.results.render import Banner, render_overlay, window_to_uint8
 
 TITLE = "AI RESULT"
@@ -33,11 +33,13 @@ then written with an empty PatientOrientation, never this placeholder."""
 
 
 def banner(findings: Findings) -> Banner:
-    """The banner's text: decision and probability, model, nearest neighbours, intended use."""
+    """The banner's text: the go-live mode's notice (shadow, supervised), decision and probability, model,
+    nearest neighbours, intended use."""
     provenance, summary = findings.provenance, findings.summary
     if summary.analysed:
         point = summary.operating_point
-        first = f"{summary.decision.upper()}   p = {summary.probability:.2f}  (operating point {point:.2f})"
+        source = findings.operating_point_source
+        first = f"{summary.decision.upper()}   p = {summary.probability:.2f}  (operating point {point:.2f}, {source})"
     else:
         first = f"NOT ANALYSED: {summary.reason}"
     lines = [
@@ -46,6 +48,8 @@ def banner(findings: Findings) -> Banner:
     ]
     if summary.analysed and summary.outside_domain:
         lines.insert(1, f"WARNING: {summary.domain_text}")
+    if MODE_NOTICES[provenance.mode]:  # shadow, supervised: said before anything else
+        lines.insert(0, MODE_NOTICES[provenance.mode])
     if findings.summary.similar:
         shown = findings.summary.similar[:NEIGHBOURS_ON_BANNER]
         lines.append(
@@ -110,7 +114,7 @@ def _describe(sc: Dataset, source: Dataset, findings: Findings, ids: Identity) -
     rows, columns = findings.image.shape if findings.image is not None else findings.summary.source_shape
     sc.DerivationDescription = (
         f"AI overlay by {findings.provenance.algorithm}: source reduced to {columns}x{rows}, lung contour and"
-        " Grad-CAM heatmap drawn, banner added; no pixel spacing"
+        f" Grad-CAM heatmap drawn, banner added; no pixel spacing; go-live mode {findings.provenance.mode_text}"
     )[:1024]
     sc.SourceImageSequence = DicomSequence([_source_reference(source)])
 

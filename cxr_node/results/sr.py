@@ -43,7 +43,7 @@ from cxr_node.results.common import (
     copy_character_set,
     without_pixels,
 )
-from cxr_node.results.findings import Findings, SimilarCase
+from cxr_node.results.findings import MODE_NOTICES, Findings, SimilarCase
 from cxr_node.results.sr_document import comprehensive_sr
 
 _REPORT_TITLE: Final = dcm_codes.DCM.ImagingMeasurementReport
@@ -277,6 +277,7 @@ def _evaluations(findings: Findings, notes: Sequence[str]) -> Dataset:
     if notes:
         children.append(item.text(codes.COMMENT, repairs_text(notes), item.CONTAINS))
     children.append(item.text(codes.INTENDED_USE, findings.provenance.intended_use, item.CONTAINS))
+    children.append(item.text(codes.DEPLOYMENT_MODE, findings.provenance.mode_text, item.CONTAINS))
     return item.container(codes.QUALITATIVE_EVALUATIONS, item.CONTAINS, children)
 
 
@@ -319,14 +320,17 @@ def summary_code(findings: Findings) -> Code:
 
 
 def impression(findings: Findings) -> str:
-    """The one-sentence result, as the SR's Impression and the overlay's first line say it."""
+    """The one-sentence result, as the SR's Impression and the overlay's first line say it (after the go-live
+    mode's notice, in shadow and supervised mode)."""
     algorithm = findings.provenance.algorithm
+    notice = MODE_NOTICES[findings.provenance.mode]
+    marked = f"{notice}: " if notice else ""
     if not findings.summary.analysed:
-        return f"Not analysed by {algorithm}: {findings.summary.reason}"
+        return f"{marked}Not analysed by {algorithm}: {findings.summary.reason}"
     outside = f"; {findings.summary.domain_text}" if findings.summary.outside_domain else ""
     return (
-        f"{findings.summary.decision} by {algorithm} (probability {findings.summary.probability:.2f}, "
-        f"operating point {findings.summary.operating_point:.2f}){outside}"
+        f"{marked}{findings.summary.decision} by {algorithm} (probability {findings.summary.probability:.2f}, "
+        f"operating point {findings.summary.operating_point:.2f}, {findings.operating_point_source}){outside}"
     )
 
 

@@ -208,6 +208,7 @@ def _evaluations(findings: Findings, notes: tuple[str, ...]) -> hsr.ContainerCon
     if notes:
         items.append(hsr.TextContentItem(codes.COMMENT, repairs_text(notes), contains))
     items.append(hsr.TextContentItem(codes.INTENDED_USE, findings.provenance.intended_use, contains))
+    items.append(hsr.TextContentItem(codes.DEPLOYMENT_MODE, findings.provenance.mode_text, contains))
     container = hsr.ContainerContentItem(codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hsr.ContentSequence(items)
     return container

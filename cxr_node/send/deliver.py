@@ -7,7 +7,9 @@ status is retried with exponential backoff and jitter up to ``delivery.max_attem
 transport knows a retry cannot succeed); no link or no response backs off the whole destination (its deliveries
 keep their order and their attempt counts), so a PACS that was down for an hour gets the backlog in order of
 arrival. Output kinds a destination does not accept (seen when probing, or in a STOW-RS answer) are recorded as
-refused and raise an alarm.
+refused and raise an alarm. An output written in shadow mode (its go-live mode is recorded with it) is never sent
+to a destination not marked ``qa``: such a delivery is recorded withheld (the worker records them so already;
+this holds even for a delivery re-queued by hand or a destination whose ``qa`` mark was since removed).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from cxr_node.errors import SendError
 from cxr_node.jobs.interfaces import DeliveryStore
 from cxr_node.jobs.leases import Holder, this_process
 from cxr_node.jobs.records import DestinationState, Due
-from cxr_node.jobs.states import DeliveryState
+from cxr_node.jobs.states import WITHHELD_ERROR, DeliveryState
 from cxr_node.results.kinds import REGISTRY
 from cxr_node.send.scu import StoreResult
 from cxr_node.send.transport import Link, Transport, transport_for
@@ -141,9 +143,26 @@ class Dispatcher:
         due = self.store.due(
             destination.name, now, self.settings.jobs_per_association, self.holder, self.settings.lease_s
         )
+        due = self._withhold(destination, due)
         if not due:
             return 0
         return self._send(destination, state, due, now)
+
+    def _withhold(self, destination: Destination, due: list[Due]) -> list[Due]:
+        """Record withheld the outputs written in shadow mode that ``destination`` (not QA) must not get; return
+        the others."""
+        if destination.qa:
+            return due
+        for item in (item for item in due if item.mode == "shadow"):
+            with bound_contextvars(job_id=item.job_id, kind=item.kind):
+                finished = self.store.record(
+                    item.job_id, destination.name, item.kind, DeliveryState.WITHHELD, None, WITHHELD_ERROR,
+                    count_attempt=False,
+                )  # fmt: skip
+                log.info("send.withheld", mode=item.mode)
+                if finished is not None:
+                    log.info(f"job.{finished.value}")
+        return [item for item in due if item.mode != "shadow"]
 
     def _send(self, destination: Destination, state: DestinationState, due: list[Due], now: float) -> int:
         kinds = sorted({item.kind for item in due})

@@ -20,8 +20,10 @@ _MARGIN: Final = (60, 30, 30, 55)  # left, top, right, bottom
 _COLOURS: Final = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
-def line_plot(series: Series, out: Path, *, title: str, xlabel: str, ylabel: str, markers: bool = False) -> Path:
-    """Write a unit-square line plot of ``series`` (name to (x, y)) with the diagonal, to ``out`` (PNG)."""
+def line_plot(series: Series, out: Path, *, title: str, xlabel: str, ylabel: str, markers: bool = False,
+              lines: bool = True) -> Path:  # fmt: skip
+    """Write a unit-square line plot of ``series`` (name to (x, y)) with the diagonal, to ``out`` (PNG); with
+    ``lines=False`` and ``markers``, a scatter plot."""
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         import matplotlib  # optional: not a dependency
@@ -29,12 +31,12 @@ def line_plot(series: Series, out: Path, *, title: str, xlabel: str, ylabel: str
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError:
-        _pillow_plot(series, out, title, xlabel, ylabel, markers)
+        _pillow_plot(series, out, title, xlabel, ylabel, markers, lines)
         return out
     fig, ax = plt.subplots(figsize=(5.2, 5.2), dpi=100)
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
     for name, (x, y) in series.items():
-        ax.plot(x, y, marker="o" if markers else None, label=name, linewidth=1.5)
+        ax.plot(x, y, marker="o" if markers else None, label=name, linewidth=1.5, linestyle="-" if lines else "")
     ax.set(xlim=(0, 1), ylim=(0, 1), title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -44,7 +46,8 @@ def line_plot(series: Series, out: Path, *, title: str, xlabel: str, ylabel: str
     return out
 
 
-def _pillow_plot(series: Series, out: Path, title: str, xlabel: str, ylabel: str, markers: bool) -> None:
+def _pillow_plot(series: Series, out: Path, title: str, xlabel: str, ylabel: str, markers: bool,
+                 lines: bool = True) -> None:  # fmt: skip
     """Draw the plot with Pillow."""
     image = Image.new("RGB", (_SIZE, _SIZE), "white")
     draw = ImageDraw.Draw(image)
@@ -55,7 +58,7 @@ def _pillow_plot(series: Series, out: Path, title: str, xlabel: str, ylabel: str
         colour = _COLOURS[k % len(_COLOURS)]
         points = [_point(a, b) for a, b in zip(np.asarray(x, float), np.asarray(y, float), strict=True)
                   if np.isfinite(a) and np.isfinite(b)]  # fmt: skip
-        if len(points) > 1:
+        if lines and len(points) > 1:
             draw.line(points, fill=colour, width=2)
         if markers:
             for px, py in points:

@@ -7,7 +7,9 @@ inferred) → :class:`~cxr_node.work.write.OutputWriter` (inferred → written).
 decoded is recorded as not analysed (it gets a short SR); a file that cannot be read, or an analysis that
 raises, ends ``quarantined`` with the reason. The worker keeps going. Each analysis passes the out-of-domain
 gate (:class:`~cxr_node.work.gate.DomainGate`, ``domain.gate``) before it is recorded: an image outside the
-model's validated domain is refused or flagged, and never added to the neighbour index.
+model's validated domain is refused or flagged, and never added to the neighbour index. Candidate models
+(``models.candidates``) then analyse the same images; their results are recorded apart
+(:mod:`cxr_node.work.candidates`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Listener
 from cxr_node.neighbours import NewCase
 from cxr_node.privacy import PatientHasher
-from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
+from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, SiteOperatingPoint, Summary
+from cxr_node.work.candidates import Candidate, run_candidates
 from cxr_node.work.gate import DomainGate
 from cxr_node.work.load import Loaded, index_case
 from cxr_node.work.pool import BrokenProcessPool, StepPool, finish_step, load_step, write_step
@@ -88,10 +91,16 @@ class Analyser(Protocol):
 
 
 def summary_of(
-    image: DecodedImage, analysis: Analysis, model: tuple[str, str], similar: Sequence[SimilarCase]
+    image: DecodedImage,
+    analysis: Analysis,
+    model: tuple[str, str],
+    similar: Sequence[SimilarCase],
+    site: SiteOperatingPoint | None = None,
 ) -> Summary:
-    """What one analysis found, as it is kept."""
+    """What one analysis found, as it is kept: judged at the ``site`` calibration's operating point when there is
+    one (``models.calibration``), else at the model's (the manifest's threshold, as the analyser applied it)."""
     quality = analysis.quality
+    threshold = site.threshold if site is not None and analysis.threshold is not None else analysis.threshold
     return Summary(
         model_name=model[0],
         model_version=model[1],
@@ -99,7 +108,7 @@ def summary_of(
         source_shape=image.original_shape,
         reason=analysis.reason,
         probability=analysis.probability,
-        threshold=analysis.threshold,
+        threshold=threshold,
         members=tuple(sorted(analysis.member_probs.items())),
         lung_mask=MaskVerdict(quality.ok, quality.reason, quality.area_fraction, quality.components),
         analysed_shape=(int(image.pixels.shape[0]), int(image.pixels.shape[1])),
@@ -160,6 +169,9 @@ class Worker:
         inference: the next batch decodes and the last one is written while this one is analysed).
     domain : DomainSettings or None
         The out-of-domain gate (``domain``; refuse by default); off when the analyser has no domain description.
+    candidates : sequence of Candidate
+        Candidate models (``models.candidates``) run on each batch after the configured model's results are
+        recorded; their results are recorded apart (:mod:`cxr_node.work.candidates`).
     """
 
     def __init__(
@@ -177,6 +189,7 @@ class Worker:
         listener: Listener | None = None,
         pool: StepPool | None = None,
         domain: DomainSettings | None = None,
+        candidates: Sequence[Candidate] = (),
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -198,6 +211,10 @@ class Worker:
         description = model_domain(analyser)
         self.described = description is not None
         self.gate = DomainGate.for_model(self.domain.gate, description, self.domain.pass_rate)
+        self.candidates = tuple(candidates)
+        keys = [candidate.key for candidate in self.candidates]
+        if provenance.model_key in keys or len(set(keys)) != len(keys):
+            raise ValueError(f"candidates {keys} must differ from each other and from {provenance.model_key}")
         self._writes: dict[int, tuple[Job, Future[bool]]] = {}
         self._crashes: dict[int, int] = {}
         self.busy_s = 0.0
@@ -211,7 +228,7 @@ class Worker:
         gone are taken back at start and whenever the worker is idle.
         """
         log.info("worker.started", model=self.provenance.model_name, version=self.provenance.model_version,
-                 domain_gate=self.gate.mode)  # fmt: skip
+                 domain_gate=self.gate.mode, candidates=[c.key for c in self.candidates])  # fmt: skip
         if not self.described:
             log.warning("domain.no_description", model=self.provenance.algorithm,
                         detail="the manifest has no domain description: images are not checked against the "
@@ -358,6 +375,11 @@ class Worker:
         for (item, image), analysis in zip(decoded, analyses, strict=True):
             if analysis is not None:
                 self._guarded(item.job, partial(self._record, item, image, analysis))
+        if self.candidates:
+            analysed = [(item.job, image) for (item, image), a in zip(decoded, analyses, strict=True) if a is not None]
+            if analysed:
+                self._progress = time.monotonic()
+                run_candidates(self.candidates, analysed, self.results)
 
     def _gather(self, batch: Batch) -> list[Loaded]:
         """The batch's decoded jobs; a job whose file cannot be read is quarantined. When a pool child died,
@@ -449,7 +471,7 @@ class Worker:
             similar = self.retriever.similar(case, analysis.embedding, model[1])
             if self.gate.indexable(analysis):
                 self.retriever.add(case, analysis.embedding, model[1])
-        summary = summary_of(image, analysis, model, similar)
+        summary = summary_of(image, analysis, model, similar, self.provenance.site_operating_point)
         findings = Findings(
             self.provenance, summary, image=image.pixels, lung_mask=analysis.lung_mask, heatmap=analysis.heatmap
         )

@@ -164,6 +164,10 @@ def _variants() -> list[tuple[str, Dataset, Findings]]:
         "CR, MONOCHROME2",
         *phantom_source(SOPClassUID="1.2.840.10008.5.1.4.1.1.1", PhotometricInterpretation="MONOCHROME2"),
     )
+    for mode in ("supervised", "shadow"):  # go-live modes: the impression and a TEXT item say so
+        for name, source, findings in found[:4]:
+            marked = dataclasses.replace(findings, provenance=dataclasses.replace(PROVENANCE, mode=mode))
+            found.append((f"{name}, {mode} mode", source, marked))
     return found
 
 

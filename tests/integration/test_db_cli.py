@@ -132,10 +132,11 @@ def test_upgrade_creates_then_finds_current_and_migrates_an_old_sqlite_file(
     assert second.returncode == 0 and "(already current)" in second.stdout
     path = settings.storage.root / spool.DB_NAME
     SqliteStore(path).close()
-    with sqlite3.connect(path) as db:  # back to version 5: no delivery leases, no event holders
+    with sqlite3.connect(path) as db:  # back to version 5: no delivery leases, no event holders, no go-live modes
         db.executescript(
             "ALTER TABLE deliveries DROP COLUMN holder; ALTER TABLE deliveries DROP COLUMN lease_until;"
-            " ALTER TABLE job_events DROP COLUMN holder; PRAGMA user_version = 5;"
+            " ALTER TABLE job_events DROP COLUMN holder; ALTER TABLE outputs DROP COLUMN mode;"
+            " DROP TABLE model_modes; DROP TABLE model_mode_events; PRAGMA user_version = 5;"
         )
     done = cli("db", "upgrade", "--config", str(write_config(settings, tmp_path / "lite.yaml")))
     assert done.returncode == 0 and "(migrated from 5)" in done.stdout, done.stderr

@@ -439,12 +439,14 @@ def user_version(path: Path) -> int:
 
 
 def test_version_3_database_is_migrated_with_the_old_send_order(tmp_path: Path) -> None:
-    """A version-3 database opens at the current version, its outputs sent SR, SC, SEG, then GSPS as before."""
+    """A version-3 database opens at the current version, its outputs sent SR, SC, SEG, then GSPS as before, and
+    recorded as written live (as every output was before go-live modes)."""
     path = tmp_path / spool.DB_NAME
     write_v3_database(path)
     store = SqliteStore(path)
     try:
-        assert user_version(path) == SCHEMA_VERSION == 6
+        assert user_version(path) == SCHEMA_VERSION == 7
+        assert {o.mode for o in store.results.outputs(1)} == {"live"}  # written before go-live modes: live
         assert [(o.kind, o.send_order) for o in store.results.outputs(1)] == [
             ("sr", 0),
             ("sc", 1),
