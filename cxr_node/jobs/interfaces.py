@@ -13,7 +13,19 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from cxr_node.jobs.leases import Holder
-from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, ModeRecord, NewJob, Output, StoredResult
+from cxr_node.jobs.records import (
+    DestinationState,
+    Due,
+    HolderState,
+    Job,
+    ModeRecord,
+    NewJob,
+    NewOutcome,
+    Outcome,
+    Output,
+    PeriodRow,
+    StoredResult,
+)
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.jobs.wakeup import Listener, Topic
 from cxr_node.results.findings import Findings, Mode, Summary
@@ -128,6 +140,11 @@ class ResultStore(Protocol):
         """Each job candidate ``model_key`` ran on since ``since``: its summary and the job's own (or None)."""
         ...
 
+    def period(self, since: float, until: float) -> list[PeriodRow]:
+        """Every job received in [since, until), with its result's summary, when it was inferred and when its SR
+        was first delivered (monitoring)."""
+        ...
+
     def save_outputs(
         self,
         job_id: int,
@@ -232,8 +249,25 @@ class ModeStore(Protocol):
         ...
 
 
+class OutcomeStore(Protocol):
+    """The sites' final findings (ground truth), by accession number, from every route they arrive by."""
+
+    def record(self, new: NewOutcome) -> tuple[Outcome, bool]:
+        """Record an outcome durably (committed on return); a repeat of one already recorded (same source and
+        source_id) is not recorded again. Returns the stored outcome and whether it was new."""
+        ...
+
+    def query(self, since: float = 0.0, until: float | None = None) -> list[Outcome]:
+        """Outcomes reported (else received) in [since, until), oldest first."""
+        ...
+
+    def for_accession(self, accession_number: str) -> list[Outcome]:
+        """Every outcome recorded for one accession number, oldest first (the last one supersedes)."""
+        ...
+
+
 class Store(Protocol):
-    """One open store: its three parts, sharing one database."""
+    """One open store: its parts, sharing one database."""
 
     @property
     def migrated_from(self) -> int | None:
@@ -258,6 +292,11 @@ class Store(Protocol):
     @property
     def modes(self) -> ModeStore:
         """The go-live mode of each model version."""
+        ...
+
+    @property
+    def outcomes(self) -> OutcomeStore:
+        """The sites' final findings (ground truth)."""
         ...
 
     def listen(self, topic: Topic) -> Listener:

@@ -31,9 +31,11 @@ TABLES: Final = (
     "destinations",
     "model_modes",
     "model_mode_events",
+    "candidate_results",
+    "outcomes",
 )
 """Copied in this order (references first). ``holders`` is not: it names processes of the old host."""
-_IDENTITIES: Final = ("jobs", "job_events", "model_mode_events")
+_IDENTITIES: Final = ("jobs", "job_events", "model_mode_events", "outcomes")
 CHUNK: Final = 500
 ALIVE_WITHIN_S: Final = 120.0
 """A role that renewed its holder entry this recently is taken to be running still."""

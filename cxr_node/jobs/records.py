@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from cxr_node.jobs.states import JobState
 from cxr_node.results.findings import Mode, Summary
@@ -117,3 +118,51 @@ class HolderState:
     id: str
     role: str
     renewed_at: float
+
+
+OutcomeLabel = Literal["positive", "negative", "not_assessable"]
+OUTCOME_LABELS: Final[tuple[OutcomeLabel, ...]] = ("positive", "negative", "not_assessable")
+
+
+@dataclass(frozen=True)
+class NewOutcome:
+    """A radiologist's (or a laboratory's) final finding for one examination, as it arrived.
+
+    ``source`` is the route (``csv``, ``hl7``, ``fhir``); ``source_id`` names it uniquely within that route (an HL7
+    message control ID and the OBX it came from, a FHIR resource's id and version, a CSV file's SHA-256 and line):
+    the same message or resource arriving twice is recorded once. ``code`` is what was mapped (a code, its system,
+    the words), ``reported_at`` when the finding was made (epoch seconds), if the source says.
+    """
+
+    source: str
+    source_id: str
+    accession_number: str
+    label: OutcomeLabel
+    study_instance_uid: str = ""
+    code: str = ""
+    reported_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome(NewOutcome):
+    """An outcome as stored: its row id and when the node received it (epoch seconds)."""
+
+    id: int = 0
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PeriodRow:
+    """One job received in a period, as monitoring reads it: where it came from, where it stands, what the model
+    in use found (None: no result) and when it was received, inferred and its SR first delivered (epoch seconds)."""
+
+    job_id: int
+    accession_number: str
+    study_instance_uid: str
+    modality: str
+    calling_aet: str
+    state: JobState
+    received_at: float
+    summary: Summary | None
+    inferred_at: float | None
+    sr_delivered_at: float | None

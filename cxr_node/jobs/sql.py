@@ -25,7 +25,21 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import codec
 from cxr_node.jobs.leases import Holder
-from cxr_node.jobs.records import DestinationState, Due, HolderState, Job, ModeRecord, NewJob, Output, StoredResult
+from cxr_node.jobs.records import (
+    OUTCOME_LABELS,
+    DestinationState,
+    Due,
+    HolderState,
+    Job,
+    ModeRecord,
+    NewJob,
+    NewOutcome,
+    Outcome,
+    OutcomeLabel,
+    Output,
+    PeriodRow,
+    StoredResult,
+)
 from cxr_node.jobs.states import (
     OPEN_DELIVERIES,
     WITHHELD_ERROR,
@@ -548,6 +562,31 @@ class SqlResults:
             for row in rows
         ]
 
+    def period(self, since: float, until: float) -> list[PeriodRow]:
+        """Every job received in [since, until), in job order, with its result's summary (None when it has none),
+        when it was inferred and when its SR was first delivered to a destination.
+
+        Raises
+        ------
+        ValueError
+            When a stored summary cannot be decoded.
+        """
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT j.id, j.accession_number, j.study_instance_uid, j.modality, j.calling_aet, j.state,"
+                " j.received_at, r.summary, r.created_at, (SELECT MIN(d.updated_at) FROM deliveries d"
+                " WHERE d.job_id = j.id AND d.kind = 'sr' AND d.state = 'delivered')"
+                " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
+                " WHERE j.received_at >= ? AND j.received_at < ? ORDER BY j.id",
+                (since, until),
+            ).fetchall()
+        return [
+            PeriodRow(row[0], row[1], row[2], row[3], row[4], JobState(row[5]), float(row[6]),
+                      None if row[7] is None else codec.decode_summary(row[7]),
+                      None if row[8] is None else float(row[8]), None if row[9] is None else float(row[9]))
+            for row in rows
+        ]  # fmt: skip
+
     def save_outputs(
         self,
         job_id: int,
@@ -970,6 +1009,69 @@ def _to_mode(row: Sequence[Any]) -> ModeRecord:
     return ModeRecord(str(row[0]), _checked(str(row[1])), str(row[2]), float(row[3]), row[4])
 
 
+_OUTCOME_COLUMNS: Final = ("source", "source_id", "accession_number", "label", "study_instance_uid", "code",
+                           "reported_at", "id", "received_at")  # fmt: skip
+
+
+class SqlOutcomes:
+    """The sites' final findings (the :class:`~cxr_node.jobs.interfaces.OutcomeStore`)."""
+
+    def __init__(self, db: SqlDatabase) -> None:
+        self.db = db
+
+    def record(self, new: NewOutcome) -> tuple[Outcome, bool]:
+        """Record ``new`` (committed on return) unless its source and source_id are already recorded."""
+        if new.label not in OUTCOME_LABELS:
+            raise ValueError(f"outcome label must be one of {', '.join(OUTCOME_LABELS)}, found {new.label!r}")
+        if not new.source or not new.source_id or not new.accession_number.strip():
+            raise ValueError("an outcome needs its source, source_id and accession number")
+        with self.db.transaction() as db:
+            created = db.execute(
+                "INSERT INTO outcomes (source, source_id, accession_number, label, study_instance_uid, code,"
+                " reported_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, source_id) DO NOTHING",
+                (new.source, new.source_id, new.accession_number.strip(), new.label, new.study_instance_uid, new.code,
+                 new.reported_at, time.time()),
+            ).rowcount  # fmt: skip
+            row = db.execute(
+                f"SELECT {', '.join(_OUTCOME_COLUMNS)} FROM outcomes WHERE source = ? AND source_id = ?",
+                (new.source, new.source_id),
+            ).fetchone()
+        return _to_outcome(row), created == 1
+
+    def query(self, since: float = 0.0, until: float | None = None) -> list[Outcome]:
+        """Outcomes reported (else received) in [since, until), oldest first."""
+        when = "COALESCE(reported_at, received_at)"
+        with self.db.read() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_OUTCOME_COLUMNS)} FROM outcomes WHERE {when} >= ? AND {when} < ?"
+                f" ORDER BY {when}, id",
+                (since, until if until is not None else float("inf")),
+            ).fetchall()
+        return [_to_outcome(row) for row in rows]
+
+    def for_accession(self, accession_number: str) -> list[Outcome]:
+        """Every outcome of one accession number, oldest first."""
+        with self.db.read() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_OUTCOME_COLUMNS)} FROM outcomes WHERE accession_number = ? ORDER BY id",
+                (accession_number.strip(),),
+            ).fetchall()
+        return [_to_outcome(row) for row in rows]
+
+
+def _to_outcome(row: Sequence[Any]) -> Outcome:
+    values = dict(zip(_OUTCOME_COLUMNS, row, strict=True))
+    label: OutcomeLabel = values["label"] if values["label"] in OUTCOME_LABELS else "not_assessable"
+    reported = values["reported_at"]
+    return Outcome(
+        source=str(values["source"]), source_id=str(values["source_id"]),
+        accession_number=str(values["accession_number"]), label=label,
+        study_instance_uid=str(values["study_instance_uid"]), code=str(values["code"]),
+        reported_at=None if reported is None else float(reported), id=int(values["id"]),
+        received_at=float(values["received_at"]),
+    )  # fmt: skip
+
+
 D = TypeVar("D", bound=SqlDatabase)
 
 
@@ -983,6 +1085,7 @@ class SqlStore(Generic[D]):
         self._results = SqlResults(db, self._jobs)
         self._deliveries = SqlDeliveries(db, self._jobs)
         self._modes = SqlModes(db)
+        self._outcomes = SqlOutcomes(db)
 
     @property
     def migrated_from(self) -> int | None:
@@ -1008,3 +1111,8 @@ class SqlStore(Generic[D]):
     def modes(self) -> SqlModes:
         """The go-live mode of each model version."""
         return self._modes
+
+    @property
+    def outcomes(self) -> SqlOutcomes:
+        """The sites' final findings (ground truth)."""
+        return self._outcomes

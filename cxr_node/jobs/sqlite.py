@@ -44,9 +44,23 @@ CREATE TABLE IF NOT EXISTS candidate_results (
     PRIMARY KEY (job_id, model_key)
 );
 CREATE INDEX IF NOT EXISTS candidate_results_by_model ON candidate_results (model_key, job_id);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    label TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    code TEXT NOT NULL DEFAULT '',
+    reported_at REAL,
+    received_at REAL NOT NULL,
+    UNIQUE (source, source_id)
+);
+CREATE INDEX IF NOT EXISTS outcomes_by_accession ON outcomes (accession_number, id);
 """
 """The go-live tables (schema 7): each model version's current mode, every setting made, and the results of the
-candidate models run beside the configured one (``models.candidates``)."""
+candidate models run beside the configured one (``models.candidates``), and the sites' final findings (ground
+truth, ``outcomes``) the radiologists' reports send back."""
 _SCHEMA: Final = (
     """
 CREATE TABLE IF NOT EXISTS jobs (

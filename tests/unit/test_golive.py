@@ -154,7 +154,7 @@ def test_withheld_deliveries_are_never_resent(database: tuple[AnyStore, Backend]
 def downgrade_to_version_6(found: Backend) -> None:
     """Make ``found``'s database what schema 6 was: no go-live tables, outputs without a mode."""
     drop = (
-        "DROP TABLE candidate_results; DROP TABLE model_modes; DROP TABLE model_mode_events;"
+        "DROP TABLE outcomes; DROP TABLE candidate_results; DROP TABLE model_modes; DROP TABLE model_mode_events;"
         " ALTER TABLE outputs DROP COLUMN mode;"
     )
     if found.name == "sqlite":
