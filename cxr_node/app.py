@@ -247,6 +247,7 @@ def build_worker(
     decoding and writing run in (``worker.cpu_processes``) and, when ``neighbours.k`` is above 0, the neighbour
     index. ``close()`` it when done."""
     from cxr_node.infer.registry import load_manifest
+    from cxr_node.work.feedback import Feedback
     from cxr_node.work.loop import Worker
     from cxr_node.work.pool import StepPool
     from cxr_node.work.retrieve import IndexRetriever
@@ -267,6 +268,7 @@ def build_worker(
     if writer.golive is not None:  # recorded now (initial mode) if new: status shows it, a restart keeps it
         log.info("worker.mode", model=made_by.model_key, mode=writer.golive.mode_of(made_by.model_key))
     retriever = IndexRetriever(open_index(settings), settings.neighbours) if settings.neighbours.k else None
+    feedback = Feedback(store.outcomes, retriever.index) if retriever is not None else None
     root, hasher = settings.storage.root, patient_hasher(settings)
     processes = pool_processes(settings)
     pool = StepPool(processes, start_pool_child, (settings, made_by)) if processes else None
@@ -285,6 +287,7 @@ def build_worker(
         pool=pool,
         domain=settings.domain,
         candidates=candidates,
+        feedback=feedback,
     )
 
 

@@ -265,6 +265,14 @@ class OutcomeStore(Protocol):
         """Every outcome recorded for one accession number, oldest first (the last one supersedes)."""
         ...
 
+    def after(self, outcome_id: int, limit: int = 1000) -> list[Outcome]:
+        """Up to ``limit`` outcomes recorded after the one with id ``outcome_id``, in the order recorded."""
+        ...
+
+    def studies(self, outcome: Outcome) -> list[str]:
+        """The studies an outcome is about: its own Study Instance UID, else those stored under its accession."""
+        ...
+
 
 class Store(Protocol):
     """One open store: its parts, sharing one database."""

@@ -1049,6 +1049,27 @@ class SqlOutcomes:
             ).fetchall()
         return [_to_outcome(row) for row in rows]
 
+    def after(self, outcome_id: int, limit: int = 1000) -> list[Outcome]:
+        """Up to ``limit`` outcomes recorded after the one with id ``outcome_id``, in the order they were recorded."""
+        with self.db.read() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_OUTCOME_COLUMNS)} FROM outcomes WHERE id > ? ORDER BY id LIMIT ?",
+                (outcome_id, limit),
+            ).fetchall()
+        return [_to_outcome(row) for row in rows]
+
+    def studies(self, outcome: Outcome) -> list[str]:
+        """The studies an outcome is about: its Study Instance UID when it names one, else those of the jobs stored
+        under its accession number."""
+        if outcome.study_instance_uid:
+            return [outcome.study_instance_uid]
+        with self.db.read() as db:
+            rows = db.execute(
+                "SELECT DISTINCT study_instance_uid FROM jobs WHERE accession_number = ? ORDER BY study_instance_uid",
+                (outcome.accession_number,),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
     def for_accession(self, accession_number: str) -> list[Outcome]:
         """Every outcome of one accession number, oldest first."""
         with self.db.read() as db:

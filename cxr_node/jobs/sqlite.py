@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     UNIQUE (source, source_id)
 );
 CREATE INDEX IF NOT EXISTS outcomes_by_accession ON outcomes (accession_number, id);
+CREATE INDEX IF NOT EXISTS jobs_by_accession ON jobs (accession_number);
 """
 """The go-live tables (schema 7): each model version's current mode, every setting made, and the results of the
 candidate models run beside the configured one (``models.candidates``), and the sites' final findings (ground

@@ -159,6 +159,12 @@ class SimilarCase:
         """The accession number when the policy allows it, else the de-identified case number."""
         return self.accession_number or self.case_number
 
+    @property
+    def label_text(self) -> str:
+        """``confirmed covid`` / ``confirmed non-covid`` for a case whose outcome is known (a site's report fed
+        back, an operator's label, the labelled reference library), "" otherwise."""
+        return f"confirmed {self.label}" if self.label else ""
+
 
 @dataclass(frozen=True)
 class MaskVerdict:

@@ -54,9 +54,7 @@ def banner(findings: Findings) -> Banner:
         shown = findings.summary.similar[:NEIGHBOURS_ON_BANNER]
         lines.append(
             "similar cases: "
-            + ";  ".join(
-                f"{case.display_id} {case.similarity:.2f}" + (f" {case.label}" if case.label else "") for case in shown
-            )
+            + ";  ".join(f"{case.display_id} {case.similarity:.2f} {case.label_text}".rstrip() for case in shown)
         )
     lines.append(provenance.intended_use)
     return Banner(title=TITLE, lines=tuple(lines), alert=bool(findings.summary.positive))

@@ -297,8 +297,9 @@ def lung_region(findings: Findings) -> np.ndarray:
 
 
 def case_title(case: SimilarCase) -> str:
-    """The tracking identifier of a similar case's group, e.g. ``Similar case 1: ACC123, 2020-03-01, covid``."""
-    label = f", {case.label}" if case.label else ""
+    """The tracking identifier of a similar case's group, e.g. ``Similar case 1: ACC123, 2020-03-01, confirmed
+    covid``."""
+    label = f", {case.label_text}" if case.label else ""
     date = f", {_iso_date(case.study_date)}" if case.study_date else ""
     return f"Similar case {case.rank}: {case.display_id}{date}{label}"[:64]
 

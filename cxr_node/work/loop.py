@@ -43,6 +43,7 @@ from cxr_node.neighbours import NewCase
 from cxr_node.privacy import PatientHasher
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, SiteOperatingPoint, Summary
 from cxr_node.work.candidates import Candidate, run_candidates
+from cxr_node.work.feedback import Feedback
 from cxr_node.work.gate import DomainGate
 from cxr_node.work.load import Loaded, index_case
 from cxr_node.work.pool import BrokenProcessPool, StepPool, finish_step, load_step, write_step
@@ -172,6 +173,8 @@ class Worker:
     candidates : sequence of Candidate
         Candidate models (``models.candidates``) run on each batch after the configured model's results are
         recorded; their results are recorded apart (:mod:`cxr_node.work.candidates`).
+    feedback : Feedback or None
+        Applies the sites' outcomes to the neighbour index when the worker is idle (:mod:`cxr_node.work.feedback`).
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class Worker:
         pool: StepPool | None = None,
         domain: DomainSettings | None = None,
         candidates: Sequence[Candidate] = (),
+        feedback: Feedback | None = None,
     ) -> None:
         if tuple(analyser.model) != (provenance.model_name, provenance.model_version):
             raise ValueError(f"the analyser runs {analyser.model}, but the provenance names {provenance.algorithm}")
@@ -212,6 +216,7 @@ class Worker:
         self.described = description is not None
         self.gate = DomainGate.for_model(self.domain.gate, description, self.domain.pass_rate)
         self.candidates = tuple(candidates)
+        self.feedback = feedback
         keys = [candidate.key for candidate in self.candidates]
         if provenance.model_key in keys or len(set(keys)) != len(keys):
             raise ValueError(f"candidates {keys} must differ from each other and from {provenance.model_key}")
@@ -265,6 +270,8 @@ class Worker:
                 self.recover()
                 recovered = time.monotonic()
             self.finish_inferred()
+            if self.feedback is not None:
+                self.feedback.turn()
             self._idle(stop, self.settings.poll_interval_ms / 1000)
         if pending is not None:
             self.finish(pending)

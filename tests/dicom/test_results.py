@@ -93,7 +93,7 @@ def test_sr_holds_probabilities_threshold_neighbours_and_intended_use() -> None:
     assert ("Probability", 0.81) in numbers and ("Probability", 0.92) in numbers
     assert ("CAD Operating Point", 0.5) in numbers and ("Embedding similarity", 0.93) in numbers
     texts = [i.TextValue for i in content if i.ValueType == "TEXT"]
-    assert any(t.startswith("Similar case 1: ACC123, 2020-03-01, covid") for t in texts)
+    assert any(t.startswith("Similar case 1: ACC123, 2020-03-01, confirmed covid") for t in texts)
     assert "Similar case 2: C0000040" in texts
     assert PROVENANCE.intended_use in texts and impression(findings) in texts
     assert {i.UID for i in content if i.ValueType == "UIDREF"} >= {"1.2.3", "1.2.3.4"}
