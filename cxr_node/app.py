@@ -29,6 +29,7 @@ from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Wakeup
 from cxr_node.metrics import MetricsServer, share_with_children
 from cxr_node.neighbours import ReplicaIndex
+from cxr_node.outcomes.hl7_in import Hl7Server, start_hl7_in
 from cxr_node.privacy import PatientHasher, load_key
 from cxr_node.receive.handlers import event_handlers
 from cxr_node.receive.intake import Intake
@@ -292,15 +293,17 @@ def build_worker(
 
 
 def build_writer(settings: Settings, store: Store, made_by: Provenance) -> OutputWriter:
-    """The output writer: the configured outputs, a delivery to every destination, in the model version's go-live
-    mode (``golive``; shadow withholds them from destinations not marked ``qa``)."""
-    from cxr_node.work.write import GoLive, OutputWriter
+    """The output writer: the configured outputs, a delivery to every destination (to a worklist triage one only
+    for a result it wants), in the model version's go-live mode (``golive``; shadow withholds them from
+    destinations not marked ``qa``)."""
+    from cxr_node.work.write import GoLive, OutputWriter, TriageTarget
 
-    destinations = [destination.name for destination in settings.destinations]
+    destinations = [destination.name for destination in settings.destinations if destination.triage_kind is None]
+    triage = [TriageTarget(d.name, d.triage_kind, d.sends) for d in settings.destinations if d.triage_kind]
     qa = tuple(destination.name for destination in settings.destinations if destination.qa)
     golive = GoLive(store.modes, settings.golive.initial_mode, qa)
     root, fsync = settings.storage.root, settings.storage.fsync
-    return OutputWriter(root, store.jobs, store.results, made_by, settings.results, destinations, fsync, golive)
+    return OutputWriter(root, store.jobs, store.results, made_by, settings.results, destinations, fsync, golive, triage)
 
 
 def pool_processes(settings: Settings) -> int:
@@ -330,8 +333,21 @@ def start_pool_child(settings: Settings, made_by: Provenance) -> None:
 
 def build_dispatcher(settings: Settings, store: Store) -> Dispatcher:
     """The deliveries to every configured destination, proposing every output kind the node may write."""
+    from cxr_node.send.triage import TriageReader
+
     kinds = producible(settings.results)  # the not-analysed SR is sent even with structured_report off
-    return Dispatcher(store.deliveries, settings.storage.root, settings.destinations, settings.delivery, kinds)
+    site = None
+    if settings.models.calibration is not None and any(d.triage_kind for d in settings.destinations):
+        try:  # names the source of the operating point in triage messages (the worker checked that it applies)
+            from cxr_node.infer.calibration import load_calibration
+
+            found = load_calibration(settings.models.calibration)
+            site = SiteOperatingPoint(found.threshold, found.description)
+        except ModelError as exc:
+            log.warning("triage.calibration_unreadable", error=str(exc))
+    reader = TriageReader(settings.storage.root, store.jobs, store.results, site)
+    root, destinations = settings.storage.root, settings.destinations
+    return Dispatcher(store.deliveries, root, destinations, settings.delivery, kinds, reader=reader)
 
 
 def build_sender(settings: Settings, store: Store) -> Sender:
@@ -378,6 +394,7 @@ class Receiver:
         self.intake = Intake(settings, self.store.jobs, patient_hasher(settings))
         self.server: NodeServer | None = None
         self.stow: StowServer | None = None
+        self.hl7: Hl7Server | None = None
 
     @property
     def port(self) -> int:
@@ -397,6 +414,12 @@ class Receiver:
             except BaseException:
                 self.stop(grace_s=0)
                 raise
+        if self.settings.hl7_in.enabled:
+            try:
+                self.hl7 = start_hl7_in(self.settings, self.store.outcomes, reuse_port=self.reuse_port)
+            except BaseException:
+                self.stop(grace_s=0)
+                raise
         return self
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
@@ -404,6 +427,9 @@ class Receiver:
         if self.stow is not None:
             self.stow.stop(grace_s)
             self.stow = None
+        if self.hl7 is not None:
+            self.hl7.stop(grace_s)
+            self.hl7 = None
         if self.server is not None:
             ae = self.server.ae
             self.server.shutdown()

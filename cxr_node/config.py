@@ -12,8 +12,9 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -146,10 +147,17 @@ class TriageSettings(_Section):
 
 class Destination(_Section):
     """A peer that receives the node's results: a DICOM AE over DIMSE (C-STORE), or a DICOMweb server
-    (STOW-RS) at ``url``. Both get the same deliveries: order, retries, dead letters, probes, leases."""
+    (STOW-RS) at ``url``; or a RIS that gets the worklist triage (docs/triage-out.md): an HL7 v2 ORU^R01 over
+    MLLP to ``host``/``port``, or a FHIR R4 Observation and DiagnosticReport POSTed to the server at ``url``.
+    All get the same deliveries: order, retries, dead letters, probes, leases. A triage destination gets one
+    message per job whose result qualifies (``send``: positive results only, or all, not analysed included)."""
+
+    TRIAGE_KINDS: ClassVar[dict[str, str]] = {"hl7": "oru", "fhir": "fhir"}
+    """The delivery kind of each triage protocol (a row in the deliveries table with no output file)."""
+    _HD: ClassVar[str] = r"^[^|^~\\&\x00-\x1f\x7f]+$"  # an HL7 hierarchic designator: no delimiter, printable
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    protocol: Literal["dimse", "dicomweb", "hl7", "fhir"] = "dimse"
     ae_title: AETitle | None = Field(default=None, validate_default=True)
     host: str | None = Field(default=None, validate_default=True)
     port: Port | None = Field(default=None, validate_default=True)
@@ -165,6 +173,11 @@ class Destination(_Section):
     token_file: Path | None = None  # bearer: the token, first line; mode 0600 (read at each connection)
     timeout_s: float | None = Field(default=None, gt=0)  # this destination's timeout (else delivery.timeout_s)
     qa: bool = False  # a QA destination: gets every output in every go-live mode, shadow included (golive)
+    # hl7 and fhir only: which results reach the RIS (positive: positive decisions; all: every result, the
+    # "not analysed" ones included); hl7 only: MSH-5/MSH-6 of the messages (HD, no HL7 delimiters)
+    send: Literal["positive", "all"] | None = None  # None: positive (hl7 and fhir only)
+    receiving_application: str | None = Field(default=None, min_length=1, max_length=180, pattern=_HD)
+    receiving_facility: str | None = Field(default=None, min_length=1, max_length=180, pattern=_HD)
 
     @model_validator(mode="before")
     @classmethod
@@ -177,8 +190,9 @@ class Destination(_Section):
     @field_validator("ae_title", "host", "port")
     @classmethod
     def _needed_by_dimse(cls, value: object, info: ValidationInfo) -> object:
-        if value is None and info.data.get("protocol") == "dimse":
-            raise ValueError(f"a dimse destination needs {info.field_name}")
+        protocol = info.data.get("protocol")
+        if value is None and (protocol == "dimse" or (protocol == "hl7" and info.field_name != "ae_title")):
+            raise ValueError(f"a {protocol} destination needs {info.field_name}")
         return value
 
     @field_validator("url")
@@ -192,20 +206,42 @@ class Destination(_Section):
             raise ValueError("no user or password in the URL: use auth: basic, username and password_file")
         return value.rstrip("/")
 
+    @property
+    def sends(self) -> Literal["positive", "all"]:
+        """Which results a triage destination gets (``send``, positive by default)."""
+        return self.send or "positive"
+
+    @property
+    def triage_kind(self) -> str | None:
+        """The delivery kind of a triage destination (``oru`` for hl7, ``fhir``); None for a DICOM one."""
+        return self.TRIAGE_KINDS.get(self.protocol)
+
     @model_validator(mode="after")
     def _protocol_keys(self) -> Destination:
-        if self.protocol == "dimse":
+        hl7_only = [key for key in ("receiving_application", "receiving_facility") if getattr(self, key)]
+        if hl7_only and self.protocol != "hl7":
+            raise ValueError(f"{', '.join(hl7_only)}: only for protocol: hl7")
+        if self.send is not None and self.triage_kind is None:
+            raise ValueError("send: only for protocol: hl7 or fhir (a DICOM destination gets every output)")
+        if self.protocol in ("dimse", "hl7"):
             extra = [key for key in ("url", "username", "password_file", "token_file") if getattr(self, key)]
             if extra or self.auth != "none":
-                raise ValueError(f"{', '.join(extra) or 'auth'}: only for protocol: dicomweb")
+                raise ValueError(f"{', '.join(extra) or 'auth'}: only for protocol: dicomweb or fhir")
+            if self.protocol == "hl7" and self.ae_title is not None:
+                raise ValueError("ae_title: only for protocol: dimse (hl7 names the RIS by receiving_application)")
+            if (self.cert_file is None) != (self.key_file is None):
+                raise ValueError("cert_file and key_file go together (the node's client certificate)")
             return self
         return self._dicomweb_keys()
 
     def _dicomweb_keys(self) -> Destination:
         if self.url is None:
-            raise ValueError("protocol: dicomweb needs url (the base URL, e.g. http://pacs:8042/dicom-web)")
+            example = "http://pacs:8042/dicom-web" if self.protocol == "dicomweb" else "https://ris.example/fhir"
+            raise ValueError(f"protocol: {self.protocol} needs url (the base URL, e.g. {example})")
+        if self.protocol == "fhir" and (self.ae_title or self.host or self.port is not None):
+            raise ValueError(f"ae_title, host and port: not for protocol: {self.protocol} (it uses url)")
         if self.tls:
-            raise ValueError("tls: a dicomweb destination is encrypted by an https url, not tls: true")
+            raise ValueError(f"tls: a {self.protocol} destination is encrypted by an https url, not tls: true")
         if (self.ca_file or self.cert_file or self.key_file) and not self.url.startswith("https://"):
             raise ValueError("ca_file, cert_file and key_file need an https url")
         if (self.cert_file is None) != (self.key_file is None):
@@ -391,6 +427,87 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+class MonitoringSettings(_Section):
+    """Performance over time (docs/monitoring.md): the sender's monitoring job recomputes the figures of
+    ``cxr-node report`` over a rolling window every ``interval_minutes``, sets the ``cxr_node_monitor_*`` gauges and
+    raises an alarm (the ``monitor.alarm`` event and ``cxr_node_monitor_alarm{check}``) when the scores drift from
+    the reference or a metric's whole confidence interval lies beyond its bound.
+
+    The reference distribution of the scores is the window ``baseline_since``..``baseline_until`` (dates, UTC; both
+    or neither), else the first ``baseline_days`` days of the data in the store. ``model`` (``name/version``) is the
+    model judged; None: the one with the most results in the window. A bound of 0 (the ``min_*`` keys) or 1 (the
+    ``max_*_rate`` keys) turns its check off.
+    """
+
+    enabled: bool = True
+    interval_minutes: float = Field(default=60.0, ge=1.0, le=1440.0)
+    window_days: float = Field(default=28.0, gt=0.0, le=3660.0)
+    model: str | None = Field(default=None, pattern=r"^[^/\s]+/[^/\s]+$")
+    baseline_since: date | None = None
+    baseline_until: date | None = None
+    baseline_days: float = Field(default=28.0, gt=0.0, le=3660.0)
+    bins: int = Field(default=10, ge=2, le=100)
+    resamples: int = Field(default=500, ge=10, le=100_000)
+    min_images: int = Field(default=50, ge=1)
+    min_reference_images: int = Field(default=100, ge=1)
+    min_labelled_cases: int = Field(default=30, ge=1)
+    psi_max: float = Field(default=0.25, gt=0.0)
+    ks_max: float = Field(default=0.2, gt=0.0, le=1.0)
+    min_sensitivity: float = Field(default=0.8, ge=0.0, le=1.0)
+    min_specificity: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_auc: float = Field(default=0.7, ge=0.0, le=1.0)
+    max_out_of_domain_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_not_analysed_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _baseline_pair(self) -> MonitoringSettings:
+        if (self.baseline_since is None) != (self.baseline_until is None):
+            raise ValueError("monitoring.baseline_since and baseline_until go together: give both or neither")
+        since, until = self.baseline_since, self.baseline_until
+        if since is not None and until is not None and until <= since:
+            raise ValueError("monitoring.baseline_until must be after baseline_since")
+        return self
+
+
+class OutcomeSettings(_Section):
+    """Ground truth in (docs/outcomes.md): the file mapping the sites' coded values and words to positive,
+    negative and not assessable."""
+
+    mapping: Path | None = None
+
+
+class Hl7InSettings(_Section):
+    """HL7 v2 in: the optional ORU^R01 listener over MLLP in the receivers (docs/outcomes.md), acknowledging a
+    message only after its findings are committed. Off by default; loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 2575
+    allowed_ips: list[str] = []
+    tls: TLSSettings = TLSSettings()
+    max_message_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_connections: int = Field(default=16, ge=1, le=4096)
+    max_connections_per_peer: int = Field(default=4, ge=1, le=4096)
+    timeout_s: float = Field(default=30.0, gt=0)  # most silence on a connection, and the TLS handshake
+    message_timeout_s: float = Field(default=60.0, gt=0)  # one message, from its first byte to its last
+    accession_fields: list[Annotated[str, Field(pattern=r"^(OBR|ORC)-[0-9]{1,2}$")]] = Field(
+        default=["OBR-3", "OBR-2", "ORC-3", "ORC-2"], min_length=1
+    )
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _restricted_off_loopback(self) -> Hl7InSettings:
+        if self.enabled and not _loopback(self.host) and not self.allowed_ips and not self.tls.require_client_cert:
+            raise ValueError("hl7_in.host is not a loopback address: set hl7_in.allowed_ips or tls.require_client_cert")
+        return self
+
+
 class LoggingSettings(_Section):
     """Log level and rendering (JSON for journald, console for a terminal)."""
 
@@ -415,6 +532,9 @@ class Settings(_Section):
     golive: GoLiveSettings = GoLiveSettings()
     metrics: MetricsSettings = MetricsSettings()
     stow: StowSettings = StowSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    outcomes: OutcomeSettings = OutcomeSettings()
+    hl7_in: Hl7InSettings = Hl7InSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = Field(default="<defaults>", exclude=True)
 

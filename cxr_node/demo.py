@@ -2,7 +2,9 @@
 
 Everything goes through the real interfaces: the node is ``cxr-node serve`` in a child process with a
 config file, images are sent with a C-STORE SCU over DICOM, and what the node did is read from its
-jobs store. Output (config, inputs, node log, state) goes to one folder that is printed at the end.
+jobs store. Then the loop back (:mod:`cxr_node.demo_loop`): the positive results reach a demo RIS as HL7
+worklist triage messages, the phantoms' final findings go back to the node over HL7, and ``cxr-node report``
+measures the day. Output (config, inputs, node log, state, report) goes to one folder printed at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from cxr_node.demo_loop import DemoRis, run_report, send_findings, show_triage
 from cxr_node.dicom.sop import VERIFICATION_CLASS
 from cxr_node.errors import CxrNodeError
 from cxr_node.jobs import spool
@@ -43,6 +46,9 @@ class DemoInput:
 
     path: Path
     description: str
+    accession: str = ""
+    label: str = ""
+    """The phantom's final finding (``covid`` or ``non-covid``), which the demo reports back; "" for others."""
 
 
 def run_demo(out: Path, phantoms: int = 6, manifest: Path = DEMO_MANIFEST) -> int:
@@ -54,22 +60,26 @@ def run_demo(out: Path, phantoms: int = 6, manifest: Path = DEMO_MANIFEST) -> in
     if out.exists():
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
-    port, pacs_port = _free_port(), _free_port()
-    config = _write_config(out, port, manifest.resolve(), pacs_port)
+    port, pacs_port, ris_port, hl7_port = _free_port(), _free_port(), _free_port(), _free_port()
+    config = _write_config(out, port, manifest.resolve(), pacs_port, (ris_port, hl7_port))
     print(f"cxr-node demo: working folder {out}")
     inputs = _phantom_inputs(out / "inputs", phantoms) + _real_inputs(out / "inputs")
     print(f"  prepared {len(inputs)} images ({phantoms} synthetic phantoms, {len(inputs) - phantoms} real radiographs)")
     pacs = DemoPacs(out / "pacs", pacs_port).start()
     print(f"  demo PACS (a Storage SCP) listening on 127.0.0.1:{pacs_port} for the results")
+    ris = DemoRis(ris_port).start()
+    print(f"  demo RIS (HL7 v2 over MLLP) listening on 127.0.0.1:{ris_port} for worklist triage messages")
     node = _start_node(config, port, out / "node.log")
     try:
         results = _send(inputs, port)
         _wait_for_delivery(out, sum(1 for code, _ in results.values() if code is not None))
         _print_table(inputs, results, out, pacs)
+        _loop_back(out, config, ris, hl7_port, inputs)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
         pacs.stop()
+        ris.stop()
     previews = _previews(out / "pacs", out / "previews")
     print("  node stopped cleanly" if node.returncode == 0 else f"  node exited with {node.returncode}")
     print(f"  results received by the demo PACS (SR, SC, SEG, GSPS): {out / 'pacs'}")
@@ -84,12 +94,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_config(out: Path, port: int, manifest: Path, pacs_port: int) -> Path:
+def _write_config(out: Path, port: int, manifest: Path, pacs_port: int, hl7_ports: tuple[int, int]) -> Path:
+    ris_port, hl7_port = hl7_ports
     config = {
         "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port, "receiver_processes": 1},
         "storage": {"root": str(out / "state")},
         "models": {"manifest": str(manifest)},
-        "destinations": [{"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port}],
+        "destinations": [
+            {"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port},
+            {"name": "demo_ris", "protocol": "hl7", "host": "127.0.0.1", "port": ris_port, "send": "positive"},
+        ],
+        "hl7_in": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
         "delivery": {"poll_interval_ms": 200},
         "results": {"segmentation": True, "presentation_state": True},
         "metrics": {"port": _free_port()},
@@ -100,6 +115,26 @@ def _write_config(out: Path, port: int, manifest: Path, pacs_port: int) -> Path:
     return path
 
 
+def _loop_back(out: Path, config: Path, ris: DemoRis, hl7_port: int, inputs: list[DemoInput]) -> None:
+    """The loop back: what the RIS got, the phantoms' final findings sent to the node over HL7, the report."""
+    store = SqliteStore(out / "state" / spool.DB_NAME, readonly=True)
+    try:
+        jobs = store.jobs.query()
+        results = {job.id: store.results.result(job.id) for job in jobs}
+    finally:
+        store.close()
+    show_triage(ris, jobs, results)
+    labelled = [(item.accession, item.label) for item in inputs if item.label]
+    answers = send_findings(hl7_port, labelled)
+    said = ", ".join(f"{code} {count}" for code, count in answers.items())
+    print(f"  final findings: the demo reporting system sent {len(labelled)} ORU^R01 to the node's HL7 listener "
+          f"(127.0.0.1:{hl7_port}); ACKs: {said}")  # fmt: skip
+    print(f"  performance report over today's results and their outcomes ({out / 'report' / 'report.html'}):")
+    for line in run_report(config, out / "report"):
+        print(f"    {line}")
+    print()
+
+
 def _phantom_inputs(folder: Path, count: int) -> list[DemoInput]:
     from cxr_node.training.phantoms import write_phantom_set
 
@@ -107,9 +142,10 @@ def _phantom_inputs(folder: Path, count: int) -> list[DemoInput]:
     with labels.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [
-        DemoInput(labels.parent / row["path"], f"phantom {row['modality']} {row['photometric']} ({row['label']})")
+        DemoInput(labels.parent / row["path"], f"phantom {row['modality']} {row['photometric']} ({row['label']})",
+                  row["accession_number"], row["label"])
         for row in rows
-    ]
+    ]  # fmt: skip
 
 
 def _real_inputs(folder: Path) -> list[DemoInput]:

@@ -66,6 +66,42 @@ WORKER_LOADED: Final = Gauge(
 )
 
 
+MONITOR_MODE: Final = "mostrecent"
+"""The monitoring gauges are set by the sender process: in multiprocess mode the last value set counts."""
+MONITOR_METRICS: Final = ("sensitivity", "specificity", "ppv", "npv", "auc")
+MONITOR: Final[dict[str, Gauge]] = {
+    **{
+        name: Gauge(f"cxr_node_monitor_{name}", f"Monitoring window: {name} of the labelled studies (value and 95% CI "
+                    "bounds low, high).", ["bound"], multiprocess_mode=MONITOR_MODE)
+        for name in MONITOR_METRICS
+    },
+    "psi": Gauge("cxr_node_monitor_psi", "Monitoring window: population stability index of the scores against the "
+                 "reference.", multiprocess_mode=MONITOR_MODE),
+    "ks": Gauge("cxr_node_monitor_ks", "Monitoring window: two-sample Kolmogorov-Smirnov statistic of the scores "
+                "against the reference.", multiprocess_mode=MONITOR_MODE),
+    "out_of_domain_rate": Gauge("cxr_node_monitor_out_of_domain_rate", "Monitoring window: share of images outside "
+                                "the model's domain (refused + flagged).", multiprocess_mode=MONITOR_MODE),
+    "not_analysed_rate": Gauge("cxr_node_monitor_not_analysed_rate", "Monitoring window: share of images not "
+                               "analysed.", multiprocess_mode=MONITOR_MODE),
+    "volume": Gauge("cxr_node_monitor_volume", "Monitoring window: images with a result of the model judged.",
+                    multiprocess_mode=MONITOR_MODE),
+    "labelled_cases": Gauge("cxr_node_monitor_labelled_cases", "Monitoring window: studies with a positive or "
+                            "negative outcome.", multiprocess_mode=MONITOR_MODE),
+    "reference_images": Gauge("cxr_node_monitor_reference_images", "Analysed images in the reference distribution.",
+                              multiprocess_mode=MONITOR_MODE),
+    "turnaround": Gauge("cxr_node_monitor_turnaround_seconds", "Monitoring window: seconds from receipt to the result "
+                        "(to=inferred) or to the SR's delivery (to=sr), by quantile.", ["to", "quantile"],
+                        multiprocess_mode=MONITOR_MODE),
+    "alarm": Gauge("cxr_node_monitor_alarm", "1 while a monitoring check is in alarm (docs/monitoring.md).", ["check"],
+                   multiprocess_mode=MONITOR_MODE),
+    "limit": Gauge("cxr_node_monitor_limit", "The configured bound of each monitoring check.", ["check"],
+                   multiprocess_mode=MONITOR_MODE),
+    "last_run": Gauge("cxr_node_monitor_last_run_timestamp_seconds", "When the monitoring job last measured.",
+                      multiprocess_mode=MONITOR_MODE),
+}  # fmt: skip
+"""The monitoring gauges (:mod:`cxr_node.monitor.watch` sets them)."""
+
+
 def observe_batch(size: int, seconds: float) -> None:
     """Count one inference batch of ``size`` images that took ``seconds``."""
     per_image = seconds / max(size, 1)
@@ -214,6 +250,8 @@ def registry(settings: Settings, store: Store) -> CollectorRegistry:
     else:
         found.register(INFERENCE_SECONDS)
         found.register(BATCHES)
+        for gauge in MONITOR.values():
+            found.register(gauge)
     return found
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -21,6 +21,7 @@ from cxr_node.jobs.interfaces import JobStore, Store
 from cxr_node.jobs.leases import recover_deliveries
 from cxr_node.jobs.states import JobState
 from cxr_node.jobs.wakeup import Listener
+from cxr_node.monitor.watch import Monitor
 from cxr_node.send.deliver import Dispatcher
 
 log = structlog.get_logger("cxr_node.scheduler")
@@ -30,6 +31,10 @@ ALIVE_EVERY_S = 1.0
 
 DELIVER_JOB: Final = "deliver"
 """The timetable's delivery round."""
+MONITOR_JOB: Final = "monitor"
+"""The timetable's monitoring job (:mod:`cxr_node.monitor.watch`)."""
+MONITOR_FIRST_RUN_S: Final = 30.0
+"""How long after the sender starts the monitoring job first runs (then every ``monitoring.interval_minutes``)."""
 
 
 class Housekeeper:
@@ -94,6 +99,11 @@ def timetable(
     ]
     for function, seconds, name in jobs:
         scheduler.add_job(_logged(function, name), "interval", seconds=seconds, id=name, name=name)
+    if settings.monitoring.enabled:  # performance over time (docs/monitoring.md); the first run soon after start
+        monitor = Monitor(settings.monitoring, housekeeper.store)
+        first = datetime.now(UTC) + timedelta(seconds=MONITOR_FIRST_RUN_S)
+        scheduler.add_job(_logged(monitor.run, MONITOR_JOB), "interval", minutes=settings.monitoring.interval_minutes,
+                          id=MONITOR_JOB, name=MONITOR_JOB, next_run_time=first)  # fmt: skip
     return scheduler
 
 

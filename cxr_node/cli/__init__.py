@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from cxr_node import __version__
-from cxr_node.cli import db, dicom, index, mode, node, training
+from cxr_node.cli import db, dicom, index, mode, node, outcomes, report, training
 from cxr_node.cli.common import Command, config_parent
 from cxr_node.errors import CxrNodeError
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = config_parent()
-    for group in (node, mode, db, index, dicom, training):
+    for group in (node, mode, db, index, dicom, training, outcomes, report):
         group.register(sub, common)
     return parser
 

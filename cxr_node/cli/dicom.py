@@ -1,5 +1,6 @@
 """Talking DICOM to a peer by hand: ``echo`` and ``send``, over the same SCU the deliveries use (for a DICOMweb
-destination, over the same QIDO-RS probe and STOW-RS link)."""
+destination, over the same QIDO-RS probe and STOW-RS link; ``echo`` of a worklist triage destination is its
+probe: an MLLP connection test for HL7, ``GET metadata`` for FHIR)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxr_node.cli.common import Subparsers, dicomweb_destination, expand, peer, settings
+from cxr_node.cli.common import Subparsers, destination, dicomweb_destination, expand, peer, settings
 from cxr_node.errors import CxrNodeError
+from cxr_node.send.scu import PeerAddress
 
 if TYPE_CHECKING:
     from cxr_node.config import Destination
@@ -26,6 +28,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
     found = dicomweb_destination(args, args.dest)
     if found is not None:
         return _echo_dicomweb(args, found)
+    if not PeerAddress.matches(args.dest) and destination(args, args.dest).triage_kind:
+        return _echo_triage(args, destination(args, args.dest))
     address, calling = peer(args, args.dest)
     result = echo(address, calling_aet=calling)
     print(f"C-ECHO {address}: status 0x{result:04X}")
@@ -42,6 +46,20 @@ def _echo_dicomweb(args: argparse.Namespace, destination: Destination) -> int:
     """Probe a DICOMweb destination as the sender does (QIDO-RS of one study, same TLS and credentials)."""
     transport = _transport(args, destination)
     print(f"QIDO-RS {transport}: HTTP {transport.query()}")
+    return 0
+
+
+def _echo_triage(args: argparse.Namespace, found: Destination) -> int:
+    """Probe a worklist triage destination as the sender does: connect over MLLP (HL7), GET metadata (FHIR)."""
+    from cxr_node.send.fhir import FhirTransport
+    from cxr_node.send.transport import transport_for
+
+    transport = transport_for(found, settings(args).delivery)
+    if isinstance(transport, FhirTransport):
+        print(f"GET metadata {transport}: HTTP {transport.metadata()}")
+    else:
+        transport.probe([])
+        print(f"MLLP {transport}: connected (no message sent)")
     return 0
 
 
@@ -77,7 +95,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add ``echo`` and ``send`` to ``sub``."""
-    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer (QIDO-RS for a DICOMweb destination)")
+    echo_help = "C-ECHO a DICOM peer (QIDO-RS for DICOMweb, an MLLP connection for HL7, GET metadata for FHIR)"
+    p = sub.add_parser("echo", parents=[common], help=echo_help)
     p.add_argument("dest", help="AE@host:port, or a destination name from the config (its TLS and auth are used)")
     p.add_argument("--calling-aet", default=None, help=CALLING_HELP)
     p.set_defaults(func=cmd_echo)

@@ -172,12 +172,22 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Validate the configuration and print where it came from."""
+    """Validate the configuration and every file it names; print where it came from and what was checked."""
+    import sys
+
+    from cxr_node.cli.checks import check
+
     found = settings(args)
+    checked, problems = check(found)
+    for line in problems:
+        print(f"cxr-node: error: {found.source}: {line}", file=sys.stderr)
+    if problems:
+        return 2
     print(
         f"{found.source}: OK (AE {found.node.ae_title} on {found.node.host}:{found.node.port}, "
         f"storage {found.storage.root}, {len(found.destinations)} destination(s))"
     )
+    print("\n".join(f"  {line}" for line in checked))
     return 0
 
 

@@ -9,7 +9,7 @@ changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from cxr_node.jobs.leases import Holder
@@ -152,10 +152,12 @@ class ResultStore(Protocol):
         destinations: Sequence[str],
         reason: str | None = None,
         withheld: Sequence[str] = (),
+        triage: Sequence[tuple[str, str]] = (),
     ) -> Job:
         """Record an inferred job's written outputs and a pending delivery per destination and output (a withheld
-        one for the destinations in ``withheld``: shadow mode); move it to written (with ``reason``, e.g. the source
-        values repaired); drop the arrays."""
+        one for the destinations in ``withheld``: shadow mode), and one per ``(destination, kind)`` in ``triage``
+        (a worklist triage message, no output file: withheld too when its destination is in ``withheld``); move it
+        to written (with ``reason``, e.g. the source values repaired); drop the arrays."""
         ...
 
     def outputs(self, job_id: int) -> list[Output]:
@@ -263,6 +265,10 @@ class OutcomeStore(Protocol):
 
     def for_accession(self, accession_number: str) -> list[Outcome]:
         """Every outcome recorded for one accession number, oldest first (the last one supersedes)."""
+        ...
+
+    def for_accessions(self, accessions: Iterable[str]) -> list[Outcome]:
+        """Every outcome of these accession numbers, whenever reported, in the order recorded."""
         ...
 
     def after(self, outcome_id: int, limit: int = 1000) -> list[Outcome]:

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from cxr_node.config import Destination
 from cxr_node.errors import InvalidTransition
 from cxr_node.jobs import codec
 from cxr_node.jobs.leases import Holder
@@ -137,6 +138,8 @@ class SqlDatabase(Protocol):
 
 ROWS_PER_JOB: Final = 4
 """Delivery rows a sender's claim reads per job it wants (one per output kind: SR, SC, SEG, GSPS)."""
+TRIAGE_KINDS: Final = tuple(Destination.TRIAGE_KINDS.values())
+"""Delivery kinds with no output file: a worklist triage message built from the stored result when it is sent."""
 _HELD: Final = (JobState.RUNNING.value, JobState.INFERRED.value)
 """States in which a job belongs to a worker's lease: analysed, or its outputs being written."""
 IN_FLIGHT: Final = (JobState.QUEUED, JobState.RUNNING, JobState.INFERRED, JobState.WRITTEN)
@@ -594,10 +597,19 @@ class SqlResults:
         destinations: Sequence[str],
         reason: str | None = None,
         withheld: Sequence[str] = (),
+        triage: Sequence[tuple[str, str]] = (),
     ) -> Job:
         """Record an inferred job's written outputs (with the go-live mode each was written in), one pending
         delivery per destination and output (withheld, never sent, for the destinations in ``withheld``), and
-        move it to written (with ``reason``), in one transaction; the result's arrays are dropped."""
+        move it to written (with ``reason``), in one transaction; the result's arrays are dropped.
+
+        ``triage`` holds a ``(destination, kind)`` pair for each worklist triage destination the result qualifies
+        for (:data:`TRIAGE_KINDS`): one delivery each, with no output file (its message is built from the stored
+        result when it is sent), withheld as the others when its destination is in ``withheld``.
+        """
+        unknown = [kind for _, kind in triage if kind not in TRIAGE_KINDS]
+        if unknown:
+            raise ValueError(f"triage kinds must be among {TRIAGE_KINDS}, found {unknown}")
         now = time.time()
         with self.db.transaction() as db:
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
@@ -613,7 +625,8 @@ class SqlResults:
             db.executemany(
                 "INSERT INTO deliveries (job_id, destination, kind, state, next_attempt_at, updated_at, last_error)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [_delivery_row(job_id, name, o, name in withheld, now) for name in destinations for o in outputs],
+                [_delivery_row(job_id, name, o.kind, name in withheld, now) for name in destinations for o in outputs]
+                + [_delivery_row(job_id, name, kind, name in withheld, now) for name, kind in triage],
             )
             db.execute("UPDATE results SET arrays = NULL WHERE job_id = ?", (job_id,))
             return self.jobs.move(db, job_id, JobState.WRITTEN, reason)
@@ -629,9 +642,9 @@ class SqlResults:
         return [Output(*row) for row in rows]
 
 
-def _delivery_row(job_id: int, destination: str, output: Output, withheld: bool, now: float) -> tuple[object, ...]:
+def _delivery_row(job_id: int, destination: str, kind: str, withheld: bool, now: float) -> tuple[object, ...]:
     state = DeliveryState.WITHHELD if withheld else DeliveryState.PENDING
-    return (job_id, destination, output.kind, state.value, now, now, WITHHELD_ERROR if withheld else None)
+    return (job_id, destination, kind, state.value, now, now, WITHHELD_ERROR if withheld else None)
 
 
 class SqlDeliveries:
@@ -694,14 +707,19 @@ class SqlDeliveries:
             args: tuple[object, ...] = (destination, *_OPEN, now, max_jobs)
         else:
             among, args = f" AND d.job_id IN ({_marks(ids)})", tuple(ids)
+        # A triage delivery (kind oru or fhir) has no output of its own: no path, no SOP class; it carries the
+        # go-live mode the job's outputs were written in. A DICOM delivery whose output is missing stays unsent.
         rows = db.execute(
-            "SELECT d.job_id, d.kind, o.path, o.sop_class_uid, o.sop_instance_uid, d.attempts, o.mode"
-            " FROM deliveries d JOIN outputs o ON o.job_id = d.job_id AND o.kind = d.kind"
+            "SELECT d.job_id, d.kind, COALESCE(o.path, ''), COALESCE(o.sop_class_uid, ''),"
+            " COALESCE(o.sop_instance_uid, ''), d.attempts, COALESCE(o.mode, (SELECT MIN(m.mode) FROM outputs m"
+            " WHERE m.job_id = d.job_id))"
+            " FROM deliveries d LEFT JOIN outputs o ON o.job_id = d.job_id AND o.kind = d.kind"
             f" WHERE d.destination = ? AND d.state IN ({_marks(_OPEN)}) AND d.next_attempt_at <= ?{among}"
-            " ORDER BY d.job_id, o.send_order, d.kind",
-            (destination, *_OPEN, now, *args),
+            f" AND (o.kind IS NOT NULL OR d.kind IN ({_marks(TRIAGE_KINDS)}))"
+            " ORDER BY d.job_id, COALESCE(o.send_order, -1), d.kind",
+            (destination, *_OPEN, now, *args, *TRIAGE_KINDS),
         ).fetchall()
-        return [Due(*row) for row in rows]
+        return [Due(row[0], row[1], row[2], row[3], row[4], row[5], row[6] or "live") for row in rows]
 
     def record(
         self,
@@ -773,7 +791,8 @@ class SqlDeliveries:
 
     def _finish_empty(self, db: Cursor, job_id: int) -> bool:
         if db.execute("SELECT 1 FROM deliveries WHERE job_id = ?", (job_id,)).fetchone() is None:
-            self.jobs.move(db, job_id, JobState.DELIVERED, "no destination configured")
+            reason = "nothing to deliver (no destination configured, or none wants this result)"
+            self.jobs.move(db, job_id, JobState.DELIVERED, reason)
             return True
         return False
 
@@ -805,9 +824,8 @@ class SqlDeliveries:
 
     def expire(self, max_age_s: float) -> int:
         """Give up on open deliveries of outputs written more than ``max_age_s`` ago; return how many."""
-        where = (
-            "EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = deliveries.job_id AND o.kind = deliveries.kind"
-            " AND o.created_at < ?)"
+        where = (  # all of a job's outputs are recorded at once: a triage delivery (no output) ages with them
+            "EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = deliveries.job_id AND o.created_at < ?)"
         )
         args = (time.time() - max_age_s,)
         with self.db.transaction() as db:
@@ -1069,6 +1087,20 @@ class SqlOutcomes:
                 (outcome.accession_number,),
             ).fetchall()
         return [str(row[0]) for row in rows]
+
+    def for_accessions(self, accessions: Iterable[str]) -> list[Outcome]:
+        """Every outcome of these accession numbers, whenever reported, in the order recorded."""
+        wanted = sorted({a.strip() for a in accessions if a.strip()})
+        found: list[Outcome] = []
+        with self.db.read() as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = db.execute(
+                    f"SELECT {', '.join(_OUTCOME_COLUMNS)} FROM outcomes WHERE accession_number IN ({_marks(chunk)})",
+                    tuple(chunk),
+                ).fetchall()
+                found += [_to_outcome(row) for row in rows]
+        return sorted(found, key=lambda outcome: outcome.id)
 
     def for_accession(self, accession_number: str) -> list[Outcome]:
         """Every outcome of one accession number, oldest first."""

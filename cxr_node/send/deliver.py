@@ -10,6 +10,11 @@ arrival. Output kinds a destination does not accept (seen when probing, or in a 
 refused and raise an alarm. An output written in shadow mode (its go-live mode is recorded with it) is never sent
 to a destination not marked ``qa``: such a delivery is recorded withheld (the worker records them so already;
 this holds even for a delivery re-queued by hand or a destination whose ``qa`` mark was since removed).
+
+A worklist triage destination (``protocol: hl7`` or ``fhir``, docs/triage-out.md) has deliveries of one kind
+(``oru`` or ``fhir``) with no output file: each message is built when it is sent from the job's stored result and
+source header (:class:`~cxr_node.send.triage.TriageReader`) and goes through the same claims, order, retries,
+dead letters, withholding and probes. A message that cannot be built (no stored result) is dead at once.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from cxr_node.jobs.records import DestinationState, Due
 from cxr_node.jobs.states import WITHHELD_ERROR, DeliveryState
 from cxr_node.results.kinds import REGISTRY
 from cxr_node.send.scu import StoreResult
-from cxr_node.send.transport import Link, Transport, transport_for
+from cxr_node.send.transport import Link, Transport, TriageLink, transport_for
+from cxr_node.send.triage import TriageError, TriageReader
 
 log = structlog.get_logger("cxr_node.send")
 
 OUTPUT_CLASSES: Final[dict[str, str]] = {kind.name: kind.sop_class_uid for kind in REGISTRY}
 """The SOP class of each output kind (proposed in the syntaxes of ``results.kinds.OUTPUT_TRANSFER_SYNTAXES``)."""
+TRIAGE_CLASSES: Final[dict[str, str]] = {"oru": "HL7 v2.5 ORU^R01", "fhir": "FHIR R4 transaction Bundle"}
+"""What a triage destination's link carries, by delivery kind (its "SOP class" for probes and refusals)."""
+CLASSES: Final[dict[str, str]] = {**OUTPUT_CLASSES, **TRIAGE_CLASSES}
 
 
 def backoff(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -63,6 +72,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         holder: Holder | None = None,
         transports: Mapping[str, Transport] | None = None,
+        reader: TriageReader | None = None,
     ) -> None:
         self.store = store
         self.holder = holder or this_process("sender")  # claims what it sends, so senders on many hosts share
@@ -73,11 +83,18 @@ class Dispatcher:
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not cryptography
         given = transports or {}
         self.transports = {d.name: given.get(d.name) or transport_for(d, settings) for d in self.destinations}
+        self.reader = reader  # builds the triage messages from the store (needed with a triage destination)
+        if reader is None and any(d.triage_kind for d in self.destinations):
+            raise ValueError("a triage destination (protocol hl7 or fhir) needs a reader of the stored results")
+
+    def kinds_for(self, destination: Destination) -> list[str]:
+        """The delivery kinds ``destination`` gets: its triage kind, or the DICOM output kinds."""
+        return [destination.triage_kind] if destination.triage_kind else self.kinds
 
     def _open(self, destination: Destination, kinds: Sequence[str], refused: Sequence[str]) -> tuple[Link | None, str]:
-        classes = [OUTPUT_CLASSES[kind] for kind in kinds]
+        classes = [CLASSES[kind] for kind in kinds]
         try:
-            return self.transports[destination.name].open(classes, [OUTPUT_CLASSES[k] for k in refused]), ""
+            return self.transports[destination.name].open(classes, [CLASSES[k] for k in refused if k in CLASSES]), ""
         except SendError as exc:
             return None, str(exc)
 
@@ -88,12 +105,13 @@ class Dispatcher:
 
     def _probe(self, destination: Destination, now: float) -> DestinationState:
         previous = self.store.destinations().get(destination.name)
+        kinds = self.kinds_for(destination)
         try:
-            classes = self.transports[destination.name].probe([OUTPUT_CLASSES[kind] for kind in self.kinds])
+            classes = self.transports[destination.name].probe([CLASSES[kind] for kind in kinds])
         except SendError as exc:
             return self._down(destination, previous, now, str(exc), probed=True)
-        accepted = sorted(kind for kind in self.kinds if OUTPUT_CLASSES[kind] in classes)
-        refused = [kind for kind in self.kinds if kind not in accepted]
+        accepted = sorted(kind for kind in kinds if CLASSES[kind] in classes)
+        refused = [kind for kind in kinds if kind not in accepted]
         state = DestinationState(destination.name, True, accepted, refused, None, now, None, 0.0, 0)
         self.store.save_destination(state)
         if refused:
@@ -172,7 +190,7 @@ class Dispatcher:
             return 0
         delivered = 0
         try:
-            refused = [kind for kind in kinds if OUTPUT_CLASSES[kind] not in link.accepted]
+            refused = [kind for kind in kinds if CLASSES.get(kind) not in link.accepted]
             if refused:
                 state = self._refuse(destination, state, refused)
             renewed = time.monotonic()
@@ -183,7 +201,7 @@ class Dispatcher:
                     self.store.renew(self.holder, self.settings.lease_s)
                     renewed = time.monotonic()
                 with bound_contextvars(job_id=item.job_id, kind=item.kind):
-                    outcome = link.send(self.root / item.path)
+                    outcome = self._send_one(destination, link, item)
                     if outcome.status is None and not link.alive:
                         self._down(destination, state, time.time(), outcome.comment)
                         break
@@ -200,6 +218,24 @@ class Dispatcher:
             )
             log.info("destination.up")
         return delivered
+
+    def _send_one(self, destination: Destination, link: Link, item: Due) -> StoreResult:
+        """Send one due item: a DICOM file, or the triage message built now from the job's stored result."""
+        if destination.triage_kind is None:
+            return link.send(self.root / item.path)
+        if self.reader is None or not isinstance(link, TriageLink):  # pragma: no cover - refused at construction
+            return StoreResult(None, None, "no triage link or reader for this destination", permanent=True)
+        try:
+            facts = self.reader.read(item.job_id, item.mode)
+        except TriageError as exc:
+            return StoreResult(None, None, str(exc), permanent=True)
+        if facts.left_out:
+            log.info("triage.values_left_out", attributes=list(facts.left_out))
+        try:
+            return link.deliver(facts)
+        except Exception as exc:  # a bug building one job's message must not stop the others' deliveries
+            log.exception("send.triage_error")
+            return StoreResult(None, None, f"the message could not be sent: {type(exc).__name__}: {exc}"[:300])
 
     def _refuse(
         self, destination: Destination, state: DestinationState, kinds: list[str], comment: str = ""

@@ -3,14 +3,17 @@
 The Dispatcher (:mod:`cxr_node.send.deliver`) owns the delivery semantics (order, claims, retries, dead letters,
 alarms); a transport only moves files. Two exist: :class:`DimseTransport` (a C-STORE association, which
 negotiates the SOP classes the peer accepts) and :class:`~cxr_node.send.dicomweb.DicomwebTransport` (STOW-RS,
-which cannot negotiate: a server says it refuses a SOP class only in its answer to a store).
+which cannot negotiate: a server says it refuses a SOP class only in its answer to a store). A worklist triage
+destination gets a :class:`TriageLink`: :class:`~cxr_node.send.hl7.Hl7Transport` (ORU^R01 over MLLP) or
+:class:`~cxr_node.send.fhir.FhirTransport` (a FHIR transaction Bundle), which send messages built from the
+stored result, never a file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -20,6 +23,9 @@ from cxr_node.config import DeliverySettings, Destination
 from cxr_node.errors import SendError
 from cxr_node.results.kinds import OUTPUT_TRANSFER_SYNTAXES
 from cxr_node.send.scu import PeerAddress, StoreResult, associate, store
+
+if TYPE_CHECKING:
+    from cxr_node.send.triage import TriageFacts
 
 
 class Link(Protocol):
@@ -41,6 +47,15 @@ class Link(Protocol):
 
     def close(self) -> None:
         """Release the link (nothing happens when it is already gone)."""
+        ...
+
+
+@runtime_checkable
+class TriageLink(Link, Protocol):
+    """A link to a worklist triage destination: it delivers messages built from :class:`TriageFacts`."""
+
+    def deliver(self, facts: TriageFacts) -> StoreResult:
+        """Send the message of ``facts`` and judge the answer (a failure is a result, as :meth:`Link.send`)."""
         ...
 
 
@@ -132,6 +147,14 @@ def transport_for(destination: Destination, delivery: DeliverySettings) -> Trans
         When the destination's settings cannot make a transport (e.g. an unusable URL).
     """
     timeout_s = destination.timeout_s or delivery.timeout_s
+    if destination.protocol == "hl7":
+        from cxr_node.send.hl7 import Hl7Transport
+
+        return Hl7Transport.of(destination, timeout_s, delivery.calling_ae_title)
+    if destination.protocol == "fhir":
+        from cxr_node.send.fhir import FhirTransport
+
+        return FhirTransport.of(destination, timeout_s)
     if destination.protocol == "dicomweb":
         from cxr_node.send.dicomweb import DicomwebTransport
 

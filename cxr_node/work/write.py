@@ -8,6 +8,9 @@ names only) and listed in the SR's processing summary.
 Each job's outputs are written in the go-live mode of the model version at that moment (:class:`GoLive`, read
 from the jobs store): the mode is drawn and written on them, recorded with them, and in shadow mode their
 deliveries to destinations not marked ``qa`` are recorded withheld, never sent.
+
+A worklist triage destination (HL7 v2 or FHIR, docs/triage-out.md) gets one delivery per job whose result
+qualifies (:meth:`TriageTarget.wants`), recorded with the outputs in the same transaction; it has no file here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import structlog
 from pydicom.dataset import Dataset
@@ -30,7 +33,7 @@ from cxr_node.jobs.spool import output_path, write_durably
 from cxr_node.jobs.states import VALUES_REPAIRED, JobState
 from cxr_node.results.common import OutputError
 from cxr_node.results.copied import Note
-from cxr_node.results.findings import Findings, Mode, Provenance
+from cxr_node.results.findings import Findings, Mode, Provenance, Summary
 from cxr_node.results.kinds import kinds_for, options_from, send_rank
 from cxr_node.results.outputs import Built, build_outputs
 from cxr_node.work.load import Loaded, load
@@ -39,6 +42,20 @@ log = structlog.get_logger("cxr_node.worker")
 
 INITIAL_SETTER: Final = "golive.initial_mode"
 """Who the first record of a model version's mode names as its setter (the configuration, not an operator)."""
+
+
+@dataclass(frozen=True)
+class TriageTarget:
+    """A worklist triage destination as the writer sees it: its name, its delivery kind (``oru``, ``fhir``) and
+    which results it gets (``positive``, or ``all``: every result, the not analysed ones included)."""
+
+    name: str
+    kind: str
+    send: Literal["positive", "all"] = "positive"
+
+    def wants(self, summary: Summary) -> bool:
+        """Whether a result with ``summary`` is sent to this destination."""
+        return self.send == "all" or summary.positive is True
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,8 @@ class OutputWriter:
         Whether files are fsynced before they are recorded.
     golive : GoLive or None
         The go-live mode of each model version; None writes every output live (tests of the builders alone).
+    triage : sequence of TriageTarget
+        Worklist triage destinations: a delivery to each that the result qualifies for.
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class OutputWriter:
         destinations: Sequence[str] = (),
         fsync: bool = True,
         golive: GoLive | None = None,
+        triage: Sequence[TriageTarget] = (),
     ) -> None:
         self.root = root
         self.jobs = jobs
@@ -115,6 +135,7 @@ class OutputWriter:
         self.destinations = list(destinations)
         self.fsync = fsync
         self.golive = golive
+        self.triage = tuple(triage)
 
     def write(self, loaded: Loaded) -> bool:
         """Write and record the outputs of an ``inferred`` job from its stored result; True when ``written``."""
@@ -165,13 +186,16 @@ class OutputWriter:
             log.error("job.write_failed", error=str(exc))
             return False
         repaired = f"{VALUES_REPAIRED}{', '.join(repaired_attributes(built.notes))}"[:200] if built.notes else None
-        withheld = [] if self.golive is None else self.golive.withheld(mode, self.destinations)
-        self.results.save_outputs(job.id, outputs, self.destinations, repaired, withheld)
+        triage = [(target.name, target.kind) for target in self.triage if target.wants(findings.summary)]
+        names = [*self.destinations, *(name for name, _ in triage)]
+        withheld = [] if self.golive is None else self.golive.withheld(mode, names)
+        self.results.save_outputs(job.id, outputs, self.destinations, repaired, withheld, triage)
         log.info(
             "job.written",
             outputs=[item.kind for item in built],
             mode=mode,
             withheld=withheld,
+            triage=[name for name, _ in triage],
             analysed=findings.summary.analysed,
             repaired=len(built.notes),
         )

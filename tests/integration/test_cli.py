@@ -106,12 +106,16 @@ def test_phantoms_command_writes_a_labelled_set(tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    """`cxr-node demo` starts the node, sends phantoms and real radiographs, and stops it cleanly."""
+    """`cxr-node demo` starts the node, sends phantoms and real radiographs, plays the RIS and the reporting system
+    over HL7, writes the report, and stops the node cleanly."""
     out = cli("demo", "--out", str(tmp_path / "demo"), "--phantoms", "2", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "node stopped cleanly" in out.stdout
     assert "view position LL is not frontal" in out.stdout
     assert "no answer" not in out.stdout
+    assert "worklist triage: the demo RIS received" in out.stdout
+    assert "ACKs: AA 2" in out.stdout  # both phantoms' findings recorded by the node's HL7 listener
+    assert "2 labelled" in out.stdout and (tmp_path / "demo" / "report" / "report.html").is_file()
 
 
 def test_dataset_preview_writes_a_png(tmp_path: Path) -> None:

@@ -68,3 +68,14 @@ def test_a_period_lists_its_jobs_with_their_results(store: AnyStore) -> None:
     assert found.summary == NOT_ANALYSED.summary and found.state is JobState.INFERRED
     assert found.inferred_at is not None and found.sr_delivered_at is None
     assert store.results.period(time.time() + 10, time.time() + 20) == []
+
+
+def test_outcomes_are_found_by_accession_whenever_reported(store: AnyStore) -> None:
+    """``for_accessions`` finds every outcome of the accessions asked, in the order recorded, old reports too."""
+    store.outcomes.record(NewOutcome("csv", "a", "A", "positive", reported_at=1.0))
+    store.outcomes.record(NewOutcome("hl7", "b", "B", "negative"))
+    store.outcomes.record(NewOutcome("hl7", "c", "A", "negative"))
+    store.outcomes.record(NewOutcome("hl7", "d", "C", "negative"))
+    found = store.outcomes.for_accessions(["A", " B", "Z", ""])
+    assert [(o.accession_number, o.label) for o in found] == [("A", "positive"), ("B", "negative"), ("A", "negative")]
+    assert store.outcomes.for_accessions([]) == []
