@@ -32,7 +32,7 @@ from cxr_node.jobs.interfaces import OutcomeStore
 from cxr_node.outcomes import hl7_message
 from cxr_node.outcomes.hl7_message import ACCEPTED, ERROR, REJECTED, Refusal, ack, parse_oru, plan
 from cxr_node.outcomes.mapping import Mapping, load_mapping
-from cxr_node.receive.connections import PeerSlots, RateLimitedLog
+from cxr_node.receive.connections import PeerSlots, RateLimitedLog, SharedPortServer
 from cxr_node.receive.scp import tls_context
 
 log = structlog.get_logger(__name__)
@@ -107,7 +107,7 @@ def frame(message: bytes) -> bytes:
     return START + message + END
 
 
-class Hl7Server(socketserver.ThreadingTCPServer):
+class Hl7Server(SharedPortServer, socketserver.ThreadingTCPServer):
     """The MLLP server: allow-list and connection slots before a thread is made, TLS handshakes in the thread."""
 
     daemon_threads = True
@@ -128,12 +128,6 @@ class Hl7Server(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), Hl7Handler)
-
-    def server_bind(self) -> None:
-        """Bind, sharing the port with sibling receiver processes when ``reuse_port`` is set."""
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Refuse an address outside ``allowed_ips``, or one over its slots, before reading a byte."""
@@ -178,12 +172,7 @@ class Hl7Server(socketserver.ThreadingTCPServer):
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let connections in progress finish (up to ``grace_s``), close the listening socket."""
-        self.shutdown()
-        self.server_close()
-        deadline = time.monotonic() + grace_s
-        while self.active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log.info("hl7.stopped", unfinished=self.active)
+        log.info("hl7.stopped", unfinished=self.drain(grace_s))
 
 
 class Hl7Handler(socketserver.BaseRequestHandler):

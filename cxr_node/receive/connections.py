@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import socketserver
 import ssl
 import struct
 import threading
@@ -372,3 +373,28 @@ class RateLimitedLog:
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         log.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+
+
+class SharedPortServer(socketserver.TCPServer):
+    """What the receivers' extra listeners (the STOW-RS endpoint, the HL7 listener) share: the port bound with
+    SO_REUSEPORT when sibling receiver processes listen on it too, and a stop that lets the connections in progress
+    finish. A subclass counts those in ``active`` under ``lock``."""
+
+    reuse_port = False
+    active = 0
+
+    def server_bind(self) -> None:
+        """Bind, sharing the port with sibling receiver processes when ``reuse_port`` is set."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def drain(self, grace_s: float) -> int:
+        """Stop accepting, wait up to ``grace_s`` for the connections in progress, close the listening socket;
+        return how many were still unfinished."""
+        self.shutdown()
+        self.server_close()
+        deadline = time.monotonic() + grace_s
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.active

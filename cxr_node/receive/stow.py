@@ -42,7 +42,7 @@ from cxr_node.dicom import status
 from cxr_node.errors import ConfigError
 from cxr_node.jobs import spool
 from cxr_node.privacy import read_secret
-from cxr_node.receive.connections import GuardedSocket, PeerSlots, RateLimitedLog
+from cxr_node.receive.connections import GuardedSocket, PeerSlots, RateLimitedLog, SharedPortServer
 from cxr_node.receive.intake import Intake, Peer
 from cxr_node.receive.multipart import (
     Body,
@@ -156,7 +156,7 @@ def read_token(path: Path | None) -> bytes | None:
 # ------------------------------------------------------------------------------------------- server
 
 
-class StowServer(ThreadingHTTPServer):
+class StowServer(SharedPortServer, ThreadingHTTPServer):
     """The HTTP(S) server: connection slots, lazy TLS handshakes, SO_REUSEPORT, requests counted for shutdown."""
 
     daemon_threads = True
@@ -183,12 +183,6 @@ class StowServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), StowHandler)
-
-    def server_bind(self) -> None:
-        """Bind, sharing the port with sibling receiver processes when ``reuse_port`` is set."""
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection; wrap it for TLS without handshaking (done in its own thread, bounded in time)."""
@@ -250,12 +244,7 @@ class StowServer(ThreadingHTTPServer):
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let requests in progress finish (up to ``grace_s``), close the listening socket."""
-        self.shutdown()
-        self.server_close()
-        deadline = time.monotonic() + grace_s
-        while self.active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log.info("stow.stopped", unfinished=self.active)
+        log.info("stow.stopped", unfinished=self.drain(grace_s))
 
 
 def start_stow(settings: StowSettings, intake: Intake, root: Path, reuse_port: bool = False) -> StowServer:

@@ -21,25 +21,23 @@ import json
 import uuid
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import urlencode, urlsplit
+from typing import Any, ClassVar, Final
+from urllib.parse import urlencode
 
 import structlog
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
-from cxr_node.config import Destination
 from cxr_node.dicom import status
 from cxr_node.errors import SendError
 from cxr_node.results.findings import DECISIONS, MODE_NOTICES
-from cxr_node.send.dicomweb import USER_AGENT, Credentials
-from cxr_node.send.scu import ClientTLS, StoreResult
+from cxr_node.send.http import MAX_ANSWER_BYTES, HttpEndpoint, why
+from cxr_node.send.scu import StoreResult
 from cxr_node.send.triage import TriageFacts
 
 log = structlog.get_logger("cxr_node.send")
 
 FHIR_JSON: Final = "application/fhir+json"
-MAX_ANSWER_BYTES: Final = 1 << 20
 IDENTIFIER_SYSTEM: Final = "urn:cxr-node:triage"
 """The system of the identifier each resource gets (its value: the job's message control ID)."""
 CODE_SYSTEM: Final = "urn:cxr-node:codes"
@@ -222,60 +220,15 @@ def _diagnostics(answer: bytes) -> str:
     return " ".join(text.split())[:200]
 
 
-class FhirTransport:
+class FhirTransport(HttpEndpoint):
     """Transaction Bundles POSTed to the FHIR base ``url``; TLS for an https URL, basic or bearer auth.
 
     Its probe (and ``cxr-node echo``) is ``GET <url>/metadata`` (the CapabilityStatement): it checks the address,
     TLS, the credentials and that a FHIR server answers there.
     """
 
-    def __init__(self, url: str, credentials: Credentials, timeout_s: float, tls: ClientTLS | None = None) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SendError(f"{url}: not an http(s) URL")
-        self.url = url.rstrip("/")
-        self.secure = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
-        self.root = parts.path.rstrip("/")
-        self.credentials = credentials
-        self.timeout_s = timeout_s
-        self.tls = (tls or ClientTLS()) if self.secure else None
-
-    @classmethod
-    def of(cls, destination: Destination, timeout_s: float) -> FhirTransport:
-        """The transport of a configured ``protocol: fhir`` destination."""
-        if destination.url is None:
-            raise SendError(f"destination {destination.name} has no url")
-        secret = destination.password_file if destination.auth == "basic" else destination.token_file
-        credentials = Credentials(destination.auth, destination.username, secret)
-        secure = destination.url.startswith("https:")
-        if destination.auth != "none" and not secure:
-            log.warning("destination.credentials_in_clear", destination=destination.name, url=destination.url)
-        tls = ClientTLS(destination.ca_file, destination.cert_file, destination.key_file) if secure else None
-        return cls(destination.url, credentials, timeout_s, tls)
-
-    def __str__(self) -> str:
-        return f"{self.url} (FHIR{', TLS' if self.secure else ''})"
-
-    def connection(self) -> http.client.HTTPConnection:
-        """A new connection to the server (not yet connected).
-
-        Raises
-        ------
-        SendError
-            When the TLS files cannot be used.
-        """
-        if self.tls is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self.tls.context())
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-
-    def headers(self) -> dict[str, str]:
-        """The headers every request carries (Authorization read from its file now)."""
-        headers = {"User-Agent": USER_AGENT, "Accept": FHIR_JSON}
-        authorization = self.credentials.header()
-        if authorization is not None:
-            headers["Authorization"] = authorization
-        return headers
+    service: ClassVar[str] = "FHIR"
+    accept: ClassVar[str] = FHIR_JSON
 
     def metadata(self) -> int:
         """GET ``<url>/metadata`` and return the HTTP status when it is 200.
@@ -285,18 +238,10 @@ class FhirTransport:
         SendError
             When the server cannot be reached or answers anything else; the message says why.
         """
-        connection = self.connection()
-        try:
-            connection.request("GET", f"{self.root}/metadata", headers=self.headers())
-            response = connection.getresponse()
-            response.read(MAX_ANSWER_BYTES)
-        except (OSError, http.client.HTTPException) as exc:
-            raise SendError(f"{self} could not be reached: {_why(exc)}") from exc
-        finally:
-            connection.close()
-        if response.status != 200:
-            raise SendError(f"{self} answered GET metadata with HTTP {response.status}")
-        return response.status
+        found = self.get("/metadata")
+        if found != 200:
+            raise SendError(f"{self} answered GET metadata with HTTP {found}")
+        return found
 
     def probe(self, sop_classes: Sequence[str] = ()) -> frozenset[str]:
         """GET the CapabilityStatement; every kind is assumed accepted.
@@ -357,7 +302,7 @@ class FhirLink:
             answer = response.read(MAX_ANSWER_BYTES)
         except (OSError, http.client.HTTPException) as exc:
             self._alive = False
-            return StoreResult(None, None, f"{self.transport} could not be reached: {_why(exc)}")
+            return StoreResult(None, None, f"{self.transport} could not be reached: {why(exc)}")
         if not response.isclosed():  # an answer longer than read: this connection cannot be reused
             self._connection.close()
         outcome, down = judge(response.status, answer)
@@ -368,9 +313,3 @@ class FhirLink:
     def close(self) -> None:
         """Close the connection."""
         self._connection.close()
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
