@@ -20,7 +20,7 @@ from typing import Final
 from cxr_node.jobs.interfaces import OutcomeStore
 from cxr_node.jobs.records import NewOutcome
 from cxr_node.outcomes.mapping import Coding, Finding, Mapping, Match
-from cxr_node.training.outcomes import ACCESSION_NAMES, DATE_NAMES, LABEL_NAMES, MAX_ROWS, find_column
+from cxr_node.training.outcomes import ACCESSION_NAMES, DATE_NAMES, LABEL_NAMES, MAX_ROWS, csv_text, find_column
 
 FINDING_NAMES: Final = (*LABEL_NAMES, "finding", "findings", "impression", "conclusion", "code")
 SYSTEM_NAMES: Final = ("system", "coding_system", "code_system", "codesystem", "scheme")
@@ -48,7 +48,7 @@ def read_rows(path: Path, mapping: Mapping) -> tuple[list[NewOutcome], Counter[s
         In one line naming the file: unreadable, no accession or finding column, too many rows.
     """
     data = path.read_bytes()
-    text = _text(path, data)
+    text = csv_text(path, data)
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
@@ -110,18 +110,6 @@ def parse_date(value: str) -> float | None:
         except ValueError:
             continue
     return None
-
-
-def _text(path: Path, data: bytes) -> str:
-    if b"\x00" in data[:4096]:
-        raise ValueError(f"{path}: not a CSV text file (binary content)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    if not text.strip():
-        raise ValueError(f"{path}: empty file (expected a header line and one row per case)")
-    return text
 
 
 def import_csv(path: Path, mapping: Mapping, store: OutcomeStore) -> Imported:

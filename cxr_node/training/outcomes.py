@@ -117,7 +117,7 @@ def read_outcomes(path: Path) -> Outcomes:
         One line naming the file (and the line): not a CSV, no accession or label column, an empty accession,
         an unreadable label, no row.
     """
-    text = _text(path)
+    text = csv_text(path)
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
@@ -134,9 +134,10 @@ def read_outcomes(path: Path) -> Outcomes:
     return _collect(path, reader, accession, label, find_column(fieldnames, SOURCE_NAMES))
 
 
-def _text(path: Path) -> str:
-    """The file's text (UTF-8, a BOM dropped; Latin-1 as a last resort); ValueError when it is empty or binary."""
-    data = path.read_bytes()
+def csv_text(path: Path, data: bytes | None = None) -> str:
+    """The text of a CSV file (its bytes ``data`` when already read): UTF-8, a BOM dropped, Latin-1 as a last
+    resort; ValueError when it is empty or binary."""
+    data = path.read_bytes() if data is None else data
     if b"\x00" in data[:4096]:
         raise ValueError(f"{path}: not a CSV text file (binary content)")
     try:
