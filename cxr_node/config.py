@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cxr_node.errors import ConfigError
 
@@ -29,6 +38,16 @@ AETitle = Annotated[
     str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")
 ]
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def _networks(value: list[str]) -> list[str]:
+    for item in value:
+        ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
+    return value
+
+
+Networks = Annotated[list[str], AfterValidator(_networks)]
+"""An allow-list of IPv4/IPv6 addresses and networks (``node``, ``stow`` and ``hl7_in`` ``allowed_ips``)."""
 
 
 class _Section(BaseModel):
@@ -60,7 +79,7 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104  - a DICOM node listens for the PACS; narrow it in config
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = []
-    allowed_ips: list[str] = []
+    allowed_ips: Networks = []
     require_called_aet: bool = True
     max_associations: int = Field(default=64, ge=1, le=4096)
     max_associations_per_peer: int = Field(default=16, ge=1, le=4096)
@@ -73,13 +92,6 @@ class NodeSettings(_Section):
     receiver_processes: int = Field(default=2, ge=1, le=64)
     max_queue_depth: int = Field(default=5000, ge=1)
     tls: TLSSettings = TLSSettings()
-
-    @field_validator("allowed_ips")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
-        return value
 
     @property
     def max_instance_bytes(self) -> int:
@@ -392,7 +404,7 @@ class StowSettings(_Section):
     base_path: str = Field(default="/dicomweb", pattern=r"^(/[A-Za-z0-9._~-]+)*$", max_length=200)
     tls: TLSSettings = TLSSettings()
     token_file: Path | None = None  # bearer token, first line, at least 16 characters; mode 0600
-    allowed_ips: list[str] = []
+    allowed_ips: Networks = []
     max_body_mb: float = Field(default=1024.0, gt=0)
     max_instances: int = Field(default=1000, ge=1, le=100_000)
     max_connections: int = Field(default=32, ge=1, le=4096)
@@ -400,13 +412,6 @@ class StowSettings(_Section):
     header_timeout_s: float = Field(default=10.0, gt=0)  # TLS handshake, request line and headers
     idle_timeout_s: float = Field(default=30.0, gt=0)  # most silence while the body arrives
     request_timeout_s: float = Field(default=600.0, gt=0)  # the whole body
-
-    @field_validator("allowed_ips")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
-        return value
 
     @model_validator(mode="after")
     def _authenticated_off_loopback(self) -> StowSettings:
@@ -483,7 +488,7 @@ class Hl7InSettings(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Port = 2575
-    allowed_ips: list[str] = []
+    allowed_ips: Networks = []
     tls: TLSSettings = TLSSettings()
     max_message_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     max_connections: int = Field(default=16, ge=1, le=4096)
@@ -493,13 +498,6 @@ class Hl7InSettings(_Section):
     accession_fields: list[Annotated[str, Field(pattern=r"^(OBR|ORC)-[0-9]{1,2}$")]] = Field(
         default=["OBR-3", "OBR-2", "ORC-3", "ORC-2"], min_length=1
     )
-
-    @field_validator("allowed_ips")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad entry
-        return value
 
     @model_validator(mode="after")
     def _restricted_off_loopback(self) -> Hl7InSettings:

@@ -19,8 +19,7 @@ from cxr_node.config import MonitoringSettings
 from cxr_node.jobs.interfaces import Store
 from cxr_node.monitor.cases import day_text, read_period
 from cxr_node.monitor.figures import METRICS, Figures, Group, compute, read_reference
-from cxr_node.training.metrics import Interval
-from cxr_node.training.pages import interval_cell, markdown_page
+from cxr_node.training.pages import interval_cell, interval_json, json_number, markdown_page
 from cxr_node.training.plots import band_plot, line_plot
 
 TITLES: Final = {"sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV", "npv": "NPV",
@@ -232,27 +231,19 @@ def write_plots(found: Figures, out: Path, settings: MonitoringSettings) -> dict
 # ------------------------------------------------------------------------------------------------------- JSON
 
 
-def _finite(value: float) -> float | None:
-    return round(float(value), 6) if math.isfinite(value) else None
-
-
-def _interval(interval: Interval) -> dict[str, float | None]:
-    return {key: _finite(value) for key, value in interval.as_dict().items()}
-
-
 def group_json(g: Group) -> dict[str, Any]:
     """One group's figures as JSON-ready data."""
     o, d, p = g.operations, g.drift, g.performance
     return {
         "name": g.name, "images": o.images, "studies": o.studies, "analysed": o.analysed, "refused": o.refused,
-        "flagged": o.flagged, "out_of_domain_rate": _finite(o.out_of_domain_rate),
-        "not_analysed_rate": _finite(o.not_analysed_rate),
-        "turnaround_s": {key: dict(zip(("p50", "p95"), map(_finite, values), strict=True))
+        "flagged": o.flagged, "out_of_domain_rate": json_number(o.out_of_domain_rate),
+        "not_analysed_rate": json_number(o.not_analysed_rate),
+        "turnaround_s": {key: dict(zip(("p50", "p95"), map(json_number, values), strict=True))
                          for key, values in o.turnaround.items()},
         "labelled": p.studies, "positives": p.positives, "confusion": p.confusion.as_dict(),
-        "metrics": {name: _interval(i) for name, i in p.intervals.items()},
-        "drift": {"images": d.images, "reference_images": d.reference_images, "psi": _finite(d.psi),
-                  "ks": _finite(d.ks), "ks_p_value": _finite(d.p_value)},
+        "metrics": {name: interval_json(i) for name, i in p.intervals.items()},
+        "drift": {"images": d.images, "reference_images": d.reference_images, "psi": json_number(d.psi),
+                  "ks": json_number(d.ks), "ks_p_value": json_number(d.p_value)},
     }  # fmt: skip
 
 

@@ -43,7 +43,7 @@ from cxr_node.training.metrics import (
     roc_curve,
 )
 from cxr_node.training.outcomes import Joined, Outcomes, join_results
-from cxr_node.training.pages import interval_cell, markdown_page
+from cxr_node.training.pages import interval_cell, interval_json, markdown_page
 from cxr_node.training.plots import line_plot
 
 TARGET_NAMES: Final[dict[str, TargetMetric]] = {
@@ -177,12 +177,8 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _finite(value: float) -> float | None:
-    return round(float(value), 6) if math.isfinite(value) else None
-
-
 def _intervals(found: dict[str, Interval]) -> dict[str, dict[str, float | None]]:
-    return {name: {key: _finite(v) for key, v in interval.as_dict().items()} for name, interval in found.items()}
+    return {name: interval_json(interval) for name, interval in found.items()}
 
 
 def site_calibration(found: Calibration, manifest: Manifest, outcomes: Outcomes, joined: Joined, *, by: str,

@@ -29,7 +29,7 @@ from cxr_node.jobs.interfaces import Store
 from cxr_node.results.findings import Summary
 from cxr_node.training.metrics import METRICS, Interval, metrics_with_ci, roc_auc, roc_curve
 from cxr_node.training.outcomes import Outcomes
-from cxr_node.training.pages import interval_cell, markdown_page
+from cxr_node.training.pages import interval_cell, interval_json, json_number, markdown_page
 from cxr_node.training.plots import line_plot
 
 LARGE_SHIFT: Final = 0.10
@@ -365,35 +365,27 @@ def write_report(found: Comparison, out: Path, command: str = "") -> dict[str, P
     return files
 
 
-def _finite(value: float) -> float | None:
-    return round(float(value), 6) if math.isfinite(value) else None
-
-
-def _interval(interval: Interval) -> dict[str, float | None]:
-    return {key: _finite(value) for key, value in interval.as_dict().items()}
-
-
 def as_json(found: Comparison) -> dict[str, Any]:
     """The comparison as JSON-ready data (non-finite numbers as null)."""
     shift = None
     if found.shift is not None:
-        shift = {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(found.shift).items()
+        shift = {k: (json_number(v) if isinstance(v, float) else v) for k, v in asdict(found.shift).items()
                  if k != "largest_jobs"}  # fmt: skip
-        shift["largest_jobs"] = [{"job": j, "live": _finite(a), "candidate": _finite(b)}
+        shift["largest_jobs"] = [{"job": j, "live": json_number(a), "candidate": json_number(b)}
                                  for j, a, b in found.shift.largest_jobs]  # fmt: skip
     labelled = None
     if found.labelled is not None:
         lab = found.labelled
         labelled = {"cases": lab.cases, "positives": lab.positives, "unmatched": lab.unmatched,
                     "live_threshold": lab.live_threshold, "candidate_threshold": lab.candidate_threshold,
-                    "live": {k: _interval(v) for k, v in lab.live.items()},
-                    "candidate": {k: _interval(v) for k, v in lab.candidate.items()},
-                    "auc_difference": _interval(lab.auc_difference)}  # fmt: skip
+                    "live": {k: interval_json(v) for k, v in lab.live.items()},
+                    "candidate": {k: interval_json(v) for k, v in lab.candidate.items()},
+                    "auc_difference": interval_json(lab.auc_difference)}  # fmt: skip
     return {
         "live": found.live_key, "candidate": found.candidate_key, "images": found.images,
         "other_live": found.other_live, "both": found.both, "only_live": found.only_live,
         "only_candidate": found.only_candidate, "neither": found.neither, "decisions": found.table,
-        "agreement": _interval(found.agreement), "kappa": _interval(found.kappa), "shift": shift,
+        "agreement": interval_json(found.agreement), "kappa": interval_json(found.kappa), "shift": shift,
         "labelled": labelled, "why_live_only": found.why_live_only, "why_candidate_only": found.why_candidate_only,
         "thresholds": found.thresholds, "bootstrap": {"resamples": found.resamples, "seed": found.seed},
     }  # fmt: skip

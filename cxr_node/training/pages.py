@@ -1,4 +1,4 @@
-"""The small Markdown reports of the site's commands (``calibrate``, ``compare``) as cells and HTML pages."""
+"""The small reports of the site's commands (calibrate, compare, report): cells, HTML pages, JSON numbers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def interval_cell(interval: Interval) -> str:
     if not (math.isfinite(interval.low) and math.isfinite(interval.high)):
         return f"{interval.value:.3f}"
     return f"{interval.value:.3f} ({interval.low:.3f}-{interval.high:.3f})"
+
+
+def json_number(value: float) -> float | None:
+    """``value`` as a report's JSON holds it: six decimals, or null when it is not finite."""
+    return round(float(value), 6) if math.isfinite(value) else None
+
+
+def interval_json(interval: Interval) -> dict[str, float | None]:
+    """An interval as a report's JSON holds it: value, low, high (:func:`json_number` each)."""
+    return {key: json_number(value) for key, value in interval.as_dict().items()}
 
 
 def markdown_page(markdown: str, title: str) -> str:
