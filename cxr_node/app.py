@@ -405,7 +405,8 @@ class Receiver:
 
     def start(self) -> Receiver:
         """Start accepting associations."""
-        spool_received_into(self.settings.storage.root / spool.RECEIVING)
+        storage = self.settings.storage
+        spool_received_into(storage.root / spool.RECEIVING, flush=storage.fsync)
         self.server = start_server(self.settings.node, event_handlers(self.intake), reuse_port=self.reuse_port)
         if self.settings.stow.enabled:
             try:

@@ -164,7 +164,7 @@ def _integrity(ds: Dataset, rules: TriageSettings) -> str:
 def _pixel_length(ds: Dataset, expected: int) -> str:
     if PIXEL_DATA not in ds:
         return "no pixel data"
-    element = ds.get_item(PIXEL_DATA)
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)  # a deferred value is measured, never read
     length = getattr(element, "length", None)  # a raw element read from a file, its value possibly deferred
     value = element.value
     found = len(value) if value is not None else int(length or 0)

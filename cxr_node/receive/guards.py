@@ -17,12 +17,14 @@ handler then calls :func:`admitted`, which
 
 from __future__ import annotations
 
+import os
 import struct
 import tempfile
 import threading
 import weakref
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +84,14 @@ class CappedFile:
     truncated away and later writes are counted, not written; :attr:`overflowed` tells the handler.
     """
 
-    def __init__(self, inner: IO[bytes], max_bytes: int | None) -> None:
+    def __init__(self, inner: IO[bytes], max_bytes: int | None, flusher: Flusher | None = None) -> None:
         self._inner = inner
         self._raw: IO[bytes] = getattr(inner, "file", inner)  # NamedTemporaryFile's file: no wrapper call per write
         self.max_bytes = max_bytes
         self.received = 0
         self.overflowed = False
+        self._flusher = flusher
+        self._flushed = 0
 
     @property
     def name(self) -> str:
@@ -108,7 +112,12 @@ class CappedFile:
                 self._inner.seek(0)
                 self._inner.truncate()
             return len(data)
-        return self._raw.write(data)
+        written = self._raw.write(data)
+        if self._flusher is not None and self.received - self._flushed >= FLUSH_EVERY:
+            self._raw.flush()
+            if self._flusher.flush(self.name, self._raw.fileno()):
+                self._flushed = self.received
+        return written
 
     def flush(self) -> None:
         """Flush what was written."""
@@ -123,18 +132,89 @@ class CappedFile:
         return getattr(self._inner, name)
 
 
+FLUSH_EVERY: Final = 1 << 20
+"""Bytes of a data set received between two background flushes of its spool file (:class:`Flusher`)."""
+MAX_FLUSH_ERRORS: Final = 256
+
+
+class Flusher:
+    """Flushes spool files to disk in the background while the rest of their data set still arrives.
+
+    The fsync that makes a received instance durable before Success then waits only for the data that came
+    after the last flush: on a disk where an fsync of a whole 7 MB radiograph takes 10 ms or more, that is
+    most of the time between the last byte and the answer. A flush is an ``fdatasync`` of a duplicate of the
+    file's descriptor in a small thread pool; at most one runs per file, the writer never waits for one.
+    It is only ever a head start: durability is still the intake's own fsync, and an error a background
+    flush saw is kept for :meth:`settle`, so the instance is refused rather than acknowledged (after a
+    failed flush, a later fsync through another descriptor need not report the error again).
+    """
+
+    def __init__(self, threads: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool-flush")
+        self._lock = threading.Lock()
+        self._pending: dict[str, Future[None]] = {}
+        self._failed: dict[str, OSError] = {}
+
+    def flush(self, name: str, fd: int) -> bool:
+        """Start flushing the file ``name`` (open as ``fd``) unless a flush of it is running; True if started."""
+        with self._lock:
+            running = self._pending.get(name)
+            if running is not None and not running.done():
+                return False
+            copy = os.dup(fd)
+            try:
+                started = self._pool.submit(self._sync, name, copy)
+            except RuntimeError:  # the interpreter is shutting down
+                os.close(copy)
+                return False
+            self._pending[name] = started
+        started.add_done_callback(lambda done: self._forget(name, done))
+        return True
+
+    def _forget(self, name: str, done: Future[None]) -> None:
+        """Drop a finished flush (its error, if any, stays for :meth:`settle`)."""
+        with self._lock:
+            if self._pending.get(name) is done:
+                del self._pending[name]
+
+    def _sync(self, name: str, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            with self._lock:
+                self._failed[name] = exc
+                while len(self._failed) > MAX_FLUSH_ERRORS:  # of data sets never settled (their association aborted)
+                    del self._failed[next(iter(self._failed))]
+        finally:
+            os.close(fd)
+
+    def settle(self, name: str) -> OSError | None:
+        """Wait for the file's running flush, if any; return the error a flush of it met (once), else None."""
+        with self._lock:
+            running = self._pending.pop(name, None)
+        if running is not None:
+            running.result()
+        with self._lock:
+            return self._failed.pop(name, None)
+
+
 class SpoolFiles:
     """A ``NamedTemporaryFile`` stand-in for pynetdicom: capped files in ``folder``, findable by path."""
 
-    def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, folder: Path, max_bytes: int | None = None, flush: bool = False) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
+        self.flusher = Flusher() if flush else None
         self._open: weakref.WeakValueDictionary[str, CappedFile] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> CappedFile:
         """Open a new capped temporary file (the arguments are NamedTemporaryFile's)."""
-        capped = CappedFile(tempfile.NamedTemporaryFile(*args, **{**kwargs, "dir": self.folder}), self.max_bytes)  # noqa: SIM115
+        capped = CappedFile(
+            tempfile.NamedTemporaryFile(*args, **{**kwargs, "dir": self.folder}),  # noqa: SIM115
+            self.max_bytes,
+            self.flusher,
+        )
         with self._lock:
             self._open[capped.name] = capped
         return capped
@@ -145,18 +225,23 @@ class SpoolFiles:
             capped = self._open.get(str(path))
         return capped.received if capped is not None and capped.overflowed else None
 
+    def settle(self, path: Path) -> OSError | None:
+        """Wait for a background flush of the file at ``path``; the error one met, else None."""
+        return self.flusher.settle(str(path)) if self.flusher is not None else None
 
-def install_spool(folder: Path, max_bytes: int | None = None) -> SpoolFiles:
+
+def install_spool(folder: Path, max_bytes: int | None = None, flush: bool = False) -> SpoolFiles:
     """Make pynetdicom spool received data sets into capped files in ``folder`` (process-wide, pynetdicom 3.0).
 
     With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each data set to ``dimse_messages.NamedTemporaryFile``
-    as it arrives; this replaces that name with a :class:`SpoolFiles`.
+    as it arrives; this replaces that name with a :class:`SpoolFiles`. With ``flush`` (``storage.fsync``) each
+    file is flushed to disk in the background while it arrives (:class:`Flusher`).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    spool = SpoolFiles(folder, max_bytes)
+    files = SpoolFiles(folder, max_bytes, flush)
     _config.STORE_RECV_CHUNKED_DATASET = True
-    setattr(dimse_messages, "NamedTemporaryFile", spool)  # noqa: B010
-    return spool
+    setattr(dimse_messages, "NamedTemporaryFile", files)  # noqa: B010
+    return files
 
 
 def installed_spool() -> SpoolFiles | None:
@@ -200,6 +285,9 @@ def admitted(
     received = spool.overflow(path) if spool is not None else None
     if received is not None:
         raise RejectedInstance(status.INSTANCE_TOO_LARGE, f"instance over node.max_instance_mb ({_mb(max_bytes)})")
+    failed = spool.settle(path) if spool is not None else None
+    if failed is not None:
+        raise RejectedInstance(status.OUT_OF_RESOURCES, f"cannot store: {failed.strerror or failed}")
     if UID(transfer_syntax) != DeflatedExplicitVRLittleEndian:
         scan_file(path, UID(transfer_syntax), limits)
         yield path

@@ -169,7 +169,7 @@ class NodeServer(ThreadedAssociationServer):
         return max(gate.deadline - time.monotonic(), 0.001)
 
 
-def spool_received_into(folder: Path, max_bytes: int | None = None) -> None:
+def spool_received_into(folder: Path, max_bytes: int | None = None, flush: bool = False) -> None:
     """Make pynetdicom write each incoming data set to a file in ``folder`` as it arrives.
 
     With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom streams the data set to a ``NamedTemporaryFile`` in the
@@ -177,9 +177,9 @@ def spool_received_into(folder: Path, max_bytes: int | None = None) -> None:
     inbox) lets the handler file an instance by renaming it, with no copy of it in memory. The files stop
     growing past ``max_bytes`` (:class:`~cxr_node.receive.guards.SpoolFiles`; :func:`start_server` sets it from
     ``node.max_instance_mb``). This sets process-wide state of pynetdicom 3.0 (pinned), as a receiver process
-    owns its pynetdicom.
+    owns its pynetdicom. ``flush`` starts writing each file to disk while it arrives (``storage.fsync``).
     """
-    install_spool(folder, max_bytes)
+    install_spool(folder, max_bytes, flush)
 
 
 def build_ae(node: NodeSettings) -> AE:

@@ -183,3 +183,29 @@ def test_events_are_logged_without_patient_identifiers(receiver: Receiver, chest
     skipped = next(e for e in captured if e["event"] == "store.skipped")
     assert "view position LL" in skipped["reason"]
     assert "PAT-777" not in repr(captured) and "Doe" not in repr(captured)
+
+
+def test_a_disk_error_while_receiving_is_refused_not_acknowledged(
+    receiver: Receiver, chest_cr: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 7 MB radiograph's spool file is flushed to disk while it arrives; when the disk reports an error on
+    one of those flushes the C-STORE is answered 0xA700 (the PACS retries) and nothing is recorded; once the disk
+    is well the same instance is stored."""
+    import errno
+    import os
+
+    from cxr_node.receive import guards
+
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(guards.os, "fdatasync", failing)
+    assert store_all(receiver.port, [chest_cr]) == [status.OUT_OF_RESOURCES]
+    assert receiver.store.jobs.query() == []
+    assert list((receiver.settings.storage.root / spool.RECEIVING).iterdir()) == []
+    monkeypatch.setattr(guards.os, "fdatasync", real)
+    assert store_all(receiver.port, [chest_cr]) == [status.SUCCESS]
+    [job] = receiver.store.jobs.query()
+    assert dcmread(receiver.settings.storage.root / job.path).PixelData == dcmread(chest_cr).PixelData

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -120,3 +123,21 @@ def test_site_lists_are_configurable() -> None:
     assert triage(chest(ViewPosition="LL"), rules).eligible
     assert triage(chest(BodyPartExamined="THORAX"), rules).eligible
     assert triage(chest(ViewPosition=None), rules).reason == "view position missing"
+
+
+def test_deferred_pixel_data_is_measured_not_read(tmp_path: Path) -> None:
+    """The receiver parses headers with large values deferred: triage takes the pixel data's length from the
+    header, without reading megabytes of pixels back from the file (the file may even be gone by then)."""
+    path = tmp_path / "chest.dcm"
+    ds = chest(Rows=512, Columns=512)
+    ds.PixelData = b"\x00" * (512 * 512 * 2)
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    header = dcmread(path, defer_size=1024, force=True)
+    path.unlink()
+    assert triage(header, RULES).kind == "eligible"
+    short = chest(Rows=512, Columns=512)
+    short.PixelData = b"\x00" * 1000
+    short.save_as(path, implicit_vr=False, little_endian=True)
+    header = dcmread(path, defer_size=64, force=True)
+    path.unlink()
+    assert triage(header, RULES).reason == "pixel data has 1000 bytes, 524288 expected"

@@ -515,3 +515,54 @@ def test_capped_file_stops_growing_at_its_cap(tmp_path: Path) -> None:
     capped.close()
     assert sizes == [300, 600, 900, 0, 0]
     assert (capped.received, capped.overflowed) == (1500, True)
+
+
+def test_spool_files_are_flushed_while_they_arrive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With flushing on, a data set's spool file is fdatasynced in the background every FLUSH_EVERY bytes (never
+    two flushes of one file at once), the bytes are the ones written, and settling reports no error."""
+    import os
+
+    from cxr_node.receive import guards
+
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(guards.os, "fdatasync", counting)
+    spool = SpoolFiles(tmp_path, flush=True)
+    spooled = spool(delete=False, mode="wb", suffix=".dcm")
+    piece = bytes(range(256)) * 512  # 128 KiB, as a PDV of a 128 KiB PDU
+    for _ in range(40):  # 5 MiB
+        spooled.write(piece)
+    spooled.close()
+    path = Path(spooled.name)
+    assert spool.settle(path) is None
+    assert path.read_bytes() == piece * 40
+    assert 1 <= len(synced) <= 5 and all(size >= guards.FLUSH_EVERY for size in synced)
+    assert SpoolFiles(tmp_path).settle(path) is None  # flushing off: nothing to wait for
+
+
+def test_a_failed_background_flush_refuses_the_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error a background flush met is kept and refuses the instance (0xA700, the PACS retries): after a
+    failed fdatasync the intake's own fsync through another descriptor need not report it again."""
+    import errno
+
+    from cxr_node.receive import guards
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(guards.os, "fdatasync", failing)
+    spool = SpoolFiles(tmp_path, flush=True)
+    spooled = spool(delete=False, mode="wb", suffix=".dcm")
+    spooled.write(b"\x00" * (guards.FLUSH_EVERY + 1))
+    spooled.close()
+    path = Path(spooled.name)
+    with pytest.raises(RejectedInstance) as refused, guards.admitted(path, str(ExplicitVRLittleEndian), 1 << 30, spool):
+        pass
+    assert refused.value.status == status.OUT_OF_RESOURCES
+    assert refused.value.reason == "cannot store: Input/output error"
+    assert spool.settle(path) is None  # reported once
