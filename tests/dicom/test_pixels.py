@@ -16,7 +16,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_d
 from pydicom.tag import Tag
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEG2000Lossless
 
-from cxr_node.dicom.pixels import DecodedImage, block_factor, decode, pixel_spacing_mm
+from cxr_node.dicom.pixels import DecodedImage, block_factor, block_mean, decode, pixel_spacing_mm
 from cxr_node.errors import CxrNodeError, PixelDecodeError
 
 RNG_SEED = 20240601
@@ -124,6 +124,27 @@ def test_downsampling_is_the_block_mean_of_the_full_image(rg1: Dataset, max_side
     sums = np.add.reduceat(np.add.reduceat(full, starts_r, axis=0), starts_c, axis=1)
     counts = np.outer(np.diff([*starts_r, full.shape[0]]), np.diff([*starts_c, full.shape[1]]))
     np.testing.assert_allclose(decode(rg1, max_side).pixels, sums / counts, atol=2e-6)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 5])
+def test_block_mean_sums_in_order_and_divides_by_each_block_count(factor: int) -> None:
+    """Each output is, in float32, the block's rows added top to bottom, then its columns left to right, divided by
+    the pixels the block holds: full blocks, the last row and column of partial blocks and the corner alike."""
+    rng = np.random.default_rng(factor)
+    for shape in [(1, 1), (factor, factor), (7, 16), (2 * factor + 1, 3 * factor - 1), (41, 33)]:
+        arr = rng.random(shape, dtype=np.float32)
+        expected = np.empty((-(-shape[0] // factor), -(-shape[1] // factor)), dtype=np.float32)
+        for i in range(expected.shape[0]):
+            for j in range(expected.shape[1]):
+                block = arr[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor]
+                rows = block[0].copy()
+                for row in block[1:]:
+                    rows += row
+                total = rows[0]
+                for value in rows[1:]:
+                    total = np.float32(total + value)
+                expected[i, j] = total / np.float32(block.size)
+        assert block_mean(arr, factor).tobytes() == expected.tobytes(), shape
 
 
 def test_decode_does_not_change_the_data_set(rg1: Dataset) -> None:
