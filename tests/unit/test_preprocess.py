@@ -433,3 +433,27 @@ def test_mask_outside_refuses_bad_input(call: Callable[[], object], message: str
     """A misshapen or non-bool mask, a bool image or a NaN fill is a ValueError saying so."""
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((256, 256), (1024, 1024)), ((1024, 977), (224, 214)), ((600, 500), (1024, 977)), ((3, 700), (9, 5))],
+)
+def test_banded_resampling_gives_the_same_bits_as_whole_arrays(
+    source: tuple[int, int], target: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resampling is done in cache-sized bands of the output; every value is the one the whole-array computation
+    gives, in float32 and float64, growing and shrinking."""
+    from cxr_node.imaging import resample
+
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        img = rng.random(source).astype(dtype)
+        banded = resample.resize(img, target)
+        monkeypatch.setattr(resample, "BAND_ELEMENTS", 1 << 40)
+        whole = resample.resize(img, target)
+        monkeypatch.setattr(resample, "BAND_ELEMENTS", 1)  # one output row at a time
+        rows = resample.resize(img, target)
+        monkeypatch.undo()
+        assert banded.dtype == whole.dtype == np.float32
+        assert banded.tobytes() == whole.tobytes() == rows.tobytes()
