@@ -11,13 +11,15 @@ import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Final, Literal, TypedDict, get_args
+from functools import lru_cache
+from typing import Final, Literal, TypedDict, TypeVar, get_args
 
 import highdicom as hd
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
@@ -157,17 +159,26 @@ _ROLE_DESCRIPTIONS: Final = {
 def contributing_equipment(provenance: Provenance, options: OutputOptions) -> list[hd.ContributingEquipment]:
     """The Contributing Equipment Sequence entries that name who made an output: the node (Processing
     Equipment, its own Device UID), then each algorithm (IHE AI Results' Processing Algorithm: manufacturer,
-    model name, version and a Device UID that changes when the algorithm is retrained), the ensemble first."""
+    model name, version and a Device UID that changes when the algorithm is retrained), the ensemble first.
+
+    The entries depend on the provenance and the institution alone: highdicom builds them once for each, and
+    every call returns its own copies (:func:`clone_dataset`)."""
+    return [clone_dataset(entry) for entry in _equipment_entries(provenance, options.institution_name)]
+
+
+@lru_cache(maxsize=16)
+def _equipment_entries(provenance: Provenance, institution_name: str) -> tuple[hd.ContributingEquipment, ...]:
+    """The entries :func:`contributing_equipment` copies; never handed out themselves."""
     node = hd.ContributingEquipment(
         manufacturer=provenance.manufacturer,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=NODE_MANUFACTURER,
         software_versions=provenance.software_version[:64],
-        institution_name=options.institution_name or None,
+        institution_name=institution_name or None,
         contribution_description=f"AI analysis; {provenance.intended_use}"[:1024],
     )
     node.DeviceUID = provenance.device_uid
-    return [node, *(_algorithm_equipment(provenance, algorithm) for algorithm in provenance.algorithms)]
+    return (node, *(_algorithm_equipment(provenance, algorithm) for algorithm in provenance.algorithms))
 
 
 def _algorithm_equipment(provenance: Provenance, algorithm: Algorithm) -> hd.ContributingEquipment:
@@ -189,20 +200,51 @@ def _algorithm_equipment(provenance: Provenance, algorithm: Algorithm) -> hd.Con
 
 def copy_element(element: DataElement) -> DataElement:
     """A copy of ``element`` as independent as ``copy.deepcopy`` makes it, for a fraction of the cost: values that
-    cannot change (text, numbers, bytes, UIDs) are shared, anything else (multi-values, sequences, names) is
-    deep-copied."""
+    cannot change (text, numbers, bytes, UIDs) are shared, a sequence's items are copied with
+    :func:`clone_dataset`, anything else (multi-values, names) is deep-copied."""
     if not isinstance(element, DataElement) or element.is_buffered:
         return copy.deepcopy(element)
     value = element.__dict__.get("_value")
     result = DataElement.__new__(DataElement)
     result.__dict__.update(element.__dict__)
-    if value is not None and not isinstance(value, _IMMUTABLE_VALUES):
+    if value is None or isinstance(value, _IMMUTABLE_VALUES):
+        return result
+    if type(value) is DicomSequence and value.__dict__.keys() <= _SEQUENCE_STATE:
+        copied = DicomSequence.__new__(DicomSequence)
+        copied.__dict__.update(value.__dict__)
+        copied.__dict__["_list"] = [clone_dataset(item) for item in value]
+        result.__dict__["_value"] = copied
+    else:
         result.__dict__["_value"] = copy.deepcopy(value)
     return result
 
 
 _IMMUTABLE_VALUES: Final = (str, bytes, int, float)
 """Value types an element copy may share (UID, IS, DSfloat and BaseTag derive from them)."""
+_SEQUENCE_STATE: Final = frozenset({"_list", "is_undefined_length"})
+"""The attributes of a pydicom Sequence :func:`copy_element` knows how to copy (others: ``copy.deepcopy``)."""
+
+_D = TypeVar("_D", bound=Dataset)
+
+
+def clone_dataset(dataset: _D) -> _D:
+    """A copy of ``dataset``, of its class, as independent as ``copy.deepcopy`` makes it, for a fraction of the
+    cost: each element copied with :func:`copy_element` (items in turn cloned), the other attributes shared when
+    they cannot change and deep-copied otherwise; the private block cache starts empty."""
+    result = object.__new__(type(dataset))
+    state = result.__dict__
+    for key, value in dataset.__dict__.items():
+        if key == "_dict":
+            state[key] = {tag: copy_element(element) for tag, element in value.items()}
+        elif key == "_private_blocks":
+            state[key] = {}  # the blocks name their data set; they are found again on use
+        elif value is None or isinstance(value, _IMMUTABLE_VALUES):
+            state[key] = value
+        elif type(value) is dict and all(v is None or isinstance(v, _IMMUTABLE_VALUES) for v in value.values()):
+            state[key] = dict(value)
+        else:
+            state[key] = copy.deepcopy(value)
+    return result
 
 
 def without_pixels(source: Dataset) -> Dataset:
@@ -283,24 +325,48 @@ def validate_values(dataset: Dataset) -> None:
     """Check every element's value against its VR (length, characters, format), nested sequences included.
 
     pydicom checks a value when it is assigned, and only warns by default; this checks them all again,
-    raising, just before an output is written.
+    raising, just before an output is written. Elements are visited in the order of ``Dataset.iterall``; a
+    value met again (an SR repeats its code meanings and designators many times) is checked once per call.
 
     Raises
     ------
     ValueError
         Naming the first element whose value its VR does not allow.
     """
-    for element in dataset.iterall():
-        if element.VR not in _TEXT_VRS or element.value is None:
-            continue
-        values = element.value if isinstance(element.value, (list, tuple, MultiValue)) else [element.value]
-        for value in values:
-            if value is None or not isinstance(value, (str, IS, DSfloat, DSdecimal, PersonName)):
-                continue
-            try:
-                validate_value(element.VR, str(value), pydicom.config.RAISE)
-            except ValueError as exc:
-                raise ValueError(f"{element.keyword or element.tag}: {exc}") from exc
+    _validate_tree(dataset, set())
+
+
+_CHECKED_TYPES: Final = (str, IS, DSfloat, DSdecimal, PersonName)
+
+
+def _validate_tree(dataset: Dataset, checked: set[tuple[str, str]]) -> None:
+    """Validate ``dataset`` and its items in tag order, depth first; ``checked`` holds the (VR, text) pairs passed."""
+    elements = dataset._dict
+    for tag in sorted(elements, key=int):
+        element = elements[tag]
+        if not isinstance(element, DataElement):
+            element = dataset[tag]  # converts a raw element, as iterall does
+        vr = element.VR
+        if vr == "SQ":
+            for item in element.value:
+                _validate_tree(item, checked)
+        elif vr in _TEXT_VRS:
+            value = element.value
+            if type(value) is str:  # most values: one text
+                if (vr, value) not in checked:
+                    _validate_text(element, vr, value, checked)
+            elif value is not None:
+                for one in value if isinstance(value, list | tuple | MultiValue) else (value,):
+                    if one is not None and isinstance(one, _CHECKED_TYPES) and (vr, str(one)) not in checked:
+                        _validate_text(element, vr, str(one), checked)
+
+
+def _validate_text(element: DataElement, vr: str, text: str, checked: set[tuple[str, str]]) -> None:
+    try:
+        validate_value(vr, text, pydicom.config.RAISE)
+    except ValueError as exc:
+        raise ValueError(f"{element.keyword or element.tag}: {exc}") from exc
+    checked.add((vr, text))
 
 
 def encode(dataset: Dataset) -> bytes:

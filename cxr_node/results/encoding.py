@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import struct
 from collections.abc import Callable, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import Final
 
 from pydicom.charset import convert_encodings, default_encoding, encode_string
@@ -35,12 +35,13 @@ _NUMBERS: Final = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": 
 _LONG_LENGTH: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 _LUT_DESCRIPTORS: Final = frozenset({0x00283002, 0x00281101, 0x00281102, 0x00281103})
 _PIXEL_DATA: Final = 0x7FE00010
+_GROUP_LENGTH: Final = 0x00020000
 _CHARSET: Final = BaseTag(0x00080005)
 _ITEM: Final = b"\xfe\xff\x00\xe0"
 _SEQUENCE_END: Final = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _ITEM_END: Final = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_TAG_HEAD: Final = struct.Struct("<HH2sH")
-_LONG_HEAD: Final = struct.Struct("<HH2sHL")
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<L")
 
 
 class Unsupported(Exception):
@@ -61,12 +62,12 @@ def write_explicit_le(dataset: Dataset) -> bytes | None:
     if len(preamble) != len(PREAMBLE):
         raise ValueError("'Dataset.preamble' must be 128-bytes long")
     meta = _file_meta(dataset)
-    parts: list[bytes] = [preamble, b"DICM", meta]
+    writer = _Writer([preamble, b"DICM", meta])
     try:
-        _write_dataset(dataset, _encodings((default_encoding,)), parts)
+        writer.dataset(dataset, _encodings((default_encoding,)))
     except Unsupported:
         return None
-    return b"".join(parts)
+    return b"".join(writer.parts)
 
 
 def _file_meta(dataset: Dataset) -> bytes:
@@ -83,10 +84,16 @@ def _file_meta(dataset: Dataset) -> bytes:
         if current is None or (own and own != current):
             setattr(meta, meta_keyword, own)
     validate_file_meta(meta, enforce_standard=True)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+    meta.pop(_GROUP_LENGTH, None)  # written first, with the length of what follows
+    writer = _Writer([])
+    try:
+        length = writer.dataset(meta, _encodings((default_encoding,)))
+    except Unsupported:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        return buffer.getvalue()
+    return b"".join([_head(_GROUP_LENGTH, "UL"), _U16.pack(4), _U32.pack(length), *writer.parts])
 
 
 @cache
@@ -94,19 +101,105 @@ def _encodings(charset: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(convert_encodings(list(charset)))
 
 
-def _write_dataset(dataset: Dataset, parent: tuple[str, ...], parts: list[bytes]) -> None:
-    charset_element = dataset.get_item(_CHARSET)
-    if charset_element is not None and not isinstance(charset_element, DataElement):
-        raise Unsupported("raw Specific Character Set")
-    charset = None if charset_element is None else charset_element.value
-    encodings = parent if charset is None else _encodings((charset,) if isinstance(charset, str) else tuple(charset))
-    for tag in sorted(dataset.keys()):
-        if tag.element == 0 and tag.group > 6:
-            continue  # group lengths are not written (PS3.5 7.2)
-        element = dataset.get_item(tag)
-        if not isinstance(element, DataElement) or element.is_buffered:
-            raise Unsupported(f"{tag}: raw or buffered element")
-        _write_element(element, _resolved_vr(element, dataset), encodings, parts)
+@lru_cache(maxsize=4096)
+def _head(tag: int, vr: str) -> bytes:
+    """The element's tag and VR as written (its length follows: 2 bytes, or 2 reserved and 4 for a long VR)."""
+    return struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode()) + (b"\0\0" if vr in _LONG_LENGTH else b"")
+
+
+class _Writer:
+    """One data set's bytes, collected in ``parts``. The bytes of an element with a text value depend on its tag, VR,
+    text and character set alone: they are kept for the rest of the call (an SR repeats its code values, meanings,
+    designators and relationships many times), never beyond it."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.texts: dict[tuple[int, str, str, tuple[str, ...]], bytes] = {}
+
+    def dataset(self, dataset: Dataset, parent: tuple[str, ...]) -> int:
+        """Append the elements of ``dataset`` in tag order; return the number of bytes appended."""
+        elements = dataset._dict
+        charset_element = elements.get(_CHARSET)
+        if charset_element is not None and not isinstance(charset_element, DataElement):
+            raise Unsupported("raw Specific Character Set")
+        charset = None if charset_element is None else charset_element.value
+        encodings = (
+            parent if charset is None else _encodings((charset,) if isinstance(charset, str) else tuple(charset))
+        )
+        written = 0
+        for tag in sorted(elements, key=int):
+            if not tag & 0xFFFF and tag > 0x6FFFF:
+                continue  # group lengths are not written (PS3.5 7.2)
+            element = elements[tag]
+            if not isinstance(element, DataElement):
+                raise Unsupported(f"{tag}: raw element")
+            vr = element.VR
+            if vr == "SQ":
+                written += self.sequence(element, encodings)
+            else:
+                written += self.element(element, vr if vr != "OB or OW" else _resolved_vr(element, dataset), encodings)
+        return written
+
+    def element(self, element: DataElement, vr: str, encodings: tuple[str, ...]) -> int:
+        """Append one (non-sequence) element; return the number of bytes appended."""
+        tag = int(element.tag)
+        if element.is_undefined_length and tag != _PIXEL_DATA:
+            raise Unsupported(f"{element.tag}: undefined length")
+        value = element.value
+        if isinstance(value, str):
+            key = (tag, vr, value, encodings)
+            encoded = self.texts.get(key)
+            if encoded is None:
+                encoded = self.texts[key] = b"".join(_element_bytes(element, tag, vr, value, encodings))
+            self.parts.append(encoded)
+            return len(encoded)
+        if not isinstance(value, bytes) and element.is_buffered:
+            raise Unsupported(f"{element.tag}: buffered element")
+        if vr in _BINARY_VRS and type(value) is bytes and len(value) % 2:
+            head = _head(tag, vr) + _U32.pack(len(value) + 1)
+            self.parts += (head, value, b"\0")  # large: the value is not copied to be padded
+            return len(head) + len(value) + 1
+        head, data = _element_bytes(element, tag, vr, value, encodings)
+        self.parts += (head, data)
+        return len(head) + len(data)
+
+    def sequence(self, element: DataElement, encodings: tuple[str, ...]) -> int:
+        """Append a sequence, its items of defined or undefined length; return the number of bytes appended."""
+        tag = element.tag
+        undefined = element.is_undefined_length
+        parts = self.parts
+        head = len(parts)
+        parts.append(b"")  # the header, once the length is known
+        length = 0
+        for item in element.value or ():
+            item_head = len(parts)
+            parts.append(b"")
+            item_length = self.dataset(item, encodings)
+            if getattr(item, "is_undefined_length_sequence_item", False):
+                parts[item_head] = _ITEM + b"\xff\xff\xff\xff"
+                parts.append(_ITEM_END)
+                length += item_length + 16
+            else:
+                parts[item_head] = _ITEM + _U32.pack(item_length)
+                length += item_length + 8
+        parts[head] = _head(int(tag), "SQ") + _U32.pack(0xFFFFFFFF if undefined else length)
+        if undefined:
+            parts.append(_SEQUENCE_END)
+            length += len(_SEQUENCE_END)
+        return length + 12
+
+
+def _element_bytes(
+    element: DataElement, tag: int, vr: str, value: object, encodings: tuple[str, ...]
+) -> tuple[bytes, bytes]:
+    """An element's header (tag, VR, length) and value bytes."""
+    data = b"" if _is_empty(value) else _value_bytes(vr, element, encodings)
+    length = len(data)
+    if vr in _LONG_LENGTH:
+        return _head(tag, vr) + _U32.pack(length), data
+    if length > 0xFFFF:
+        raise Unsupported(f"{element.tag}: value too long for a 16-bit length")
+    return _head(tag, vr) + _U16.pack(length), data
 
 
 def _resolved_vr(element: DataElement, dataset: Dataset) -> str:
@@ -117,43 +210,6 @@ def _resolved_vr(element: DataElement, dataset: Dataset) -> str:
     if dataset.original_encoding[0]:
         return "OW"
     return "OW" if int(dataset.BitsAllocated) > 8 else "OB"
-
-
-def _write_element(element: DataElement, vr: str, encodings: tuple[str, ...], parts: list[bytes]) -> None:
-    tag = element.tag
-    if vr == "SQ":
-        _write_sequence(element, encodings, parts)
-        return
-    if element.is_undefined_length and tag != _PIXEL_DATA:
-        raise Unsupported(f"{tag}: undefined length")
-    value = b"" if _is_empty(element.value) else _value_bytes(vr, element, encodings)
-    if vr in _LONG_LENGTH:
-        parts.append(_LONG_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)))
-    elif len(value) > 0xFFFF:
-        raise Unsupported(f"{tag}: value too long for a 16-bit length")
-    else:
-        parts.append(_TAG_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode(), len(value)))
-    parts.append(value)
-
-
-def _write_sequence(element: DataElement, encodings: tuple[str, ...], parts: list[bytes]) -> None:
-    tag = element.tag
-    undefined = element.is_undefined_length
-    head = len(parts)
-    parts.append(b"")  # the header, once the length is known
-    for item in element.value or ():
-        item_head = len(parts)
-        parts.append(b"")
-        _write_dataset(item, encodings, parts)
-        if getattr(item, "is_undefined_length_sequence_item", False):
-            parts[item_head] = _ITEM + b"\xff\xff\xff\xff"
-            parts.append(_ITEM_END)
-        else:
-            parts[item_head] = _ITEM + struct.pack("<L", sum(map(len, parts[item_head + 1 :])))
-    length = 0xFFFFFFFF if undefined else sum(map(len, parts[head + 1 :]))
-    parts[head] = _LONG_HEAD.pack(tag >> 16, tag & 0xFFFF, b"SQ", 0, length)
-    if undefined:
-        parts.append(_SEQUENCE_END)
 
 
 def _is_empty(value: object) -> bool:

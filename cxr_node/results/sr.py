@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Final
 
 import highdicom.sr as hsr
@@ -138,8 +139,48 @@ def _library(source: Dataset) -> list[Dataset]:
     """The Image Library (TID 1600) of the one image analysed: highdicom's entry when it can describe the image,
     else the entry with the descriptors the image has (:func:`partial_library`)."""
     if not library_ready(source):
-        return [partial_library(source)]
+        return [_partial_library(source)]
     return list(hsr.ImageLibrary([usable_evidence(source)]))
+
+
+def _partial_library(source: Dataset) -> Dataset:
+    """:func:`partial_library`, written directly (:mod:`~cxr_node.results.sr_content`); the tests hold the two equal."""
+    acquisition = item.HAS_ACQ_CONTEXT
+    descriptors = [
+        item.code(dcm_codes.DCM.Modality, coded_modality(str(source.SOPClassUID)), acquisition),
+        item.num(dcm_codes.DCM.PixelDataRows, _number(source.Rows), _PIXELS, acquisition),
+        item.num(dcm_codes.DCM.PixelDataColumns, _number(source.Columns), _PIXELS, acquisition),
+    ]
+    orientation = source.get("PatientOrientation")
+    if orientation and len(orientation) == 2 and all(orientation):
+        descriptors += [
+            item.text(dcm_codes.DCM.PatientOrientationRow, str(orientation[0]), acquisition),
+            item.text(dcm_codes.DCM.PatientOrientationColumn, str(orientation[1]), acquisition),
+        ]
+    spacing = source.get("ImagerPixelSpacing")
+    if spacing and len(spacing) == 2 and _valid_spacing(spacing):
+        mm = dcm_codes.UCUM.Millimeter
+        descriptors += [
+            item.num(dcm_codes.DCM.HorizontalPixelSpacing, _number(spacing[1]), mm, acquisition),
+            item.num(dcm_codes.DCM.VerticalPixelSpacing, _number(spacing[0]), mm, acquisition),
+        ]
+    entry = item.image(dcm_codes.SCT.Source, str(source.SOPClassUID), str(source.SOPInstanceUID), item.CONTAINS)
+    group = item.container(dcm_codes.DCM.ImageLibraryGroup, item.CONTAINS, [item.with_children(entry, descriptors)])
+    return item.container(dcm_codes.DCM.ImageLibrary, item.CONTAINS, [group])
+
+
+def _number(value: object) -> float:
+    """A descriptor's value, refused as highdicom's NUM item refuses it (neither int nor float: TypeError)."""
+    if not isinstance(value, int | float):
+        raise TypeError('Argument "value" must have type "int" or "float".')
+    return value
+
+
+@lru_cache(maxsize=64)
+def coded_modality(sop_class_uid: str) -> Code:
+    """The acquisition modality (CID 29) highdicom's library entries give an image of ``sop_class_uid`` (ValueError
+    for a class that is not an image's)."""
+    return _get_coded_modality(sop_class_uid)
 
 
 _PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
@@ -148,7 +189,8 @@ _PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
 def partial_library(source: Dataset) -> hsr.ContainerContentItem:
     """The Image Library (TID 1600) of an image highdicom cannot describe in full (real CRs often lack Patient
     Orientation or a valid Imager Pixel Spacing): its reference, modality and matrix (TID 1602), and the
-    orientation and spacing (TID 1603) only where the image has sound values."""
+    orientation and spacing (TID 1603) only where the image has sound values. Built with highdicom's content
+    items for the reference builder; :func:`build_sr` writes the same entry directly."""
     acquisition = hsr.RelationshipTypeValues.HAS_ACQ_CONTEXT
     descriptors: list[hsr.ContentItem] = [
         hsr.CodeContentItem(dcm_codes.DCM.Modality, _get_coded_modality(source.SOPClassUID), acquisition),

@@ -11,8 +11,9 @@ element by element, to what highdicom builds (:mod:`cxr_node.results.sr_referenc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache, partial
+from typing import Final, TypeVar
 
 import numpy as np
 from pydicom import config
@@ -29,10 +30,12 @@ CONTAINS: Final = "CONTAINS"
 HAS_OBS_CONTEXT: Final = "HAS OBS CONTEXT"
 HAS_CONCEPT_MOD: Final = "HAS CONCEPT MOD"
 SELECTED_FROM: Final = "SELECTED FROM"
+HAS_ACQ_CONTEXT: Final = "HAS ACQ CONTEXT"
 
 _LANGUAGE: Final = Code("en-US", "RFC5646", "English (United States)")
 _SOURCE: Final = Code("260753009", "SCT", "Source")
 _DCM = dcm_codes.DCM
+_T = TypeVar("_T")
 IMAGE_REGION, TRACKING_IDENTIFIER, TRACKING_UID = (
     _DCM.ImageRegion,
     _DCM.TrackingIdentifier,
@@ -69,44 +72,96 @@ _GRAPHIC_DATA, _GRAPHIC_TYPE = 0x00700022, 0x00700023
 
 def element(tag: int, vr: str, value: object) -> DataElement:
     """One element; a text value is stored as it is, as pydicom would store it (texts here hold no backslash), a
-    UID as a pydicom ``UID``, anything else converted by pydicom."""
+    UID as a pydicom ``UID``, a sequence as it is, anything else converted by pydicom."""
     if isinstance(value, str):
-        stored = UID(value) if vr == "UI" else value
-        return DataElement(BaseTag(tag), vr, stored, already_converted=True, validation_mode=config.IGNORE)
+        return _ready(BaseTag(tag), vr, UID(value) if vr == "UI" else value)
+    if vr == "SQ" and isinstance(value, DicomSequence):
+        return _ready(BaseTag(tag), vr, value, config.settings.reading_validation_mode)
     return DataElement(BaseTag(tag), vr, value)
+
+
+def _ready(tag: BaseTag, vr: str, value: object, mode: int = config.IGNORE) -> DataElement:
+    """The element ``DataElement(tag, vr, value, already_converted=True, validation_mode=mode)`` makes, without
+    its constructor's per-attribute work (the value needs no conversion: a text, a UID or a Sequence)."""
+    made = _new_element()
+    made.__dict__.update(_ELEMENT_STATE, tag=tag, VR=vr, _value=value, validation_mode=mode)
+    return made
+
+
+def _blank(cls: type[_T]) -> Callable[[], _T]:
+    return partial(object.__new__, cls)
+
+
+_ELEMENT_STATE: Final = DataElement(BaseTag(0), "CS", "", already_converted=True).__dict__.copy()
+"""What ``DataElement.__init__`` sets on an element, to be completed with its tag, VR, value and mode."""
+_new_element: Final = _blank(DataElement)
+_DATASET_STATE: Final = Dataset().__dict__.copy()
+"""What ``Dataset.__init__`` sets on a data set; its containers are made anew for each data set."""
+_DATASET_CONTAINERS: Final = tuple(key for key, value in _DATASET_STATE.items() if isinstance(value, dict | list))
+_new_dataset: Final = _blank(Dataset)
+_new_sequence: Final = _blank(DicomSequence)
 
 
 def dataset(*elements: tuple[int, str, object]) -> Dataset:
     """A data set of ``(tag, VR, value)`` elements."""
-    made = [element(tag, vr, value) for tag, vr, value in elements]
-    return Dataset({made_element.tag: made_element for made_element in made})
+    made: dict[BaseTag, DataElement] = {}
+    for tag, vr, value in elements:
+        one = element(tag, vr, value)
+        made[one.tag] = one
+    return of_elements(made)
+
+
+def of_elements(elements: dict[BaseTag, DataElement]) -> Dataset:
+    """The data set ``Dataset(elements)`` makes, without its constructor's validated attribute assignments.
+
+    Only for elements made here: no private tags, no Pixel Data and no Pixel Representation, nothing the
+    assignment of an element to a data set would have to act upon.
+    """
+    made = _new_dataset()
+    state = made.__dict__
+    state.update(_DATASET_STATE)
+    for key in _DATASET_CONTAINERS:
+        state[key] = state[key].copy()
+    state["_dict"] = elements
+    return made
+
+
+def add(parent: Dataset, child: DataElement) -> None:
+    """Add ``child`` to ``parent``, a data set made here (:func:`of_elements`)."""
+    parent._dict[child.tag] = child
 
 
 def sequence(items: Iterable[Dataset]) -> DicomSequence:
     """A pydicom Sequence of ``items``."""
-    return DicomSequence(list(items))
+    made = _new_sequence()
+    made.__dict__["_list"] = list(items)
+    return made
 
 
-def coded(code: Code) -> Dataset:
-    """A Code Sequence item (the Basic Code Sequence macro), as highdicom's ``CodedConcept``."""
-    value = str(code.value)
+@lru_cache(maxsize=1024)
+def _code_elements(value: str, scheme: str, meaning: str, version: str | None) -> tuple[tuple[int, str, str], ...]:
+    """The ``(tag, VR, value)`` elements of a code, as highdicom's ``CodedConcept`` writes them."""
     if len(value) > 16:
         value_tag = (_URN_CODE_VALUE, "UR") if value.startswith("urn") or "://" in value else (_LONG_CODE_VALUE, "UC")
     else:
         value_tag = (_CODE_VALUE, "SH")
+    found = ((*value_tag, value), (_MEANING, "LO", meaning), (_SCHEME, "SH", scheme))
+    return found if version is None else (*found, (_SCHEME_VERSION, "SH", version))
+
+
+def coded(code: Code) -> Dataset:
+    """A Code Sequence item (the Basic Code Sequence macro), as highdicom's ``CodedConcept``."""
     if len(code.meaning) > 64:
         raise ValueError("Code meaning can have maximally 64 characters.")
-    ds = dataset((*value_tag, value), (_MEANING, "LO", str(code.meaning)), (_SCHEME, "SH", str(code.scheme_designator)))
-    if code.scheme_version is not None:
-        ds.add(element(_SCHEME_VERSION, "SH", str(code.scheme_version)))
-    return ds
+    version = None if code.scheme_version is None else str(code.scheme_version)
+    return dataset(*_code_elements(str(code.value), str(code.scheme_designator), str(code.meaning), version))
 
 
 def item(value_type: str, name: Code, relationship: str | None, *elements: tuple[int, str, object]) -> Dataset:
     """A content item: value type, concept name, relationship (None for the root) and its value elements."""
     ds = dataset((_VALUE_TYPE, "CS", value_type), (_CONCEPT_NAME, "SQ", sequence([coded(name)])), *elements)
     if relationship is not None:
-        ds.add(element(_RELATIONSHIP, "CS", relationship))
+        add(ds, element(_RELATIONSHIP, "CS", relationship))
     return ds
 
 
@@ -114,7 +169,7 @@ def with_children(parent: Dataset, children: Iterable[Dataset]) -> Dataset:
     """``parent`` with ``children`` as its Content Sequence (none when there are no children)."""
     found = list(children)
     if found:
-        parent.add(element(_CONTENT, "SQ", sequence(found)))
+        add(parent, element(_CONTENT, "SQ", sequence(found)))
     return parent
 
 
@@ -142,7 +197,7 @@ def num(name: Code, value: float, unit: Code, relationship: str = CONTAINS) -> D
     """A NUM item; the value both as a decimal string and, for a float, as a floating point value."""
     measured = dataset((_UNITS, "SQ", sequence([coded(unit)])), (_NUMERIC_VALUE, "DS", DS(value, auto_format=True)))
     if isinstance(value, float):
-        measured.add(element(_FLOAT, "FD", value))
+        add(measured, element(_FLOAT, "FD", value))
     return item("NUM", name, relationship, (_MEASURED_VALUE, "SQ", sequence([measured])))
 
 
@@ -153,7 +208,7 @@ def container(
     ds = item("CONTAINER", name, relationship, (_CONTINUITY, "CS", "CONTINUOUS"))
     if template is not None:
         templates = dataset((_MAPPING_RESOURCE, "CS", "DCMR"), (_TEMPLATE_IDENTIFIER, "CS", template))
-        ds.add(element(_TEMPLATE, "SQ", sequence([templates])))
+        add(ds, element(_TEMPLATE, "SQ", sequence([templates])))
     return with_children(ds, children)
 
 

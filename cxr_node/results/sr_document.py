@@ -27,17 +27,15 @@ from highdicom._standard_utils import (  # the standard's IOD tables highdicom c
 from highdicom.valuerep import _check_specific_character_set  # the same check highdicom makes
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+from pydicom.uid import ComprehensiveSRStorage
 from pydicom.valuerep import DA, TM
 
+from cxr_node.results.as_highdicom import acquisition_equipment, file_meta
 from cxr_node.results.common import Identity, copy_element
 from cxr_node.results.sr_content import dataset, sequence
 
-HIGHDICOM_IMPLEMENTATION_CLASS_UID: Final = "1.2.826.0.1.3680043.9.7433.1.1"
 _BASE_PATIENT_STUDY: Final = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime",
@@ -69,7 +67,7 @@ def comprehensive_sr(
         getattr(evidence, keyword)  # highdicom reads each; a missing one fails the same way
     sr = Dataset()
     sr.preamble = b"\x00" * 128
-    sr.file_meta = _file_meta(ids.sop_instance_uid)
+    sr.file_meta = file_meta(ComprehensiveSRStorage, ids.sop_instance_uid)
     clock = now()
     _patient_and_study(evidence, sr)
     _series_and_instance(sr, evidence, ids, manufacturer, clock)
@@ -80,22 +78,6 @@ def comprehensive_sr(
     sr.add(DataElement(0x00081111, "SQ", sequence([])))  # Referenced Performed Procedure Step Sequence
     sr.add(DataElement(0x0018A001, "SQ", sequence(_equipment(evidence, contributing))))
     return sr
-
-
-def _file_meta(sop_instance_uid: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.add(DataElement(0x00020001, "OB", b"\x00\x01"))
-    meta.add(DataElement(0x00020002, "UI", ComprehensiveSRStorage))
-    meta.add(DataElement(0x00020003, "UI", sop_instance_uid))
-    meta.add(DataElement(0x00020010, "UI", ExplicitVRLittleEndian))
-    meta.add(DataElement(0x00020012, "UI", HIGHDICOM_IMPLEMENTATION_CLASS_UID))
-    meta.add(DataElement(0x00020013, "SH", f"highdicom{hd.__version__}"))
-    with DicomBytesIO() as buffer:
-        buffer.is_little_endian, buffer.is_implicit_VR = True, False
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        length = len(buffer.getvalue())
-    meta.add(DataElement(0x00020000, "UL", length))
-    return meta
 
 
 def _series_and_instance(
@@ -180,5 +162,5 @@ def _equipment(evidence: Dataset, contributing: Sequence[hd.ContributingEquipmen
     """The source's acquisition equipment (when highdicom can describe it), the node's entries, then highdicom."""
     items: list[Dataset] = []
     with contextlib.suppress(Exception):  # highdicom leaves the acquisition entry out on any failure
-        items.append(hd.ContributingEquipment.for_image_acquisition(evidence))
+        items.append(acquisition_equipment(evidence))
     return [*items, *contributing, hd.ContributingEquipment.for_highdicom()]

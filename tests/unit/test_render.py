@@ -386,3 +386,96 @@ def test_heat_blend_is_the_table_look_up_per_pixel() -> None:
     render._heat_composite(image, heat, mask, out)
     level = np.where(mask, np.rint(heat * np.float32(255)).astype(np.int64), 0)
     assert np.array_equal(out, render._BLEND[level * 256 + image])
+
+
+# ------------------------------------------------------------------------------------------ same pixels, less work
+
+
+def plain_overlay(image: np.ndarray, mask: np.ndarray | None, heat: np.ndarray | None, banner: Banner) -> np.ndarray:
+    """The overlay composed the straightforward way: every pixel blended or greyed, the contour of the whole
+    mask, the band drawn row by row in place (what the faster paths of :func:`render_overlay` must equal)."""
+    height, width = image.shape
+    layout = layout_banner(banner, width, height)
+    picture = np.repeat(image[:, :, None], 3, axis=2)
+    if mask is not None and heat is not None:
+        level = np.where(mask, np.rint(heat * np.float32(255)).astype(np.int64), 0)
+        picture = render._BLEND[level * 256 + image]
+    if mask is not None:
+        picture[lung_contour(mask, contour_thickness(height))] = CONTOUR_RGB
+    render._draw_tag(picture)
+    band = np.empty((layout.height, width, 3), dtype=np.uint8)
+    band[...] = BANNER_RGB
+    band[: layout.rule_px] = ALERT_RGB if banner.alert else render.RULE_RGB
+    title = ALERT_RGB if banner.alert else render.TITLE_RGB
+    styled = [(row, title if row.bold else render.TEXT_RGB) for row in layout.rows]
+    return np.concatenate([picture, render._draw_rows_in_place(band, styled)])
+
+
+def _masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Lungs, lungs cut by each edge, one pixel, a corner, all and nothing, and noise."""
+    lungs = ellipses(shape)
+    single, corner = np.zeros(shape, bool), np.zeros(shape, bool)
+    single[shape[0] // 2, shape[1] // 3] = True
+    corner[-5:, -3:] = True
+    return {
+        "lungs": lungs,
+        "cut at the top": np.roll(lungs, -shape[0] // 3, axis=0) & (np.arange(shape[0]) < shape[0] // 2)[:, None],
+        "cut at the left and right": np.roll(lungs, shape[1] // 4, axis=1) | np.roll(lungs, -shape[1] // 4, axis=1),
+        "one pixel": single,
+        "bottom-right corner": corner,
+        "everything": np.ones(shape, bool),
+        "nothing": np.zeros(shape, bool),
+        "noise": RNG.random(shape) > 0.6,
+    }
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (64, 64), (1100, 1000)])
+@pytest.mark.parametrize("heated", [True, False])
+def test_render_equals_the_plain_composition(shape: tuple[int, int], heated: bool) -> None:
+    """Blending only inside the lungs' box, the contour of that box and the band filled by rows give the same
+    bytes as composing every pixel of the whole picture, for masks anywhere in the image."""
+    image = grey(shape)
+    heat = RNG.random(shape, dtype=np.float32) if heated else None
+    for name, mask in _masks(shape).items():
+        for banner in (BANNER, Banner("AI RESULT", LONG_LINES, alert=False)):
+            expected = plain_overlay(image, mask, heat, banner)
+            assert np.array_equal(render_overlay(image, mask, heat, banner), expected), name
+    assert np.array_equal(render_overlay(image, None, None, BANNER), plain_overlay(image, None, None, BANNER))
+
+
+WORDS = ("p", "=", "0.87", "COVID-19", "similar", "cases:", "C0000041", "non-covid;", "WWW", "iii", "(operating", "f.")
+
+
+@pytest.mark.parametrize("width", [80, 200, 420, 900])
+def test_a_paragraph_that_fits_whole_wraps_as_the_greedy_loop_would(width: int) -> None:
+    """Measuring a paragraph once when it fits gives the rows the word-by-word greedy loop gives (the ink of a
+    row only widens as text is added on its right), for many random paragraphs and fonts."""
+    for size, stroke in ((10, 0), (31, 0), (45, render._stroke(45))):
+        font = render._font(size)
+
+        def fits(row: str, first: bool, font: Any = font, stroke: int = stroke, indent: int = size) -> bool:
+            return render._ink_right(font, row, stroke) <= width - (0 if first else indent)
+
+        for _ in range(60):
+            words = RNG.choice(WORDS, size=int(RNG.integers(1, 9)))
+            paragraph = "".join(f"{word}{' ' * int(RNG.integers(1, 4))}" for word in words).strip()
+            refused: list[str] = []
+
+            def greedy(row: str, first: bool, fits: Any = fits, refused: list[str] = refused) -> bool:
+                if not refused:  # refuse the whole paragraph once, so the word-by-word loop runs
+                    refused.append(row)
+                    return False
+                return bool(fits(row, first))
+
+            assert render._wrap_paragraph(paragraph, fits) == render._wrap_paragraph(paragraph, greedy), paragraph
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_and_heat_are_refused(bad: float) -> None:
+    """A NaN or an infinity anywhere in the image to window or in the heatmap is refused, naming the array."""
+    pixels = np.zeros(S, np.float32)
+    pixels[5, 7] = bad
+    with pytest.raises(ValueError, match="pixels: expected finite values"):
+        window_to_uint8(pixels)
+    with pytest.raises(ValueError, match="heatmap: expected finite values"):
+        render_overlay(GOOD["image"], GOOD["lung_mask"], pixels, BANNER)
