@@ -238,7 +238,7 @@ class Ensemble:
             found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
             raise ValueError(f"images must be a float32 (N, S, S) numpy array; found {found}")
         grey = torch.from_numpy(np.ascontiguousarray(images))[:, None].expand(-1, 3, -1, -1)
-        return (grey - self.mean) / self.std
+        return (grey - self.mean).div_(self.std)  # the difference is new: divided in place
 
     def forward(self, batch: torch.Tensor) -> EnsembleOutput:
         """Run every member on ``batch`` ``(N, 3, S, S)`` (normalised) and combine their outputs.

@@ -97,38 +97,49 @@ def image_statistics(image: np.ndarray, mask: np.ndarray) -> _F64:
     small = resize(np.asarray(image, dtype=np.float32), (STAT_GRID, STAT_GRID)).astype(np.float64)
     inside = resize(mask.astype(np.float32), (STAT_GRID, STAT_GRID)) > 0.5
     outside = ~inside
-    rough = np.abs(_box(small, 1) - _box(small, 4))
-    lung = small[inside] if inside.sum() >= _MIN_PIXELS else small.ravel()
-    rest = small[outside] if outside.sum() >= _MIN_PIXELS else small.ravel()
+    rough = _box(small, 1)
+    rough -= _box(small, 4)
+    np.abs(rough, out=rough)
+    lung, lung_rough = _masked(small, rough, inside)
+    rest, rest_rough = _masked(small, rough, outside)
     p05, p95 = np.percentile(lung, [5, 95])
     return np.array(
-        [
-            inside.mean(),
-            lung.mean(),
-            lung.std(),
-            p05,
-            p95,
-            rest.mean(),
-            rest.std(),
-            _masked_mean(rough, inside),
-            _masked_mean(rough, outside),
-        ],
+        [inside.mean(), lung.mean(), lung.std(), p05, p95, rest.mean(), rest.std(), lung_rough, rest_rough],
         dtype=np.float64,
     )
 
 
+def _masked(small: _F64, rough: _F64, where: NDArray[np.bool_]) -> tuple[_F64, float]:
+    """The grid values where ``where`` holds and the mean texture there (everything when under _MIN_PIXELS)."""
+    if np.count_nonzero(where) >= _MIN_PIXELS:
+        return small[where], float(rough[where].mean())
+    return small.ravel(), float(rough.mean())
+
+
 def _box(image: _F64, radius: int) -> _F64:
-    """The (2 radius + 1)-square box mean of ``image`` (edges repeated), by summed-area table."""
+    """The (2 radius + 1)-square box mean of ``image`` (edges repeated), by summed-area table.
+
+    The table is built in place: a zero first row and column, then ``image`` with ``radius`` edge copies on
+    each side (what ``np.pad(np.pad(image, radius, mode="edge"), ((1, 0), (1, 0)))`` makes), summed along rows,
+    then columns.
+    """
     side = 2 * radius + 1
-    padded = np.pad(np.pad(image, radius, mode="edge"), ((1, 0), (1, 0)))
-    table = padded.cumsum(axis=0).cumsum(axis=1)
     rows, cols = image.shape
-    total = table[side:, side:] - table[:rows, side:] - table[side:, :cols] + table[:rows, :cols]
-    return np.asarray(total, dtype=np.float64) / side**2
-
-
-def _masked_mean(values: _F64, where: NDArray[np.bool_]) -> float:
-    return float(values[where].mean()) if where.sum() >= _MIN_PIXELS else float(values.mean())
+    table = np.zeros((rows + side, cols + side), dtype=np.float64)
+    padded = table[1:, 1:]
+    middle = slice(radius, radius + cols)
+    padded[radius : radius + rows, middle] = image
+    padded[:radius, middle] = image[0]
+    padded[radius + rows :, middle] = image[-1]
+    padded[:, :radius] = padded[:, radius : radius + 1]
+    padded[:, radius + cols :] = padded[:, radius + cols - 1 : radius + cols]
+    np.cumsum(table, axis=0, out=table)
+    np.cumsum(table, axis=1, out=table)
+    total = table[side:, side:] - table[:rows, side:]
+    total -= table[side:, :cols]
+    total += table[:rows, :cols]
+    total /= side**2
+    return total
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ class Engine:
         """Return each normalised image's lung mask, (H, W) bool on its own grid."""
         size = self.segmenter.input_size
         fitted = [preprocess.fit(image, size) for image in normalised]
-        batch = np.stack([canvas for canvas, _ in fitted]).astype(np.float32)
+        batch = np.stack([canvas for canvas, _ in fitted]).astype(np.float32, copy=False)
         probabilities = self.segmenter.probabilities(np.clip(batch, 0.0, 1.0))
         return [
             preprocess.unfit(p, fit) > self.segmenter.threshold
@@ -179,7 +179,8 @@ class Engine:
         if not normalised:
             return []
         fitted = [self._region(image, mask) for image, mask in zip(normalised, masks, strict=True)]
-        output = self.ensemble(self.ensemble.prepare(np.stack([canvas for canvas, _ in fitted]).astype(np.float32)))
+        canvases = np.stack([canvas for canvas, _ in fitted]).astype(np.float32, copy=False)
+        output = self.ensemble(self.ensemble.prepare(canvases))
         found = [self._analysed(output, k, fitted[k][1], masks[k], qualities[k]) for k in range(len(normalised))]
         return [self._scored(a, image) for a, image in zip(found, normalised, strict=True)]
 
@@ -194,12 +195,12 @@ class Engine:
     def _region(self, image: np.ndarray, mask: NDArray[np.bool_]) -> tuple[np.ndarray, _Region]:
         """Return the classifier canvas for one image and where it came from, per the manifest's region."""
         how = self.manifest.classifier.region
-        if "mask" in how:
-            image = preprocess.mask_outside(image, mask)
-        if "crop" in how:
+        if "crop" in how:  # crop first, then mask only the crop: the same pixels as masking the whole image
             crop, box = preprocess.crop_to_mask(image, mask, CROP_MARGIN)
         else:
             crop, box = image, preprocess.Box(0, image.shape[0], 0, image.shape[1], source_shape=image.shape)
+        if "mask" in how:  # a new C-ordered array: no further copy below
+            crop = preprocess.mask_outside(crop, mask[box.slices])
         canvas, fit = preprocess.fit(np.ascontiguousarray(crop, dtype=np.float32), self.manifest.classifier.input_size)
         return canvas, _Region(box, fit)
 

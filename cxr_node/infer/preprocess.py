@@ -19,6 +19,8 @@ __all__ = ["Box", "Fit", "Order", "crop_to_mask", "fit", "mask_outside", "normal
 
 SAMPLE_PIXELS: Final = 1 << 18
 """Percentiles are computed on a regular subsample of about this many pixels (exact below it)."""
+_SELECT_MIN_PIXELS: Final = 1 << 12
+"""Below this many sample pixels :func:`numpy.percentile` is used as it is (its cost is then negligible)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def normalise(img: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarr
     check_finite("img", img)
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"low and high must satisfy 0 <= low < high <= 100; found low={low!r}, high={high!r}")
-    lo, hi = np.percentile(_subsample(img), [low, high])
+    lo, hi = _percentiles(_subsample(img), low, high)
     if not hi > lo:
         return np.zeros(img.shape, dtype=np.float32)
     out = np.asarray(img, dtype=np.float32) - np.float32(lo)
@@ -243,8 +245,9 @@ def mask_outside(img: np.ndarray, mask: np.ndarray, fill: float = 0.0) -> np.nda
     check_array("mask", mask, "b", "a bool array", shape=img.shape)
     if not math.isfinite(fill):
         raise ValueError(f"fill must be a finite number; found {fill!r}")
-    out = img.copy()
-    out[~mask] = fill
+    out = np.empty(img.shape, dtype=img.dtype)  # C order, as img.copy() gave
+    out[...] = fill  # the scalar cast to img's dtype as an assignment casts it
+    np.copyto(out, img, where=mask)
     return out
 
 
@@ -256,6 +259,52 @@ def _subsample(img: np.ndarray) -> np.ndarray:
     """
     stride = max(1, math.ceil(math.sqrt(img.size / SAMPLE_PIXELS)))
     return img[::stride, ::stride]
+
+
+def _percentiles(sample: np.ndarray, low: float, high: float) -> tuple[np.floating, np.floating]:
+    """Return ``np.percentile(sample, [low, high])`` (method "linear"), bit for bit, selecting ranks one at a time.
+
+    numpy partitions at six ranks at once (the minimum, the maximum and each percentile's two neighbours), and
+    its multi-rank select costs 2.2 ms on a 225,000-pixel sample; selecting the upper rank, then the lower rank
+    among what lies below it (each neighbour is the minimum of what lies above its rank) costs 0.8 ms. The
+    interpolation is numpy's, on the same values. Small samples, close or end percentiles and a selected zero
+    where the sample holds -0.0 go to :func:`numpy.percentile` itself.
+    """
+    count = sample.size
+    virtual = (count - 1) * np.true_divide([low, high], 100)
+    below = np.floor(virtual).astype(np.intp)
+    k_lo, k_hi = int(below[0]), int(below[1])
+    if count >= _SELECT_MIN_PIXELS and 0 <= k_lo < k_hi < count - 1:
+        selected = _select(sample, k_lo, k_hi)
+        if selected is not None:
+            lo, hi = _lerp(*selected, virtual - below)
+            return lo, hi
+    lo, hi = np.percentile(sample, [low, high])
+    return lo, hi
+
+
+def _select(sample: np.ndarray, k_lo: int, k_hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The values of ranks (``k_lo``, ``k_hi``) and of the ranks just above, of a copy of ``sample`` flattened.
+
+    None when a selected value is zero and the sample holds -0.0: the zeros compare equal, so which one a select
+    returns is not fixed.
+    """
+    work = sample.flatten()
+    work.partition(k_hi)
+    upper = (work[k_hi], work[k_hi + 1 :].min())
+    work[:k_hi].partition(k_lo)  # the k_hi smallest values, in place
+    lower = (work[k_lo], work[k_lo + 1 : k_hi + 1].min())
+    if work.dtype.kind == "f" and 0 in (*lower, *upper) and np.signbit(work[work == 0]).any():
+        return None
+    return np.array([lower[0], upper[0]], dtype=work.dtype), np.array([lower[1], upper[1]], dtype=work.dtype)
+
+
+def _lerp(before: np.ndarray, after: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """numpy's percentile interpolation (``numpy.lib._function_base_impl._lerp``), the same operations in order."""
+    diff = after - before
+    out: np.ndarray = np.add(before, diff * gamma)
+    np.subtract(after, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out
 
 
 def _widen(start: int, stop: int, margin: float, limit: int) -> tuple[int, int]:

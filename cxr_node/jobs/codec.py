@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import asdict
 from typing import Any, Final
 
@@ -22,6 +23,9 @@ from cxr_node.results.findings import Findings, MaskVerdict, Provenance, Similar
 
 HEATMAP_STORED_SIDE: Final = 256
 """The heatmap is kept at most this many pixels a side until the outputs are written."""
+NPZ_LEVEL: Final = 1
+"""zlib level of the stored arrays: 1.2 ms instead of 3.6 ms at the default 6 for a 978 x 921 result, 22 kB instead
+of 16 kB (the bit-packed mask and the 256-side heatmap are already small)."""
 ANALYSED: Final = "analysed"
 NOT_ANALYSED: Final = "not_analysed"
 
@@ -111,28 +115,39 @@ def _pair(values: Any, kind: type) -> Any:
 
 
 def pack_arrays(lung_mask: np.ndarray, heatmap: np.ndarray | None) -> bytes:
-    """The lung mask (bit-packed) and the heatmap (uint8, reduced) as compressed npz bytes."""
-    shape, packed = np.asarray(lung_mask.shape), np.packbits(lung_mask)
+    """The lung mask (bit-packed) and the heatmap (uint8, reduced) as npz bytes, deflated at :data:`NPZ_LEVEL`."""
+    arrays = {"mask_shape": np.asarray(lung_mask.shape), "mask": np.packbits(lung_mask)}
+    if heatmap is not None:
+        scale = min(1.0, HEATMAP_STORED_SIDE / max(lung_mask.shape))
+        side = (max(1, round(lung_mask.shape[0] * scale)), max(1, round(lung_mask.shape[1] * scale)))
+        small = resize(heatmap.astype(np.float32, copy=False), side)
+        arrays["heatmap"] = np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
+    return _npz(arrays)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """``np.savez_compressed``'s archive (one ``name.npy`` entry each, zip64 headers) at :data:`NPZ_LEVEL`."""
     buffer = io.BytesIO()
-    if heatmap is None:
-        np.savez_compressed(buffer, mask_shape=shape, mask=packed)
-        return buffer.getvalue()
-    scale = min(1.0, HEATMAP_STORED_SIDE / max(lung_mask.shape))
-    side = (max(1, round(lung_mask.shape[0] * scale)), max(1, round(lung_mask.shape[1] * scale)))
-    small = resize(heatmap.astype(np.float32), side)
-    levels = np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
-    np.savez_compressed(buffer, mask_shape=shape, mask=packed, heatmap=levels)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=NPZ_LEVEL) as archive:
+        for name, values in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, values, allow_pickle=False)
     return buffer.getvalue()
 
 
 def unpack_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inverse of :func:`pack_arrays`: (bool mask, float32 heatmap at the mask's shape or None)."""
+    """Inverse of :func:`pack_arrays`: (bool mask, float32 heatmap at the mask's shape or None).
+
+    Reads every earlier archive alike (deflated at zlib's default level by ``np.savez_compressed``, or at
+    :data:`NPZ_LEVEL`): the arrays are the same whatever the level.
+    """
     with np.load(io.BytesIO(data)) as arrays:
         shape = (int(arrays["mask_shape"][0]), int(arrays["mask_shape"][1]))
-        mask = np.unpackbits(arrays["mask"], count=shape[0] * shape[1]).reshape(shape).astype(bool)
+        bits = np.unpackbits(arrays["mask"], count=shape[0] * shape[1]).reshape(shape)
+        mask = bits.view(np.bool_)  # unpackbits gives 0 and 1: the bytes of False and True
         heatmap = None
         if "heatmap" in arrays:
-            heatmap = resize(arrays["heatmap"].astype(np.float32) / 255.0, shape).astype(np.float32)
+            heatmap = resize(arrays["heatmap"].astype(np.float32) / 255.0, shape)
     return mask, heatmap
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from cxr_node.jobs import codec
 from cxr_node.jobs.records import StoredResult
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
+from tests import previous_numerics as previous
 
 PROVENANCE = Provenance("cxr-demo", "1", "demo only", ("a", "b"), "0.1.0", "2.25.1")
 ANALYSED = Summary(
@@ -132,6 +134,55 @@ def test_large_heatmap_is_stored_small() -> None:
         assert max(stored.shape) <= codec.HEATMAP_STORED_SIDE
         assert stored.shape == (256, 245)
         assert tuple(arrays["mask_shape"]) == (1024, 980)
+
+
+def lungs_and_heat(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Two elliptic lungs and a Grad-CAM-like heatmap: a blob clipped to [0, 1], zero outside a box, with a spot."""
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    y, x = (rows + 0.5) / shape[0], (cols + 0.5) / shape[1]
+    mask = ((y - 0.5) / 0.3) ** 2 + ((np.abs(x - 0.5) - 0.2) / 0.12) ** 2 <= 1.0
+    heat = np.clip(1.3 * smooth_heatmap(shape) - 0.1, 0.0, 1.0)
+    heat[: shape[0] // 10] = 0.0
+    heat[:, : shape[1] // 12] = 0.0
+    heat[shape[0] // 2, shape[1] // 2] = 1.0
+    return mask, heat
+
+
+ARRAY_SHAPES = [(978, 921), (1024, 980), (256, 256), (37, 53), (300, 7), (1, 1)]
+
+
+@pytest.mark.parametrize("shape", ARRAY_SHAPES)
+@pytest.mark.parametrize("with_heatmap", [True, False])
+def test_a_blob_of_the_earlier_codec_unpacks_to_the_earlier_arrays(shape: tuple[int, int], with_heatmap: bool) -> None:
+    """A result stored by the earlier node (npz at zlib's default level) unpacks to the bytes it unpacked to then."""
+    mask, heat = lungs_and_heat(shape)
+    old_blob = previous.pack_arrays(mask, heat if with_heatmap else None)
+    found, expected = codec.unpack_arrays(old_blob), previous.unpack_arrays(old_blob)
+    assert previous.same(found[0], expected[0]) and previous.same(found[1], expected[1])
+
+
+@pytest.mark.parametrize("shape", ARRAY_SHAPES)
+@pytest.mark.parametrize("mask_kind", ["lungs", "random"])
+def test_packing_at_a_lower_level_unpacks_to_the_earlier_arrays(shape: tuple[int, int], mask_kind: str) -> None:
+    """What this node stores unpacks (here and in the earlier node) to the bytes the earlier codec's round trip gave."""
+    mask, heat = lungs_and_heat(shape)
+    if mask_kind == "random":
+        mask = random_mask(shape)
+    for heatmap in (heat, None, heat.astype(np.float64)):
+        expected = previous.unpack_arrays(previous.pack_arrays(mask, heatmap))
+        blob = codec.pack_arrays(mask, heatmap)
+        for found in (codec.unpack_arrays(blob), previous.unpack_arrays(blob)):
+            assert previous.same(found[0], expected[0]) and previous.same(found[1], expected[1])
+
+
+def test_the_archive_holds_the_earlier_entries_deflated() -> None:
+    """The archive holds the earlier entries, deflated, byte for byte the same once inflated."""
+    mask, heat = lungs_and_heat((978, 921))
+    new, old = codec.pack_arrays(mask, heat), previous.pack_arrays(mask, heat)
+    with zipfile.ZipFile(io.BytesIO(new)) as archive, zipfile.ZipFile(io.BytesIO(old)) as earlier:
+        assert archive.namelist() == earlier.namelist() == ["mask_shape.npy", "mask.npy", "heatmap.npy"]
+        assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in archive.infolist())
+        assert all(archive.read(name) == earlier.read(name) for name in archive.namelist())
 
 
 def stored(summary: Summary, arrays: bytes | None) -> StoredResult:

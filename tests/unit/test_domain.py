@@ -6,17 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
+from cxr_node.dicom.pixels import decode
 from cxr_node.errors import ModelError
 from cxr_node.infer.domain import (
     STATISTICS,
     DomainDescription,
     DomainScore,
+    _box,
     fit_description,
     image_statistics,
     load_description,
 )
+from cxr_node.infer.preprocess import normalise
 from cxr_node.infer.registry import load_manifest, sha256_file
+from tests import previous_numerics as previous
 
 DIM = 64
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo" / "manifest.yaml"
@@ -158,3 +163,42 @@ def test_manifest_naming_a_missing_description_is_refused(tmp_path: Path) -> Non
         (tmp_path / name).symlink_to(DEMO.parent / name)
     with pytest.raises(ModelError, match=r"domain\.file: domain description .* not found"):
         load_manifest(broken)
+
+
+def lung_pair(shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two elliptic lungs on smooth noise: a normalised image (float32 in [0, 1]) and its bool mask."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    y, x = (rows + 0.5) / shape[0], (cols + 0.5) / shape[1]
+    mask = ((y - 0.5) / 0.3) ** 2 + ((np.abs(x - 0.5) - 0.2) / 0.12) ** 2 <= 1.0
+    image = (0.6 + 0.3 * np.sin(7 * y + 3 * x) - 0.3 * mask + 0.05 * rng.normal(size=shape)).astype(np.float32)
+    return np.clip(image, 0.0, 1.0), mask
+
+
+@pytest.mark.parametrize("shape", [(978, 921), (384, 384), (128, 128), (90, 300), (5, 7)])
+@pytest.mark.parametrize("mask_kind", ["lungs", "empty", "full", "tiny"])
+def test_image_statistics_give_the_earlier_bits(shape: tuple[int, int], mask_kind: str) -> None:
+    """The statistics (box means built in place, the masked means counted once) equal the earlier code's bytes."""
+    image, mask = lung_pair(shape, seed=shape[0])
+    if mask_kind == "empty":
+        mask = np.zeros(shape, bool)
+    elif mask_kind == "full":
+        mask = np.ones(shape, bool)
+    elif mask_kind == "tiny":
+        mask = np.zeros(shape, bool)
+        mask[: max(1, shape[0] // 20), : max(1, shape[1] // 20)] = True
+    assert previous.same(image_statistics(image, mask), previous.image_statistics(image, mask))
+
+
+@pytest.mark.parametrize("radius", [1, 4, 200])
+def test_box_mean_gives_the_earlier_bits(radius: int) -> None:
+    """The in-place summed-area box mean equals the padded-copy one, also for a radius beyond the image."""
+    values = np.random.default_rng(radius).random((128, 97))
+    assert previous.same(_box(values, radius), previous._box(values, radius))
+
+
+def test_image_statistics_of_the_real_cr_give_the_earlier_bits(chest_cr: Path) -> None:
+    """On the real chest CR, normalised as the engine does, with elliptic lungs, the bytes are the earlier ones."""
+    image = normalise(decode(dcmread(chest_cr), max_side=1024).pixels)
+    _, mask = lung_pair(image.shape, seed=1)
+    assert previous.same(image_statistics(image, mask), previous.image_statistics(image, mask))

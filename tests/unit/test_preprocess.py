@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
+from cxr_node.dicom.pixels import decode
+from cxr_node.infer import preprocess
 from cxr_node.infer.preprocess import Box, Fit, crop_to_mask, fit, mask_outside, normalise, resize, unfit
+from tests import previous_numerics as previous
 
 RNG = np.random.default_rng(20240601)
 SHAPES = [(2048, 2048), (1955, 1841), (1841, 1955), (2500, 1000), (301, 97), (97, 301), (225, 223), (7, 5), (1, 1)]
@@ -457,3 +462,92 @@ def test_banded_resampling_gives_the_same_bits_as_whole_arrays(
         monkeypatch.undo()
         assert banded.dtype == whole.dtype == np.float32
         assert banded.tobytes() == whole.tobytes() == rows.tobytes()
+
+
+# --- the same bits as the earlier code (tests/previous_numerics.py) ---
+
+
+def sample_values(pattern: str, size: int, dtype: Any, rng: np.random.Generator) -> np.ndarray:
+    """Return ``size`` values of a pattern that stresses rank selection: ties, zeros of both signs, negatives."""
+    if pattern == "noise":
+        values = rng.random(size)
+    elif pattern == "few levels":
+        values = rng.integers(0, 40, size) / 7.0
+    elif pattern == "dark background":
+        values = np.where(rng.random(size) < 0.3, 0.0, rng.random(size))
+    elif pattern == "signed zeros":
+        values = np.where(rng.random(size) < 0.3, -0.0, rng.normal(size=size))
+        values[rng.random(size) < 0.1] = 0.0
+    else:
+        values = rng.normal(size=size) * 1000
+    return values.astype(dtype)
+
+
+@pytest.mark.parametrize("pattern", ["noise", "few levels", "dark background", "signed zeros", "wide"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.uint16, np.int16, np.int64])
+@pytest.mark.parametrize("size", [1, 2, 4095, 4096, 4097, 30_001, 225_429])
+def test_percentiles_are_numpys_bit_for_bit(pattern: str, dtype: Any, size: int) -> None:
+    """The rank-at-a-time percentiles equal numpy.percentile's, value, dtype and bits, for any pair of percentiles."""
+    rng = np.random.default_rng(size)
+    sample = sample_values(pattern, size, dtype, rng).reshape(1, -1)
+    pairs = [(0.5, 99.5), (0.0, 100.0), (0.0, 50.0), (50.0, 100.0), (10.0, 10.001), (2.0, 60.0)]
+    pairs += [tuple(sorted(rng.uniform(0, 100, 2))) for _ in range(4)]
+    for low, high in pairs:
+        expected = np.percentile(sample, [low, high])
+        found = preprocess._percentiles(sample, low, high)
+        assert [type(v) for v in found] == [type(v) for v in expected]
+        assert b"".join(v.tobytes() for v in found) == expected.tobytes(), (low, high)
+
+
+def test_percentiles_leave_a_selected_zero_to_numpy_when_the_sample_holds_minus_zero() -> None:
+    """When a selected rank is zero and -0.0 is present, numpy itself decides which zero (it is not fixed)."""
+    sample = np.zeros((1, 10_000), np.float32)
+    sample[0, ::3] = -0.0
+    sample[0, -50:] = 1.0
+    expected = np.percentile(sample, [0.5, 99.5])
+    assert b"".join(v.tobytes() for v in preprocess._percentiles(sample, 0.5, 99.5)) == expected.tobytes()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
+def test_normalise_gives_the_earlier_bits(shape: tuple[int, int], dtype: Any) -> None:
+    """normalise returns the same bytes as the earlier code on noise, dark backgrounds and few grey levels."""
+    rng = np.random.default_rng(sum(shape))
+    scale = {"u1": 40, "u2": 1000, "i2": 1000}.get(np.dtype(dtype).str[1:], 1)
+    for pattern in ("noise", "dark background", "few levels"):
+        img = (sample_values(pattern, shape[0] * shape[1], np.float64, rng) * scale).astype(dtype).reshape(shape)
+        for low, high in ((0.5, 99.5), (0.0, 100.0), (5.0, 95.0)):
+            assert normalise(img, low, high).tobytes() == previous.normalise(img, low, high).tobytes()
+
+
+@pytest.mark.parametrize("max_side", [1024, None])
+def test_normalise_of_the_real_cr_gives_the_earlier_bits(chest_cr: Path, max_side: int | None) -> None:
+    """On the real chest CR, reduced as the worker does and at full size, normalise gives the earlier bytes."""
+    image = decode(dcmread(chest_cr), max_side=max_side).pixels
+    assert normalise(image).tobytes() == previous.normalise(image).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.uint16, np.int16])
+@pytest.mark.parametrize("fill", [0.0, -0.0, 1.0, 7.0, 0.5])
+@pytest.mark.parametrize("layout", ["C", "crop view", "F"])
+def test_mask_outside_gives_the_earlier_bits(dtype: Any, fill: float, layout: str) -> None:
+    """mask_outside gives the earlier bytes and a C-ordered array for any dtype, fill and input layout."""
+    img = (noise((60, 50)) * 100).astype(dtype)
+    mask = ellipse(img.shape)
+    if layout == "crop view":
+        img, mask = img[5:50, 3:41], mask[5:50, 3:41]
+    elif layout == "F":
+        img = np.asfortranarray(img)
+    out = mask_outside(img, mask, fill)
+    assert out.flags.c_contiguous and previous.same(out, previous.mask_outside(img, mask, fill))
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.5])
+def test_masking_the_crop_is_masking_then_cropping(margin: float) -> None:
+    """The engine masks only the crop: the pixels are those of the whole image masked, then cropped."""
+    img = noise((400, 250))
+    mask = ellipse(img.shape, centre=(0.45, 0.55), radii=(0.3, 0.2))
+    crop, box = crop_to_mask(img, mask, margin)
+    masked_crop = mask_outside(crop, mask[box.slices])
+    whole_crop, whole_box = crop_to_mask(previous.mask_outside(img, mask), mask, margin)
+    assert box == whole_box and masked_crop.tobytes() == np.ascontiguousarray(whole_crop).tobytes()
