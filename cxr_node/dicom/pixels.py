@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
 
@@ -43,6 +44,11 @@ SPACING_RANGE_MM: Final = (0.01, 10.0)
 BAND_PIXELS: Final = 1 << 18
 """Stored pixels transformed at once: a band's float32 temporaries (1 MiB each) stay in a core's cache through the
 several passes of the presentation transform and the block mean (about 1.7x faster than 8 MiB bands)."""
+PREFERRED_DECODERS: Final = ("pylibjpeg", "pillow")
+"""pydicom plugins tried first, in this order, where installed for a transfer syntax: on the JPEG 2000 chest CRs of
+bench/cost.py pylibjpeg-openjpeg (the node's dependency) and Pillow take the least CPU; GDCM, which pydicom tries
+first when it is installed, decodes with two threads in less wall time but 20-75 % more CPU, and a busy worker is
+short of CPU. All give the same pixels."""
 DECODER_FAILURES: Final = (AttributeError, KeyError, NotImplementedError, RuntimeError, TypeError, ValueError)
 """What pydicom and its plugins raise for data they cannot decode (MemoryError is left to propagate)."""
 LUT_FAILURES: Final = (*DECODER_FAILURES, IndexError, struct.error)
@@ -340,13 +346,29 @@ def _stored_values(ds: Dataset) -> np.ndarray:
     """Return the (Rows, Columns) stored values, decoded without caching them on ``ds``."""
     syntax = ds.get("file_meta", Dataset()).get("TransferSyntaxUID", "no transfer syntax")
     try:
-        arr = pixel_array(ds)
+        arr = _decoded(ds, syntax)
     except DECODER_FAILURES as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PixelDecodeError(f"pixel data not decodable ({getattr(syntax, 'name', syntax)}): {reason}") from e
     if arr.ndim != 2 or arr.dtype.kind not in "iub":
         raise PixelDecodeError(f"decoded pixels are {arr.dtype} with shape {arr.shape}; expected integer (H, W)")
     return arr
+
+
+def _decoded(ds: Dataset, syntax: object) -> np.ndarray:
+    """Decode with the least-CPU plugin installed for the transfer syntax (:data:`PREFERRED_DECODERS`), then, if
+    that one fails, with each other plugin in pydicom's own order."""
+    try:
+        available = get_decoder(str(syntax)).available_plugins
+    except (NotImplementedError, ValueError):  # no decoder for this syntax: pydicom says why
+        available = ()
+    preferred = next((name for name in PREFERRED_DECODERS if name in available), "")
+    if preferred:
+        try:
+            return pixel_array(ds, decoding_plugin=preferred)
+        except DECODER_FAILURES:
+            pass
+    return pixel_array(ds)
 
 
 def _presentation(ds: Dataset, stored: np.ndarray, *, invert: bool) -> tuple[Transform, Window | None, Voi]:

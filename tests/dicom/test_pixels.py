@@ -457,3 +457,32 @@ def test_decoded_image_is_frozen(rg1: Dataset) -> None:
     assert isinstance(decoded, DecodedImage)
     with pytest.raises(AttributeError):
         decoded.scale = 2.0  # type: ignore[misc]
+
+
+def test_jpeg2000_is_decoded_by_the_least_cpu_plugin_then_any(wg04: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG 2000 CR goes to pylibjpeg-openjpeg first (whatever else is installed, GDCM included); when the
+    preferred plugin fails on a file, pydicom's own order is tried, so a decodable image is still decoded."""
+    from cxr_node.dicom import pixels
+
+    calls: list[str] = []
+    real = pixels.pixel_array
+
+    def recording(ds: Dataset, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("decoding_plugin", ""))
+        return real(ds, **kwargs)
+
+    monkeypatch.setattr(pixels, "pixel_array", recording)
+    ds = dcmread(wg04 / "RG1_J2KR.dcm")
+    first = decode(ds, 512).pixels
+    assert calls == ["pylibjpeg"]
+
+    def preferred_fails(ds: Dataset, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("decoding_plugin", ""))
+        if kwargs.get("decoding_plugin"):
+            raise RuntimeError("this plugin cannot decode it")
+        return real(ds, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(pixels, "pixel_array", preferred_fails)
+    assert decode(ds, 512).pixels.tobytes() == first.tobytes()
+    assert calls == ["pylibjpeg", ""]
