@@ -587,7 +587,8 @@ def section(results: Results, labels: Sequence[str], args: argparse.Namespace, w
         "default 16384), `DicomThreadsCount: 4`, `StorageCompression: false`, no plugins.",
         "- cxr-node: `cxr-node serve receiver` (the supervisor with its receiver children only; "
         "the inference worker is left out so it neither takes CPU nor moves jobs out of `queued`), "
-        f"`storage.fsync` {fsync} (P-DATA streamed into a spool file as it arrives; then file fsync + "
+        f"`storage.fsync` {fsync} (P-DATA streamed into a spool file as it arrives, flushed in the background "
+        "every MiB; then file fsync + "
         "rename into the inbox + folder fsync, then a "
         "SQLite WAL commit with `synchronous=FULL`, before Success), `logging.level: warning`, "
         "`node.max_pdu` 262144 (default), N receiver processes sharing the port (`node.receiver_processes`).",
