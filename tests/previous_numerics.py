@@ -2,8 +2,8 @@
 
 Kept verbatim (bar names) so the tests can check, bit for bit, that the faster code gives the same values:
 normalise's percentiles, mask_outside, the engine's region (mask the whole image, then crop), the image
-statistics, and the npz blob of a result's arrays (deflated at zlib's default level) with the unpacking that
-read it.
+statistics, the npz blob of a result's arrays (deflated at zlib's default level) with the unpacking that
+read it, and the heatmap the engine made on the image's full grid (before it made it on the stored grid at once).
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def _box(image: np.ndarray, radius: int) -> np.ndarray:
     rows, cols = image.shape
     total = table[side:, side:] - table[:rows, side:] - table[side:, :cols] + table[:rows, :cols]
     return np.asarray(total, dtype=np.float64) / side**2
+
+
+def full_heatmap(canvas: np.ndarray, placement: preprocess.Fit, box: preprocess.Box) -> np.ndarray:
+    """The engine's earlier heatmap: the Grad-CAM canvas mapped back onto the crop, clipped, placed on the image."""
+    crop = preprocess.unfit(canvas, placement)
+    return box.paste(np.clip(crop, 0.0, 1.0, out=crop))
 
 
 def _masked_mean(values: np.ndarray, where: np.ndarray) -> float:

@@ -19,7 +19,19 @@ REAL: Final = "iuf"
 FLOAT: Final = "f"
 
 
-def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> np.ndarray:
+HEATMAP_SIDE: Final = 256
+"""Heatmaps are carried from the engine to the Secondary Capture on the image's grid reduced to at most this many
+pixels a side (:func:`scaled_shape`), and resampled to the image's grid only where the picture shows them:
+Grad-CAM's own resolution is far coarser (7 x 7 to 32 x 32 cells), and a full-size float map cost three
+whole-image resamplings per image."""
+
+Window = tuple[slice, slice]
+"""(rows, cols) slices of a resampled array, each with step 1."""
+
+
+def resize(
+    img: np.ndarray, shape: tuple[int, int], order: Order = "linear", window: Window | None = None
+) -> np.ndarray:
     """Resample ``img`` to ``shape``, one axis at a time.
 
     Parameters
@@ -30,41 +42,69 @@ def resize(img: np.ndarray, shape: tuple[int, int], order: Order = "linear") -> 
         (rows, cols) wanted, each >= 1.
     order : {"linear", "nearest"}
         ``"linear"``: area average along a shrinking axis, bilinear (pixel centres aligned) along a growing one.
+    window : tuple[slice, slice] or None
+        Only this part of the result, ``resize(img, shape)[window]``, element for element the same values at the
+        cost of the part alone (what a picture needs where only a region shows the map).
 
     Returns
     -------
     numpy.ndarray
-        ``shape``; float32 for ``"linear"``, the dtype of ``img`` for ``"nearest"``.
+        ``shape`` (or the window's shape); float32 for ``"linear"``, the dtype of ``img`` for ``"nearest"``.
     """
     check_order(order)
     kinds, expected = (FLOAT, "a float32 or float64 array") if order == "linear" else (REAL + "b", "a real array")
     check_array("img", img, kinds, expected)
     if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
         raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+    keep = (slice(None), slice(None)) if window is None else _check_window(window, shape)
     ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
     first = 0 if ratios[0] <= ratios[1] else 1  # shrink most first: the second pass works on less
-    out = _resample_axis(img, int(shape[first]), first, order)
-    out = _resample_axis(out, int(shape[1 - first]), 1 - first, order)
+    out = _resample_axis(img, int(shape[first]), first, order, keep[first])
+    out = _resample_axis(out, int(shape[1 - first]), 1 - first, order, keep[1 - first])
     return out.astype(np.float32, copy=False) if order == "linear" else out
 
+
+def scaled_shape(shape: tuple[int, int], longest: int) -> tuple[int, int]:
+    """``shape`` reduced, keeping its aspect, so that its longer side is at most ``longest`` (unchanged if it is)."""
+    scale = min(1.0, longest / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def _check_window(window: object, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """Return ``window`` as two slices of ``range(n)`` for each side n of ``shape``, or raise ValueError."""
+    if not (isinstance(window, tuple) and len(window) == 2 and all(isinstance(s, slice) for s in window)):
+        raise ValueError(f"window must be two slices (rows, cols); found {window!r}")
+    found = []
+    for part, n in zip(window, shape, strict=True):
+        start, stop, step = part.indices(n)
+        if step != 1 or stop <= start:
+            raise ValueError(f"window must be two non-empty slices with step 1 within {shape}; found {window!r}")
+        found.append(slice(start, stop))
+    return found[0], found[1]
+
+
+_ALL: Final = slice(None)
 
 BAND_ELEMENTS: Final = 1 << 16
 """Output elements resampled at once: the gathered taps and their sum (256 KiB each in float32) stay in a core's
 cache instead of streaming whole-image temporaries through memory (1.4-2x faster when growing to 1024 x 1024)."""
 
 
-def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order) -> np.ndarray:
+def _resample_axis(arr: np.ndarray, n_out: int, axis: int, order: Order, keep: slice = _ALL) -> np.ndarray:
     """Resample ``arr`` to ``n_out`` along ``axis`` as a weighted sum of a few gathered rows or columns.
 
-    The output is made in bands of about :data:`BAND_ELEMENTS`; each element is the same sum of the same
-    products, in the same order, as when the whole array is done at once.
+    Only the outputs ``keep`` (a step-1 slice of ``range(n_out)``) are made. The output is made in bands of
+    about :data:`BAND_ELEMENTS`; each element is the same sum of the same products, in the same order, as when
+    the whole array is done at once.
     """
     n_in = arr.shape[axis]
     if n_out == n_in:
-        return arr
+        return arr[keep] if axis == 0 else arr[:, keep]
     if order == "nearest":
-        return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
+        return np.take(arr, _nearest_index(n_in, n_out)[keep], axis=axis)
     index, weight = _area_taps(n_in, n_out) if n_out < n_in else _linear_taps(n_in, n_out)
+    index, weight = index[:, keep], weight[:, keep]
+    n_out = index.shape[1]
     shape = (n_out, arr.shape[1]) if axis == 0 else (arr.shape[0], n_out)
     out = np.empty(shape, dtype=np.result_type(arr.dtype, weight.dtype))
     rows = max(1, BAND_ELEMENTS // shape[1])

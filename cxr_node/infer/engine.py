@@ -2,7 +2,8 @@
 
 For a batch of presentation images (float32 in [0, 1], any size) the engine normalises each, segments the
 lungs with the U-Net, judges the mask, feeds the lung region (as the manifest says: crop, mask or both) to
-the ensemble, and maps the Grad-CAM heatmap and the lung mask back to each image's own grid. An image whose
+the ensemble, and maps the lung mask back to each image's own grid and the Grad-CAM heatmap onto that grid
+reduced to at most 256 pixels a side. An image whose
 mask is implausible is not classified: its Analysis says why. When the manifest has a domain description, each
 classified image also gets its out-of-domain score (:mod:`cxr_node.infer.domain`); what to do with an image
 outside the domain is the worker's policy, not the engine's.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numpy.typing import NDArray
 
+from cxr_node.imaging.resample import HEATMAP_SIDE, scaled_shape
 from cxr_node.infer import preprocess
 from cxr_node.infer.classify import Ensemble, EnsembleOutput, RuntimeOptions
 from cxr_node.infer.device import CpuFeatures
@@ -51,7 +53,8 @@ class Analysis:
     lung_mask : numpy.ndarray
         (H, W) bool on the grid of the image given.
     heatmap : numpy.ndarray or None
-        (H, W) float32 in [0, 1] on the same grid; zero outside the region the ensemble saw.
+        float32 in [0, 1] on the image's grid reduced to at most :data:`~cxr_node.imaging.resample.HEATMAP_SIDE`
+        a side (:func:`~cxr_node.imaging.resample.scaled_shape`); zero outside the region the ensemble saw.
     quality : MaskQuality
         The lung mask's plausibility verdict.
     timings_ms : dict[str, float]
@@ -210,8 +213,9 @@ class Engine:
         """Return the Analysis of the ``k``-th image of an ensemble batch."""
         probability = float(output.probability[k])
         threshold = self.manifest.classifier.threshold
-        crop = preprocess.unfit(output.heatmap[k], region.fit)  # float32; clipped on the crop, then placed (0 around)
-        heat = region.box.paste(np.clip(crop, 0.0, 1.0, out=crop))
+        grid = scaled_shape(mask.shape, HEATMAP_SIDE)
+        heat = preprocess.unfit_onto(output.heatmap[k], region.fit, region.box, grid)
+        np.clip(heat, 0.0, 1.0, out=heat)
         return Analysis(
             analysed=True,
             reason="",

@@ -8,14 +8,25 @@ expected and the found dtype, ndim or shape) and does no I/O and no logging. Res
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
 
 from cxr_node.imaging.resample import FLOAT, REAL, Order, check_array, check_finite, check_order, resize
 
-__all__ = ["Box", "Fit", "Order", "crop_to_mask", "fit", "mask_outside", "normalise", "resize", "unfit"]
+__all__ = [
+    "Box",
+    "Fit",
+    "Order",
+    "crop_to_mask",
+    "fit",
+    "mask_outside",
+    "normalise",
+    "resize",
+    "unfit",
+    "unfit_onto",
+]
 
 SAMPLE_PIXELS: Final = 1 << 18
 """Percentiles are computed on a regular subsample of about this many pixels (exact below it)."""
@@ -189,6 +200,47 @@ def unfit(arr: np.ndarray, fit: Fit, order: Order = "linear") -> np.ndarray:
     else:
         check_array("arr", arr, REAL + "b", "a real or bool array", shape=square)
     return resize(arr[fit.slices], fit.source_shape, order)
+
+
+def unfit_onto(arr: np.ndarray, fit: Fit, box: Box, grid: tuple[int, int]) -> np.ndarray:
+    """Map a canvas-sized map of a crop back onto its whole image's grid reduced to ``grid``, zero around the crop.
+
+    What ``box.paste(unfit(arr, fit))`` gives, resampled once to ``grid`` instead of to the full image and then
+    down again: the crop's edges land on the nearest pixel of ``grid``. With ``grid == box.source_shape`` it is
+    exactly ``box.paste(unfit(arr, fit))``.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        (fit.size, fit.size) float32 or float64, finite: a map of the canvas :func:`fit` made of the crop.
+    fit : Fit
+        The placement :func:`fit` returned for the crop.
+    box : Box
+        Where the crop came from (:func:`crop_to_mask`).
+    grid : tuple[int, int]
+        (rows, cols) of the output, each between 1 and the side of ``box.source_shape``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``grid`` float32.
+    """
+    if not isinstance(box, Box):
+        raise TypeError(f"box must be a Box; found {type(box).__name__}")
+    rows, cols = box.source_shape
+    if len(grid) != 2 or not (1 <= grid[0] <= rows and 1 <= grid[1] <= cols):
+        raise ValueError(f"grid must be (rows, cols) within the image's {box.source_shape}; found {grid!r}")
+    top, bottom = _scaled_span(box.row0, box.row1, grid[0] / rows, grid[0])
+    left, right = _scaled_span(box.col0, box.col1, grid[1] / cols, grid[1])
+    out = np.zeros(grid, dtype=np.float32)
+    out[top:bottom, left:right] = unfit(arr, replace(fit, source_shape=(bottom - top, right - left)))
+    return out
+
+
+def _scaled_span(start: int, stop: int, scale: float, n: int) -> tuple[int, int]:
+    """``[start, stop)`` scaled and rounded onto ``range(n)``, never empty."""
+    first = min(round(start * scale), n - 1)
+    return first, max(first + 1, min(round(stop * scale), n))
 
 
 def crop_to_mask(img: np.ndarray, mask: np.ndarray, margin: float = 0.05) -> tuple[np.ndarray, Box]:

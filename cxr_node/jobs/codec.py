@@ -2,8 +2,9 @@
 
 The JSON keeps the names of every earlier version (a job left ``inferred`` by an older node still decodes);
 timings are a list of ``[step, ms]`` pairs, in the engine's order.
-The lung mask is bit-packed; the heatmap is kept as uint8 at most :data:`HEATMAP_STORED_SIDE` a side
-(Grad-CAM is coarse) and brought back to the mask's shape on decoding. Every backend stores what this
+The lung mask is bit-packed; the heatmap is kept as uint8 on the grid the engine gives it (the mask's grid reduced
+to at most :data:`HEATMAP_STORED_SIDE` a side; Grad-CAM is coarse) and decoded on that grid: the Secondary
+Capture resamples it to the image only where it shows. Every backend stores what this
 module produces, so results read the same whatever the database.
 """
 
@@ -17,12 +18,13 @@ from typing import Any, Final
 
 import numpy as np
 
-from cxr_node.imaging.resample import resize
+from cxr_node.imaging.resample import HEATMAP_SIDE, resize, scaled_shape
 from cxr_node.jobs.records import StoredResult
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
 
-HEATMAP_STORED_SIDE: Final = 256
-"""The heatmap is kept at most this many pixels a side until the outputs are written."""
+HEATMAP_STORED_SIDE: Final = HEATMAP_SIDE
+"""The heatmap is kept at most this many pixels a side until the outputs are written (the engine's own grid:
+a heatmap given on a larger one is reduced to it)."""
 NPZ_LEVEL: Final = 1
 """zlib level of the stored arrays: 1.2 ms instead of 3.6 ms at the default 6 for a 978 x 921 result, 22 kB instead
 of 16 kB (the bit-packed mask and the 256-side heatmap are already small)."""
@@ -118,9 +120,8 @@ def pack_arrays(lung_mask: np.ndarray, heatmap: np.ndarray | None) -> bytes:
     """The lung mask (bit-packed) and the heatmap (uint8, reduced) as npz bytes, deflated at :data:`NPZ_LEVEL`."""
     arrays = {"mask_shape": np.asarray(lung_mask.shape), "mask": np.packbits(lung_mask)}
     if heatmap is not None:
-        scale = min(1.0, HEATMAP_STORED_SIDE / max(lung_mask.shape))
-        side = (max(1, round(lung_mask.shape[0] * scale)), max(1, round(lung_mask.shape[1] * scale)))
-        small = resize(heatmap.astype(np.float32, copy=False), side)
+        grid = scaled_shape(lung_mask.shape, HEATMAP_STORED_SIDE)
+        small = resize(heatmap.astype(np.float32, copy=False), grid)  # the engine's heatmaps are on it already
         arrays["heatmap"] = np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
     return _npz(arrays)
 
@@ -136,7 +137,7 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def unpack_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inverse of :func:`pack_arrays`: (bool mask, float32 heatmap at the mask's shape or None).
+    """Inverse of :func:`pack_arrays`: (bool mask, float32 heatmap on the stored grid or None).
 
     Reads every earlier archive alike (deflated at zlib's default level by ``np.savez_compressed``, or at
     :data:`NPZ_LEVEL`): the arrays are the same whatever the level.
@@ -147,7 +148,7 @@ def unpack_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
         mask = bits.view(np.bool_)  # unpackbits gives 0 and 1: the bytes of False and True
         heatmap = None
         if "heatmap" in arrays:
-            heatmap = resize(arrays["heatmap"].astype(np.float32) / 255.0, shape)
+            heatmap = arrays["heatmap"].astype(np.float32) / 255.0
     return mask, heatmap
 
 

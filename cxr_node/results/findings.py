@@ -307,9 +307,11 @@ class Findings:
         What was found.
     image : numpy.ndarray or None
         float32 (H, W) in [0, 1], MONOCHROME2 sense, the analysed image; None when it could not be decoded.
-    lung_mask, heatmap : numpy.ndarray or None
-        bool (H, W) and float32 (H, W) in [0, 1], same shape as ``image``; the mask is required when
-        analysed, the heatmap optional.
+    lung_mask : numpy.ndarray or None
+        bool (H, W), the shape of ``image``; required when analysed.
+    heatmap : numpy.ndarray or None
+        float32 in [0, 1] over the same picture, on ``image``'s grid or a coarser one (the engine's: at most 256
+        a side); optional. The Secondary Capture resamples it to the image where it shows.
     """
 
     provenance: Provenance
@@ -349,11 +351,16 @@ class Findings:
 def _check_arrays(image: np.ndarray | None, mask: np.ndarray | None, heatmap: np.ndarray | None) -> None:
     if image is not None and (image.ndim != 2 or image.dtype != np.float32):
         raise ValueError(f"image must be float32 (H, W), found {image.dtype} {image.shape}")
-    for name, array, dtype in (("lung_mask", mask, np.bool_), ("heatmap", heatmap, np.float32)):
-        if array is None:
-            continue
-        if image is None or array.shape != image.shape or array.dtype != dtype:
-            expected = None if image is None else image.shape
-            raise ValueError(
-                f"{name} must be {np.dtype(dtype)} of the image's shape {expected}, found {array.dtype} {array.shape}"
-            )
+    expected = None if image is None else image.shape
+    if mask is not None and (expected is None or mask.shape != expected or mask.dtype != np.bool_):
+        raise ValueError(f"lung_mask must be bool of the image's shape {expected}, found {mask.dtype} {mask.shape}")
+    if heatmap is not None and (
+        expected is None
+        or heatmap.ndim != 2
+        or heatmap.dtype != np.float32
+        or not (1 <= heatmap.shape[0] <= expected[0] and 1 <= heatmap.shape[1] <= expected[1])
+    ):
+        raise ValueError(
+            f"heatmap must be float32 (h, w), no side longer than the image's {expected}, found "
+            f"{heatmap.dtype} {heatmap.shape}"
+        )

@@ -52,6 +52,8 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cxr_node.imaging.resample import resize
+
 RGB = tuple[int, int, int]
 
 MIN_SIDE: Final = 64
@@ -254,7 +256,9 @@ def render_overlay(
     lung_mask : numpy.ndarray or None
         (H, W) bool lungs; None when the image was not analysed (then no contour and no heatmap).
     heatmap : numpy.ndarray or None
-        (H, W) float32 in [0, 1]; blended only inside ``lung_mask``. Must be None when ``lung_mask`` is.
+        float32 in [0, 1], (H, W) or a coarser grid over the same picture (no side longer than the image's; the
+        engine's is at most 256 a side), resampled to (H, W) only inside the lungs' box; blended only inside
+        ``lung_mask``. Must be None when ``lung_mask`` is.
     banner : Banner
         The text appended below the image.
 
@@ -280,7 +284,8 @@ def render_overlay(
         _grey_to_rgb(image, picture)
     else:  # heat only inside the lungs: outside their bounding box the picture is the grey image
         _grey_around(image, picture, box)
-        _heat_composite(image[box], heatmap[box], lung_mask[box], picture[box])
+        heat = heatmap[box] if heatmap.shape == image.shape else resize(heatmap, image.shape, window=box)
+        _heat_composite(image[box], heat, lung_mask[box], picture[box])
     if box is not None and lung_mask is not None:
         thickness = contour_thickness(height)
         near = _widened(box, thickness, image.shape)  # every contour pixel lies within thickness of the box
@@ -328,7 +333,9 @@ def _check_render_inputs(
     if heatmap is not None:
         if lung_mask is None:
             raise ValueError("heatmap: expected None when lung_mask is None (heat is shown inside the lungs only)")
-        _check_2d("heatmap", heatmap, np.float32, image.shape)
+        _check_2d("heatmap", heatmap, np.float32)
+        if heatmap.shape[0] > image.shape[0] or heatmap.shape[1] > image.shape[1]:
+            raise ValueError(f"heatmap: expected no side longer than the image's {image.shape}, found {heatmap.shape}")
         low, high = _check_finite("heatmap", heatmap)
         if low < 0.0 or high > 1.0:
             raise ValueError(f"heatmap: expected values in [0, 1], found [{low:.4g}, {high:.4g}]")

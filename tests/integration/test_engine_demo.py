@@ -9,6 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from cxr_node.dicom.pixels import decode
+from cxr_node.imaging.resample import HEATMAP_SIDE, scaled_shape
 from cxr_node.infer.classify import RuntimeOptions
 from cxr_node.infer.engine import Engine
 from cxr_node.infer.registry import load_manifest
@@ -58,7 +59,7 @@ def test_phantoms_are_analysed_and_separated(engine: Engine, phantoms: list[np.n
     assert np.mean(positives) > np.mean(negatives) + 0.3
     for result, image in zip(results, phantoms, strict=True):
         assert result.lung_mask.shape == image.shape
-        assert result.heatmap.shape == image.shape
+        assert result.heatmap.shape == scaled_shape(image.shape, HEATMAP_SIDE)  # the stored grid, <= 256 a side
         assert result.heatmap.min() >= 0.0 and result.heatmap.max() <= 1.0
         assert np.linalg.norm(result.embedding) == pytest.approx(1.0, abs=1e-4)
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cxr_node.imaging.resample import resize, scaled_shape
 from cxr_node.jobs import codec
 from cxr_node.jobs.records import StoredResult
 from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
@@ -117,12 +118,14 @@ def test_mask_comes_back_exactly(shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize(("shape", "tolerance"), [((37, 53), 0.5 / 255 + 1e-6), ((1024, 980), 1 / 255 + 0.01)])
-def test_heatmap_comes_back_at_the_mask_shape(shape: tuple[int, int], tolerance: float) -> None:
-    """A smooth heatmap comes back float32 at the mask's shape, within uint8 rounding and resampling error."""
+def test_heatmap_comes_back_on_the_stored_grid(shape: tuple[int, int], tolerance: float) -> None:
+    """A smooth heatmap comes back float32 on the grid it is stored on (at most 256 a side) and, resampled to the
+    mask's shape as the Secondary Capture draws it, within uint8 rounding and resampling error."""
     heatmap = smooth_heatmap(shape)
     mask, back = codec.unpack_arrays(codec.pack_arrays(random_mask(shape), heatmap))
-    assert back is not None and back.dtype == np.float32 and back.shape == shape == mask.shape
-    assert float(np.abs(back - heatmap).max()) <= tolerance
+    assert back is not None and back.dtype == np.float32 and mask.shape == shape
+    assert back.shape == scaled_shape(shape, codec.HEATMAP_STORED_SIDE)
+    assert float(np.abs(resize(back, shape) - heatmap).max()) <= tolerance
 
 
 def test_large_heatmap_is_stored_small() -> None:
@@ -158,7 +161,13 @@ def test_a_blob_of_the_earlier_codec_unpacks_to_the_earlier_arrays(shape: tuple[
     mask, heat = lungs_and_heat(shape)
     old_blob = previous.pack_arrays(mask, heat if with_heatmap else None)
     found, expected = codec.unpack_arrays(old_blob), previous.unpack_arrays(old_blob)
-    assert previous.same(found[0], expected[0]) and previous.same(found[1], expected[1])
+    assert previous.same(found[0], expected[0]) and previous.same(on_mask_grid(*found), expected[1])
+
+
+def on_mask_grid(mask: np.ndarray, heatmap: np.ndarray | None) -> np.ndarray | None:
+    """The heatmap resampled to the mask's grid, as the Secondary Capture does where it draws it (the earlier
+    codec did it on unpacking)."""
+    return None if heatmap is None else resize(heatmap, mask.shape)
 
 
 @pytest.mark.parametrize("shape", ARRAY_SHAPES)
@@ -171,8 +180,10 @@ def test_packing_at_a_lower_level_unpacks_to_the_earlier_arrays(shape: tuple[int
     for heatmap in (heat, None, heat.astype(np.float64)):
         expected = previous.unpack_arrays(previous.pack_arrays(mask, heatmap))
         blob = codec.pack_arrays(mask, heatmap)
-        for found in (codec.unpack_arrays(blob), previous.unpack_arrays(blob)):
-            assert previous.same(found[0], expected[0]) and previous.same(found[1], expected[1])
+        found = codec.unpack_arrays(blob)
+        assert previous.same(found[0], expected[0]) and previous.same(on_mask_grid(*found), expected[1])
+        earlier = previous.unpack_arrays(blob)
+        assert previous.same(earlier[0], expected[0]) and previous.same(earlier[1], expected[1])
 
 
 def test_the_archive_holds_the_earlier_entries_deflated() -> None:

@@ -385,6 +385,35 @@ def test_heatmap_on_a_crop_goes_back_to_the_full_image() -> None:
     assert iou(full > 0.5, mask) > 0.95
 
 
+@pytest.mark.parametrize("grid", [(256, 241), (100, 94), (1955, 1841)])
+def test_unfit_onto_a_reduced_grid_is_the_full_map_reduced(grid: tuple[int, int]) -> None:
+    """A map of a crop made straight onto the image's reduced grid is, to a fraction of its range, the full-grid map
+    reduced to it; onto the image's own grid it is exactly ``box.paste(unfit(...))``."""
+    mask = ellipse((1955, 1841), (0.45, 0.5), (0.3, 0.35))
+    crop, box = crop_to_mask(mask.astype(np.float32), mask)
+    rows, cols = np.mgrid[:224, :224]
+    heat = np.exp(-((rows - 90.0) ** 2 + (cols - 130.0) ** 2) / 3000.0).astype(np.float32)
+    _, placement = fit(crop, 224)
+    full = box.paste(unfit(heat, placement))
+    onto = preprocess.unfit_onto(heat, placement, box, grid)
+    assert onto.dtype == np.float32 and onto.shape == grid
+    if grid == mask.shape:
+        assert onto.tobytes() == full.tobytes()
+    else:
+        assert float(np.abs(onto - resize(full, grid)).max()) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"), [((0, 5), "grid must be"), ((1956, 10), "grid must be"), ((5,), "grid must be")]
+)
+def test_unfit_onto_refuses_a_grid_outside_the_image(grid: tuple[int, ...], message: str) -> None:
+    mask = ellipse((1955, 1841), (0.45, 0.5), (0.3, 0.35))
+    crop, box = crop_to_mask(mask.astype(np.float32), mask)
+    canvas, placement = fit(crop, 64)
+    with pytest.raises(ValueError, match=message):
+        preprocess.unfit_onto(canvas, placement, box, grid)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("mask", "margin", "message"),
     [
@@ -462,6 +491,34 @@ def test_banded_resampling_gives_the_same_bits_as_whole_arrays(
         monkeypatch.undo()
         assert banded.dtype == whole.dtype == np.float32
         assert banded.tobytes() == whole.tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "window"),
+    [
+        ((256, 241), (978, 921), (slice(100, 700), slice(50, 800))),
+        ((978, 921), (128, 128), (slice(0, 1), slice(127, 128))),
+        ((117, 128), (816, 894), (slice(None), slice(3, 4))),
+        ((300, 7), (9, 5), (slice(2, 9), slice(0, 5))),
+        ((64, 64), (64, 64), (slice(5, 9), slice(60, 64))),
+    ],
+)
+@pytest.mark.parametrize("order", ["linear", "nearest"])
+def test_a_window_of_a_resampling_is_the_same_bits_as_that_part_of_the_whole(
+    source: tuple[int, int], target: tuple[int, int], window: tuple[slice, slice], order: str
+) -> None:
+    """``resize(..., window=w)`` is ``resize(...)[w]`` value for value (what the overlay draws inside the lungs)."""
+    img = np.random.default_rng(11).random(source).astype(np.float32)
+    whole = resize(img, target, order)[window]  # type: ignore[arg-type]
+    part = resize(img, target, order, window=window)  # type: ignore[arg-type]
+    assert part.dtype == whole.dtype and part.shape == whole.shape
+    assert part.tobytes() == whole.tobytes()
+
+
+@pytest.mark.parametrize("window", [(slice(0, 0), slice(None)), (slice(None, None, 2), slice(None)), (slice(None),)])
+def test_resize_refuses_a_bad_window(window: object) -> None:
+    with pytest.raises(ValueError, match="window must be"):
+        resize(np.zeros((8, 8), np.float32), (4, 4), window=window)  # type: ignore[arg-type]
 
 
 # --- the same bits as the earlier code (tests/previous_numerics.py) ---

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cxr_node.imaging.resample import resize
 from cxr_node.results import render
 from cxr_node.results.render import (
     ALERT_RGB,
@@ -284,6 +285,20 @@ def test_rendering_is_deterministic(shape: tuple[int, int]) -> None:
     assert first.tobytes() == second.tobytes()
 
 
+@pytest.mark.parametrize(
+    ("shape", "coarse"), [((978, 921), (256, 241)), ((700, 300), (7, 3)), ((256, 256), (256, 256))]
+)
+def test_a_coarse_heatmap_is_drawn_as_if_resampled_to_the_image(
+    shape: tuple[int, int], coarse: tuple[int, int]
+) -> None:
+    """A heatmap on a coarser grid (the engine's, at most 256 a side) draws the same bytes as that heatmap resampled
+    to the image's grid first: only the lungs' box of it is resampled, to the same values."""
+    image, mask = grey(shape), ellipses(shape)
+    heat = RNG.random(coarse, dtype=np.float32)
+    full = resize(heat, shape)
+    assert render_overlay(image, mask, heat, BANNER).tobytes() == render_overlay(image, mask, full, BANNER).tobytes()
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 S = (96, 96)
@@ -305,7 +320,7 @@ BAD_RENDER = [
     ({"heatmap": np.zeros(S, np.float64)}, r"heatmap: expected dtype float32, found float64"),
     (
         {"heatmap": np.zeros((97, 96), np.float32)},
-        r"heatmap: expected shape \(96, 96\) \(the image's\), found \(97, 96\)",
+        r"heatmap: expected no side longer than the image's \(96, 96\), found \(97, 96\)",
     ),
     ({"heatmap": np.full(S, 1.5, np.float32)}, r"heatmap: expected values in \[0, 1\], found \[1.5, 1.5\]"),
     ({"heatmap": np.full(S, np.nan, np.float32)}, r"heatmap: expected finite values"),
