@@ -7,6 +7,7 @@ Arrays are checked on entry (``ValueError`` naming the argument, the expected an
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Final, Literal
 
@@ -62,6 +63,72 @@ def resize(
     out = _resample_axis(img, int(shape[first]), first, order, keep[first])
     out = _resample_axis(out, int(shape[1 - first]), 1 - first, order, keep[1 - first])
     return out.astype(np.float32, copy=False) if order == "linear" else out
+
+
+SAFE_MARGIN: Final = 1e-5
+"""Relative margin that decides a grown value against a threshold from its two taps alone: a bilinear value is a
+convex combination of them with float32 weights, off by a few float32 roundings (about 2e-7 relative) at most."""
+
+
+def resize_above(img: np.ndarray, shape: tuple[int, int], threshold: float) -> np.ndarray:
+    """``resize(img, shape) > threshold``, the same bool for every pixel, computing values only near the threshold.
+
+    When both sides grow (a network's probability map brought back to the image) each value of the second pass
+    lies between its two taps; where both taps are clearly above (or below) the threshold the answer is known
+    without the value, so only the pixels along the map's level line are computed, as :func:`resize` computes
+    them. Otherwise (a side shrinks, a threshold <= 0, negative values) it is ``resize(img, shape) > threshold``.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W) float32 or float64, finite.
+    shape : tuple[int, int]
+        (rows, cols) wanted, each >= 1.
+    threshold : float
+        Compared as ``resize`` output ``> threshold`` is (against float32 values).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``shape`` bool.
+    """
+    check_array("img", img, FLOAT, "a float32 or float64 array")
+    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
+    if min(ratios) <= 1.0 or not threshold > 0.0 or float(img.min()) < 0.0:
+        return resize(img, shape) > threshold
+    first = 0 if ratios[0] <= ratios[1] else 1  # as resize: the second pass is the one to the full size
+    grown = _resample_axis(img, int(shape[first]), first, "linear")
+    if first == 1:  # the last pass is along the rows: work on rows
+        return _linear_above(grown, int(shape[0]), threshold)
+    return np.ascontiguousarray(_linear_above(np.ascontiguousarray(grown.T), int(shape[1]), threshold).T)
+
+
+def _linear_above(arr: np.ndarray, n_out: int, threshold: float) -> np.ndarray:
+    """``_resample_axis(arr, n_out, 0, "linear") > threshold`` for a growing axis, deciding row pairs at once."""
+    n_in = arr.shape[0]
+    index, weight = _linear_taps(n_in, n_out)
+    following = arr[np.minimum(np.arange(n_in) + 1, n_in - 1)]  # an output row's taps are rows (below, this)
+    low, high = np.minimum(arr, following), np.maximum(arr, following)
+    decided = np.full(arr.shape, 2, dtype=np.uint8)  # 2: the value itself is needed
+    decided[low > threshold * (1.0 + SAFE_MARGIN)] = 1
+    decided[high < threshold * (1.0 - SAFE_MARGIN)] = 0
+    out = decided[index[0]]
+    pairs, cols = np.divmod(np.flatnonzero(decided == 2), arr.shape[1])  # on the small array, flat: a full-size
+    # or 2-D nonzero costs more than the values
+    if pairs.size:
+        first = np.searchsorted(index[0], pairs, side="left")  # the output rows whose lower tap is that row
+        count = np.searchsorted(index[0], pairs, side="right") - first
+        start = np.repeat(first - np.cumsum(count) + count, count)
+        rows = start + np.arange(int(count.sum()))
+        cols = np.repeat(cols, count)
+        below, above = index[0, rows], index[1, rows]
+        value = arr[below, cols] * weight[0, rows].astype(arr.dtype, copy=False)
+        value += arr[above, cols] * weight[1, rows].astype(arr.dtype, copy=False)
+        out[rows, cols] = value.astype(np.float32, copy=False) > threshold
+    above_threshold: np.ndarray = out.view(np.bool_)
+    return above_threshold
 
 
 def scaled_shape(shape: tuple[int, int], longest: int) -> tuple[int, int]:
@@ -128,6 +195,19 @@ def _weighted_taps(arr: np.ndarray, index: np.ndarray, weight: np.ndarray, axis:
     return total
 
 
+TAP_CACHE: Final = 64
+"""Tap tables kept per (n_in, n_out): an image's resamplings recur from image to image of one modality, and a
+table costs about 0.1 ms to make (a dozen per image)."""
+
+
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays made read-only: a cached table is shared by every later call."""
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+@functools.lru_cache(maxsize=TAP_CACHE)
 def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (taps, n_out) source indices and weights: each output averages the span ``[i s, (i + 1) s)``."""
     step = n_in / n_out
@@ -136,20 +216,25 @@ def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     index = np.floor(starts).astype(np.intp)[None, :] + np.arange(math.ceil(step) + 1)[:, None]
     overlap = np.clip(np.minimum(index + 1, ends) - np.maximum(index, starts), 0.0, None)
     weight = overlap / overlap.sum(axis=0, keepdims=True)
-    return np.minimum(index, n_in - 1), weight.astype(np.float32)
+    index, weight = _frozen(np.minimum(index, n_in - 1), weight.astype(np.float32))
+    return index, weight
 
 
+@functools.lru_cache(maxsize=TAP_CACHE)
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (2, n_out) source indices and weights of bilinear interpolation with aligned pixel centres."""
     position = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
     below = np.floor(position).astype(np.intp)
     frac = (position - below).astype(np.float32)
-    return np.stack([below, np.minimum(below + 1, n_in - 1)]), np.stack([1.0 - frac, frac])
+    index, weight = _frozen(np.stack([below, np.minimum(below + 1, n_in - 1)]), np.stack([1.0 - frac, frac]))
+    return index, weight
 
 
+@functools.lru_cache(maxsize=TAP_CACHE)
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     """Return the source index whose pixel contains each output pixel's centre."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
+    (index,) = _frozen(np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1))
+    return index
 
 
 def check_array(name: str, arr: object, kinds: str, expected: str, shape: tuple[int, ...] | None = None) -> None:

@@ -171,7 +171,7 @@ class Engine:
         batch = np.stack([canvas for canvas, _ in fitted]).astype(np.float32, copy=False)
         probabilities = self.segmenter.probabilities(np.clip(batch, 0.0, 1.0))
         return [
-            preprocess.unfit(p, fit) > self.segmenter.threshold
+            preprocess.unfit_above(p, fit, self.segmenter.threshold)
             for p, (_, fit) in zip(probabilities, fitted, strict=True)
         ]
 

@@ -13,7 +13,16 @@ from typing import Final
 
 import numpy as np
 
-from cxr_node.imaging.resample import FLOAT, REAL, Order, check_array, check_finite, check_order, resize
+from cxr_node.imaging.resample import (
+    FLOAT,
+    REAL,
+    Order,
+    check_array,
+    check_finite,
+    check_order,
+    resize,
+    resize_above,
+)
 
 __all__ = [
     "Box",
@@ -25,6 +34,7 @@ __all__ = [
     "normalise",
     "resize",
     "unfit",
+    "unfit_above",
     "unfit_onto",
 ]
 
@@ -200,6 +210,33 @@ def unfit(arr: np.ndarray, fit: Fit, order: Order = "linear") -> np.ndarray:
     else:
         check_array("arr", arr, REAL + "b", "a real or bool array", shape=square)
     return resize(arr[fit.slices], fit.source_shape, order)
+
+
+def unfit_above(arr: np.ndarray, fit: Fit, threshold: float) -> np.ndarray:
+    """``unfit(arr, fit) > threshold``, the same bool for every pixel, at a fraction of the cost when the map grows.
+
+    A lung mask is a probability map brought back to the image and thresholded; away from the lungs' edges the
+    answer is known from the map's own pixels (:func:`~cxr_node.imaging.resample.resize_above`).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        (fit.size, fit.size) float32 or float64, finite.
+    fit : Fit
+        The placement :func:`fit` returned.
+    threshold : float
+        The values above it are True.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``fit.source_shape`` bool.
+    """
+    if not isinstance(fit, Fit):
+        raise TypeError(f"fit must be a Fit; found {type(fit).__name__}")
+    check_array("arr", arr, FLOAT, "a float32 or float64 array", shape=(fit.size, fit.size))
+    check_finite("arr", arr)
+    return resize_above(arr[fit.slices], fit.source_shape, threshold)
 
 
 def unfit_onto(arr: np.ndarray, fit: Fit, box: Box, grid: tuple[int, int]) -> np.ndarray:

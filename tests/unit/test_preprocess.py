@@ -515,6 +515,55 @@ def test_a_window_of_a_resampling_is_the_same_bits_as_that_part_of_the_whole(
     assert part.tobytes() == whole.tobytes()
 
 
+def test_tap_tables_are_shared_read_only() -> None:
+    """The tap tables are made once per (n_in, n_out) and cannot be changed by a caller that shares them."""
+    from cxr_node.imaging import resample
+
+    first, again = resample._linear_taps(128, 978), resample._linear_taps(128, 978)
+    assert first[0] is again[0] and first[1] is again[1]
+    for table in (*first, *resample._area_taps(978, 128), resample._nearest_index(7, 9)):
+        with pytest.raises(ValueError, match="read-only"):
+            table[..., 0] = 0
+
+
+def test_resize_above_is_resize_then_threshold_bit_for_bit() -> None:
+    """``resize_above`` gives ``resize(...) > threshold`` for every pixel: smooth and noisy maps, float32 and float64,
+    growing and shrinking, values exactly at the threshold, thresholds the fast path does not take."""
+    from cxr_node.imaging.resample import resize_above
+
+    rng = np.random.default_rng(5)
+    for trial in range(120):
+        small = (int(rng.integers(1, 90)), int(rng.integers(1, 90)))
+        shape = (int(rng.integers(1, 700)), int(rng.integers(1, 700)))
+        if trial % 3:
+            base = rng.random((max(2, small[0] // 6), max(2, small[1] // 6))).astype(np.float32)
+            img = resize(base, small)
+        else:
+            img = rng.random(small)
+        if trial % 5 == 0:
+            img = np.round(img * 4) / 4  # many values exactly at 0.25, 0.5, 0.75
+        img = img.astype(np.float32 if trial % 2 else np.float64)
+        for threshold in (0.5, 0.25, 0.45, 0.0, -1.0):
+            expected = resize(img, shape) > threshold
+            found = resize_above(img, shape, threshold)
+            assert found.dtype == np.bool_ and found.shape == shape, (trial, threshold)
+            assert np.array_equal(found, expected), (trial, small, shape, threshold, img.dtype)
+
+
+@pytest.mark.parametrize("shape", [(1955, 1841), (978, 921), (100, 60), (64, 64)])
+def test_unfit_above_is_unfit_then_threshold(shape: tuple[int, int]) -> None:
+    """The lung mask the engine takes from a U-Net probability map is the one ``unfit(...) > threshold`` gives."""
+    mask = ellipse(shape, (0.45, 0.5), (0.3, 0.35))
+    canvas, placement = fit(mask.astype(np.float32), 128)
+    rows, cols = np.mgrid[:128, :128]
+    probability = np.clip(canvas * 0.9 + 0.05 * np.sin(rows / 7.0) * np.cos(cols / 5.0) + 0.02, 0.0, 1.0)
+    for threshold in (0.5, 0.3):
+        found = preprocess.unfit_above(probability, placement, threshold)
+        assert np.array_equal(found, unfit(probability, placement) > threshold)
+    with pytest.raises(ValueError, match="arr must be finite"):
+        preprocess.unfit_above(np.full((128, 128), np.nan, np.float32), placement, 0.5)
+
+
 @pytest.mark.parametrize("window", [(slice(0, 0), slice(None)), (slice(None, None, 2), slice(None)), (slice(None),)])
 def test_resize_refuses_a_bad_window(window: object) -> None:
     with pytest.raises(ValueError, match="window must be"):
