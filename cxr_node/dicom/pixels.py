@@ -4,7 +4,8 @@
 to ``[0, 1]`` float32 where higher is brighter (MONOCHROME2 sense), so that stage 2 never sees DICOM:
 
 1. stored values from any transfer syntax pydicom has a decoder for (high bits above BitsStored masked,
-   signed values sign-extended by pydicom);
+   signed values sign-extended, as pydicom does; uncompressed little-endian values are read in place from the
+   Pixel Data bytes, and copied to be corrected only when their range shows the correction changes one);
 2. the Modality LUT (RescaleSlope/Intercept or the Modality LUT Sequence), PS3.3 C.11.1;
 3. the VOI: the first item of the VOI LUT Sequence (scaled by the range of its table, which copes with LUT
    Descriptors that overstate the bits), else the first WindowCenter/WindowWidth pair (LINEAR, LINEAR_EXACT
@@ -13,8 +14,8 @@ to ``[0, 1]`` float32 where higher is brighter (MONOCHROME2 sense), so that stag
 4. MONOCHROME1 inverted within the output range. PresentationLUTShape is not read: PS3.3 C.8.11.6.1.1 ties
    it to the photometric interpretation (INVERSE with MONOCHROME1), so it adds no second inversion.
 
-Steps 2-4 run on bands of rows, and with ``max_side`` each band is reduced by an integer block mean at once,
-so a 4096x4096 image never exists as a full-size float array.
+Steps 2-4 run on bands of rows, in place in one float32 band buffer, and with ``max_side`` each band is reduced
+by an integer block mean at once, so a 4096x4096 image never exists as a full-size float array.
 
 Before any decoder runs, the header is checked against what it would make the decoder allocate: the decoded frame
 (Rows x Columns x SamplesPerPixel x BitsAllocated / 8) against ``max_frame_bytes``; for compressed pixel data, the
@@ -35,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from cxr_node.errors import PixelDecodeError
 
@@ -42,8 +44,12 @@ GRAYSCALE: Final = ("MONOCHROME1", "MONOCHROME2")
 SPACING_RANGE_MM: Final = (0.01, 10.0)
 """Plausible pixel spacings (radiographs are about 0.1-0.2 mm); a value outside is a header error."""
 BAND_PIXELS: Final = 1 << 18
-"""Stored pixels transformed at once: a band's float32 temporaries (1 MiB each) stay in a core's cache through the
-several passes of the presentation transform and the block mean (about 1.7x faster than 8 MiB bands)."""
+"""Stored pixels transformed at once: a band's float32 buffers (1 MiB) stay in a core's cache through the several
+passes of the presentation transform and the block mean (about 1.7x faster than 8 MiB bands); smaller bands lose
+more to each band's numpy calls than they gain."""
+IN_PLACE_SYNTAXES: Final = frozenset((ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian))
+"""Uncompressed little-endian syntaxes: pydicom's array is a view on the Pixel Data bytes, which :func:`decode`
+reads in place, without pydicom's copy and whole-frame masking of the unused high bits."""
 PREFERRED_DECODERS: Final = ("pylibjpeg", "pillow")
 """pydicom plugins tried first, in this order, where installed for a transfer syntax: on the JPEG 2000 chest CRs of
 bench/cost.py pylibjpeg-openjpeg (the node's dependency) and Pillow take the least CPU; GDCM, which pydicom tries
@@ -51,7 +57,7 @@ first when it is installed, decodes with two threads in less wall time but 20-75
 short of CPU. All give the same pixels."""
 DECODER_FAILURES: Final = (AttributeError, KeyError, NotImplementedError, RuntimeError, TypeError, ValueError)
 """What pydicom and its plugins raise for data they cannot decode (MemoryError is left to propagate)."""
-LUT_FAILURES: Final = (*DECODER_FAILURES, IndexError, struct.error)
+LUT_FAILURES: Final = (*DECODER_FAILURES, IndexError, OverflowError, struct.error)
 """What pydicom raises for a malformed LUT Descriptor or LUT Data."""
 MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 """The largest decoded frame a decoder is asked for by default (a 16-bit 11585 x 11585 image)."""
@@ -62,7 +68,10 @@ JPEG_SOF: Final = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xC
 
 Voi = Literal["lut", "window", "none"]
 Window = tuple[float, float]
-Transform = Callable[[np.ndarray], np.ndarray]
+Transform = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""A step of the presentation transform, called with values and a float32 buffer of their shape: it returns its
+output, written into the buffer (which may also be its input) unless said otherwise. A band's passes then stay in
+one buffer: a fresh 1 MiB array costs the kernel's page faults on every band, more than the arithmetic."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +139,9 @@ def decode(ds: Dataset, max_side: int | None = None, max_frame_bytes: int = MAX_
     _check_max_side(max_side)
     photometric = _check_header(ds)
     _check_allocation(ds, max_frame_bytes)
-    stored = _stored_values(ds)
+    stored, lowest, highest = _stored_values(ds)
     factor = block_factor(stored.shape, max_side)
-    transform, window, voi = _presentation(ds, stored, invert=photometric == "MONOCHROME1")
+    transform, window, voi = _presentation(ds, lowest, highest, invert=photometric == "MONOCHROME1")
     return DecodedImage(
         pixels=_reduce_in_bands(stored, factor, transform),
         original_shape=(int(stored.shape[0]), int(stored.shape[1])),
@@ -169,30 +178,73 @@ def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
 
     Returns a (ceil(H / factor), ceil(W / factor)) float32 array. Strided adds, not reshapes: several times
     faster for small factors. The first row (column) of each block starts the sum instead of a zeroed array, and
-    each part of the grid is divided by its own count (full blocks, the last row, the last column, the corner):
-    the same sums and quotients as adding to zeros and dividing by a full-size table of counts, in fewer passes.
+    each block is divided by its own count (full blocks, the last row, the last column, the corner): the same
+    sums and quotients as adding to zeros and dividing by a full-size table of counts, in fewer passes.
     """
     if factor == 1:
         return arr
-    rows, cols = arr.shape
-    row_sums = np.array(arr[::factor], dtype=np.float32)
-    for offset in range(1, factor):
-        part = arr[offset::factor]
-        row_sums[: part.shape[0]] += part
-    sums = np.array(row_sums[:, ::factor], dtype=np.float32)
-    for offset in range(1, factor):
-        part = row_sums[:, offset::factor]
-        sums[:, : part.shape[1]] += part
-    full_rows, last_rows = divmod(rows, factor)
-    full_cols, last_cols = divmod(cols, factor)
-    sums[:full_rows, :full_cols] /= np.float32(factor * factor)
-    if last_cols:
-        sums[:full_rows, full_cols:] /= np.float32(factor * last_cols)
-    if last_rows:
-        sums[full_rows:, :full_cols] /= np.float32(last_rows * factor)
-    if last_rows and last_cols:
-        sums[full_rows:, full_cols:] /= np.float32(last_rows * last_cols)
+    sums = np.empty((-(-arr.shape[0] // factor), -(-arr.shape[1] // factor)), dtype=np.float32)
+    _BlockMean(arr.shape[0], arr.shape[1], factor)(arr, sums)
     return sums
+
+
+class _BlockMean:
+    """:func:`block_mean` of arrays up to ``rows`` x ``cols`` into a given output, its buffer and divisors made
+    once: a band loop calls it on each band, where a band's small numpy calls would otherwise cost about as much
+    as its arithmetic.
+
+    The row sums of the full blocks' columns and of the last partial block's go to two contiguous buffers, so
+    the column step reads each at one stride throughout, which numpy runs as one loop (about twice as fast as row
+    by row). Each row of the grid is divided by one vector of its blocks' counts, a pass over contiguous memory
+    rather than one per part of the grid; by its reciprocals where every count is a power of two, which is the
+    same quotient (both are the exact ``x / 2**k`` rounded) at less cost.
+    """
+
+    def __init__(self, rows: int, cols: int, factor: int) -> None:
+        self.factor, self.full_cols = factor, cols // factor
+        self.scratch = np.empty(-(-rows // factor) * cols, dtype=np.float32)
+        self.widths = np.full(-(-cols // factor), factor)
+        self.widths[-1] = cols - (self.widths.size - 1) * factor
+        self.full_height = _divisor(factor * self.widths)
+
+    def __call__(self, arr: np.ndarray, sums: np.ndarray) -> None:
+        """Write the block means of ``arr`` into ``sums``."""
+        factor, full_cols, blocks_down = self.factor, self.full_cols, sums.shape[0]
+        split = blocks_down * full_cols * factor
+        parts = (
+            (arr[:, : full_cols * factor], self.scratch[:split], sums[:, :full_cols]),
+            (arr[:, full_cols * factor :], self.scratch[split : blocks_down * arr.shape[1]], sums[:, full_cols:]),
+        )
+        for part, row_sums, part_sums in parts:
+            if part.size:
+                row_sums = row_sums.reshape(blocks_down, part.shape[1])
+                _sum_every(part, factor, row_sums)
+                _sum_every(row_sums.T, factor, part_sums.T)
+        full_rows, last_rows = divmod(arr.shape[0], factor)
+        operation, divisor = self.full_height
+        operation(sums[:full_rows], divisor, out=sums[:full_rows])
+        if last_rows:
+            operation, divisor = _divisor(last_rows * self.widths)
+            operation(sums[full_rows:], divisor, out=sums[full_rows:])
+
+
+def _divisor(counts: np.ndarray) -> tuple[np.ufunc, np.ndarray]:
+    """Return how to divide by ``counts`` (integers) in float32: multiply by their reciprocals when all are powers
+    of two (the same quotients), else divide by them."""
+    if np.any(counts & (counts - 1)):
+        return np.divide, counts.astype(np.float32)
+    return np.multiply, np.float32(1.0) / counts.astype(np.float32)
+
+
+def _sum_every(arr: np.ndarray, factor: int, out: np.ndarray) -> None:
+    """Write into the float32 ``out`` the sums of each ``factor`` consecutive rows of ``arr``, added top to bottom
+    (the last sum over the rows left); the first two parts go in one add, not a copy and an add."""
+    first, second = arr[::factor], arr[1::factor]
+    np.add(first[: second.shape[0]], second, out=out[: second.shape[0]])
+    out[second.shape[0] :] = first[second.shape[0] :]
+    for offset in range(2, factor):
+        part = arr[offset::factor]
+        out[: part.shape[0]] += part
 
 
 def _check_max_side(max_side: int | None) -> None:
@@ -342,8 +394,8 @@ def _header_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
         raise PixelDecodeError(f"{keyword} {value!r} is not an integer") from e
 
 
-def _stored_values(ds: Dataset) -> np.ndarray:
-    """Return the (Rows, Columns) stored values, decoded without caching them on ``ds``."""
+def _stored_values(ds: Dataset) -> tuple[np.ndarray, int, int]:
+    """Return the (Rows, Columns) stored values, decoded without caching them on ``ds``, and the lowest and highest."""
     syntax = ds.get("file_meta", Dataset()).get("TransferSyntaxUID", "no transfer syntax")
     try:
         arr = _decoded(ds, syntax)
@@ -352,12 +404,30 @@ def _stored_values(ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(f"pixel data not decodable ({getattr(syntax, 'name', syntax)}): {reason}") from e
     if arr.ndim != 2 or arr.dtype.kind not in "iub":
         raise PixelDecodeError(f"decoded pixels are {arr.dtype} with shape {arr.shape}; expected integer (H, W)")
-    return arr
+    lowest, highest = _value_range(arr)
+    if syntax in IN_PLACE_SYNTAXES:
+        return _unused_bits_corrected(ds, arr, lowest, highest)
+    return arr, lowest, highest
+
+
+def _value_range(arr: np.ndarray) -> tuple[int, int]:
+    """Return the lowest and highest value of ``arr`` (H, W), scanned in bands: the maximum then reads each band
+    from cache, where whole-frame ``min()`` and ``max()`` read the frame from memory twice."""
+    step = max(1, BAND_PIXELS // arr.shape[1])
+    lowest, highest = [], []
+    for start in range(0, arr.shape[0], step):
+        band = arr[start : start + step]
+        lowest.append(int(band.min()))
+        highest.append(int(band.max()))
+    return min(lowest), max(highest)
 
 
 def _decoded(ds: Dataset, syntax: object) -> np.ndarray:
     """Decode with the least-CPU plugin installed for the transfer syntax (:data:`PREFERRED_DECODERS`), then, if
-    that one fails, with each other plugin in pydicom's own order."""
+    that one fails, with each other plugin in pydicom's own order; for :data:`IN_PLACE_SYNTAXES` (no plugins)
+    return pydicom's read-only view on the Pixel Data bytes, the bits above BitsStored as stored."""
+    if syntax in IN_PLACE_SYNTAXES:
+        return pixel_array(ds, correct_unused_bits=False, view_only=True)
     try:
         available = get_decoder(str(syntax)).available_plugins
     except (NotImplementedError, ValueError):  # no decoder for this syntax: pydicom says why
@@ -371,14 +441,34 @@ def _decoded(ds: Dataset, syntax: object) -> np.ndarray:
     return pixel_array(ds)
 
 
-def _presentation(ds: Dataset, stored: np.ndarray, *, invert: bool) -> tuple[Transform, Window | None, Voi]:
-    """Return the stored-values → ``[0, 1]`` presentation transform, the window applied and the VOI kind."""
+def _unused_bits_corrected(ds: Dataset, arr: np.ndarray, lowest: int, highest: int) -> tuple[np.ndarray, int, int]:
+    """Return pydicom's correction of the bits above BitsStored in ``arr`` (shifted out to the left and back:
+    unsigned values masked, signed ones sign-extended) with its lowest and highest value.
+
+    ``arr`` itself when its range shows that the correction changes no value, as for nearly every image: no copy
+    and no pass over the frame then, where pydicom's correction makes three.
+    """
+    shift = _header_int(ds, "BitsAllocated") - _header_int(ds, "BitsStored")  # what pydicom shifts by
+    if shift <= 0:  # pydicom corrects only when BitsAllocated > BitsStored
+        return arr, lowest, highest
+    kept = arr.dtype.itemsize * 8 - shift
+    low, high = (-(1 << (kept - 1)), (1 << (kept - 1)) - 1) if arr.dtype.kind == "i" else (0, (1 << kept) - 1)
+    if low <= lowest and highest <= high:
+        return arr, lowest, highest
+    corrected = np.left_shift(arr, shift)
+    np.right_shift(corrected, shift, out=corrected)
+    return corrected, *_value_range(corrected)
+
+
+def _presentation(ds: Dataset, lowest: int, highest: int, *, invert: bool) -> tuple[Transform, Window | None, Voi]:
+    """Return the stored-values → ``[0, 1]`` presentation transform (into its buffer), the window applied and the
+    VOI kind, for stored values from ``lowest`` to ``highest``."""
     modality = _modality_transform(ds)
-    low, high = _modality_range(ds, stored, modality)
+    low, high = _modality_range(ds, lowest, highest, modality)
     to_unit, window, voi = _voi_transform(ds, low, high)
 
-    def transform(band: np.ndarray) -> np.ndarray:
-        out = np.asarray(to_unit(modality(band)), dtype=np.float32)
+    def transform(band: np.ndarray, out: np.ndarray) -> np.ndarray:
+        to_unit(modality(band, out), out)
         if invert:
             np.subtract(np.float32(1.0), out, out=out)
         return out
@@ -389,26 +479,36 @@ def _presentation(ds: Dataset, stored: np.ndarray, *, invert: bool) -> tuple[Tra
 def _modality_transform(ds: Dataset) -> Transform:
     """Return the Modality LUT as a function of stored values: the LUT Sequence, a rescale, or the identity.
 
-    The LUT Sequence goes through pydicom; a rescale is done here in float32 (pydicom's is float64, twice the
-    memory and time), after checking the slope is a finite non-zero number.
+    The LUT Sequence goes through pydicom (its output is a new array); a rescale is done here in float32 in the
+    buffer (pydicom's is float64, twice the memory and time), after checking the slope is a finite non-zero number;
+    the identity returns the stored values themselves.
     """
-    if ds.get("ModalityLUTSequence"):
-        return lambda band: apply_modality_lut(band, ds)
+    if ds.get("ModalityLUTSequence"):  # int64: a first mapped value below 0 (a US/SS descriptor read as SS) is
+        # subtracted from unsigned stored values in pydicom, which a uint16 band cannot hold
+        return lambda band, out: apply_modality_lut(band.astype(np.int64), ds)
     if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
-        return lambda band: band
+        return lambda band, out: band
     slope, intercept = _header_number(ds, "RescaleSlope"), _header_number(ds, "RescaleIntercept")
     if slope is None or slope == 0 or intercept is None:
         found = f"{ds.get('RescaleSlope')!r}/{ds.get('RescaleIntercept')!r}"
         raise PixelDecodeError(f"RescaleSlope/RescaleIntercept {found} are not a finite non-zero slope and offset")
-    return lambda band: _f32(band) * np.float32(slope) + np.float32(intercept)
+    gain, offset = np.float32(slope), np.float32(intercept)
+
+    def rescale(band: np.ndarray, out: np.ndarray) -> np.ndarray:
+        _into(band, out)
+        out *= gain
+        out += offset
+        return out
+
+    return rescale
 
 
-def _modality_range(ds: Dataset, stored: np.ndarray, modality: Transform) -> tuple[float, float]:
-    """Return the lowest and highest Modality LUT output over the stored values present."""
-    lowest, highest = int(stored.min()), int(stored.max())
+def _modality_range(ds: Dataset, lowest: int, highest: int, modality: Transform) -> tuple[float, float]:
+    """Return the lowest and highest Modality LUT output over stored values from ``lowest`` to ``highest``."""
     try:
         probe = _lut_probe(ds.ModalityLUTSequence[0], lowest, highest) if ds.get("ModalityLUTSequence") else None
-        values = modality(np.array([lowest, highest]) if probe is None else probe)
+        inputs = np.array([lowest, highest]) if probe is None else probe
+        values = modality(inputs, np.empty(inputs.shape, dtype=np.float32))
     except LUT_FAILURES as e:
         raise PixelDecodeError(f"Modality LUT Sequence cannot be applied: {e}") from e
     return float(np.min(values)), float(np.max(values))
@@ -436,7 +536,7 @@ def _voi_transform(ds: Dataset, low: float, high: float) -> tuple[Transform, Win
     if window is not None:
         center, width = window
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
-        return _windowing(center, width, function), window, "window"
+        return _windowing(center, width, function, (low, high)), window, "window"
     return _linear(low, high), None, "none"
 
 
@@ -453,9 +553,10 @@ def _voi_lut(ds: Dataset) -> Transform | None:
     low, high = float(table.min()), float(table.max())
     scale = np.float32(1.0 / (high - low) if high > low else 0.0)
 
-    def lookup(values: np.ndarray) -> np.ndarray:
+    def lookup(values: np.ndarray, out: np.ndarray) -> np.ndarray:
         inputs = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)  # pydicom wraps beyond
-        return (apply_voi(inputs, ds).astype(np.float32) - np.float32(low)) * scale
+        out[...] = (apply_voi(inputs, ds).astype(np.float32) - np.float32(low)) * scale
+        return out
 
     return lookup
 
@@ -474,53 +575,90 @@ def _first_window(ds: Dataset, low: float, high: float) -> Window | None:
     return center, width
 
 
-def _windowing(center: float, width: float, function: str) -> Transform:
-    """Return the window of PS3.3 C.11.2.1.2 (LINEAR), C.11.2.1.3.1 (SIGMOID), C.11.2.1.3.2 (LINEAR_EXACT)."""
+def _windowing(center: float, width: float, function: str, values: tuple[float, float]) -> Transform:
+    """Return the window of PS3.3 C.11.2.1.2 (LINEAR), C.11.2.1.3.1 (SIGMOID), C.11.2.1.3.2 (LINEAR_EXACT) for
+    modality values within ``values`` (lowest, highest).
+
+    A linear window's clip to ``[0, 1]`` is left out when the lowest and highest value land inside: the line is
+    monotone in float32 too, so every value does, and the clip would change none (it keeps -0.0 as well).
+    """
     if function == "SIGMOID":
-        return lambda x: _sigmoid(_f32(x), center, width)
+        return lambda x, out: _sigmoid(_into(x, out), center, width)
     if function != "LINEAR_EXACT":  # LINEAR, the default, also for an unknown function
         center, width = center - 0.5, width - 1.0
         if width == 0:
-            return lambda x: (_f32(x) > np.float32(center)).astype(np.float32)
+            threshold = np.float32(center)
+
+            def step(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+                out[...] = _into(x, out) > threshold
+                return out
+
+            return step
     offset, gain = np.float32(0.5 - center / width), np.float32(1.0 / width)
 
-    def linear(x: np.ndarray) -> np.ndarray:
-        out = np.array(x, dtype=np.float32)  # one new array, then in place: the same values, fewer passes
+    def line(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        _into(x, out)
         out *= gain
         out += offset
-        return np.clip(out, 0.0, 1.0, out=out)
+        return out
 
-    return linear
+    ends = line(np.array(values, dtype=np.float32), np.empty(2, dtype=np.float32))
+    if ends[0] >= 0.0 and ends[1] <= 1.0:
+        return line
+    return lambda x, out: np.clip(line(x, out), 0.0, 1.0, out=out)
 
 
 def _sigmoid(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Return ``1 / (1 + exp(-4 (x - center) / width))`` in float32; far tails saturate to 0 and 1."""
+    """Return ``1 / (1 + exp(-4 (x - center) / width))`` of float32 ``x``, in place; far tails saturate to 0 and 1."""
     with np.errstate(over="ignore"):
-        result: np.ndarray = np.float32(1.0) / (
-            np.float32(1.0) + np.exp(np.float32(-4.0 / width) * (x - np.float32(center)))
-        )
-        return result
+        x -= np.float32(center)
+        x *= np.float32(-4.0 / width)
+        np.exp(x, out=x)
+        x += np.float32(1.0)
+        np.divide(np.float32(1.0), x, out=x)
+    return x
 
 
 def _linear(low: float, high: float) -> Transform:
     """Return the map of ``[low, high]`` onto ``[0, 1]`` (all zeros for a constant image)."""
     gain = np.float32(1.0 / (high - low)) if high > low else np.float32(0.0)
-    return lambda x: (_f32(x) - np.float32(low)) * gain
+
+    def unit_range(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        _into(x, out)
+        out -= np.float32(low)
+        out *= gain
+        return out
+
+    return unit_range
 
 
-def _f32(x: np.ndarray) -> np.ndarray:
-    """Return ``x`` as float32 (a copy unless it already is)."""
-    return np.asarray(x, dtype=np.float32)
+def _into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Return the float32 buffer ``out`` holding ``x`` (as ``np.asarray(x, np.float32)`` would; already there when
+    ``x`` is ``out``)."""
+    if x is not out:
+        out[...] = x
+    return out
 
 
 def _reduce_in_bands(stored: np.ndarray, factor: int, transform: Transform) -> np.ndarray:
-    """Apply ``transform`` band by band and block-mean each band by ``factor`` into one float32 array."""
+    """Apply ``transform`` band by band and block-mean each band by ``factor`` into one float32 array.
+
+    Without a reduction each band is transformed straight into its rows of the output; with one, into a band
+    buffer, whose block means go straight into the output: both buffers are allocated once, not per band.
+    """
     rows, cols = stored.shape
     out = np.empty((-(-rows // factor), -(-cols // factor)), dtype=np.float32)
     step = factor * max(1, BAND_PIXELS // (cols * factor))
+    if factor == 1:
+        for start in range(0, rows, step):
+            transform(stored[start : start + step], out[start : start + step])
+        return out
+    band = np.empty((min(step, rows), cols), dtype=np.float32)
+    reduce = _BlockMean(band.shape[0], cols, factor)
     for start in range(0, rows, step):
-        reduced = block_mean(transform(stored[start : start + step]), factor)
-        out[start // factor : start // factor + reduced.shape[0]] = reduced
+        stored_band = stored[start : start + step]
+        first, count = start // factor, -(-stored_band.shape[0] // factor)
+        reduce(transform(stored_band, band[: stored_band.shape[0]]), out[first : first + count])
     return out
 
 

@@ -266,6 +266,17 @@ def test_short_modality_lut_raises() -> None:
         decode(ds)
 
 
+def test_modality_lut_with_a_negative_first_value_on_unsigned_pixels_is_applied() -> None:
+    """A Modality LUT whose first mapped value reads as negative (a US/SS descriptor read as SS) maps unsigned
+    stored values from it, as pydicom does on wider integers; before, the uint16 subtraction escaped as an
+    OverflowError that no caller expects."""
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8) * 3
+    ds = image(stored)
+    ds.ModalityLUTSequence = [lut_item([256, -5, 16], [2 * v for v in range(256)])]
+    expected = 2.0 * (stored + 5)  # LUT[value - first], first = -5
+    np.testing.assert_allclose(decode(ds).pixels, (expected - expected.min()) / np.ptp(expected), atol=1e-6)
+
+
 def test_modality_lut_sequence_is_applied(wg04: Path) -> None:
     """mlut_18's Modality LUT Sequence (signed 12-bit input) is applied, then the data range maps onto [0, 1]."""
     ds = dcmread(wg04 / "mlut_18.dcm")
