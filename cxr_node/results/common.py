@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Final, Literal, TypedDict, TypeVar, get_args
 
 import highdicom as hd
@@ -35,7 +35,7 @@ from cxr_node.dicom.uids import (
     PRIVATE_SOURCE_UID,
     output_uid,
 )
-from cxr_node.results.encoding import write_explicit_le
+from cxr_node.results.encoding import VOCABULARY, write_explicit_le
 from cxr_node.results.findings import Algorithm, Findings, Provenance
 
 Kind = Literal["sr", "sc", "seg", "pr"]
@@ -325,8 +325,10 @@ def validate_values(dataset: Dataset) -> None:
     """Check every element's value against its VR (length, characters, format), nested sequences included.
 
     pydicom checks a value when it is assigned, and only warns by default; this checks them all again,
-    raising, just before an output is written. Elements are visited in the order of ``Dataset.iterall``; a
-    value met again (an SR repeats its code meanings and designators many times) is checked once per call.
+    raising. Elements are visited in the order of ``Dataset.iterall``; a value met again (an SR repeats its code
+    meanings and designators many times) is checked once per call. :func:`encode` makes the same checks while it
+    writes, in the same order (:func:`_validate_element`), and calls this only to report an error as it would have
+    been reported had every value been checked before writing.
 
     Raises
     ------
@@ -346,27 +348,45 @@ def _validate_tree(dataset: Dataset, checked: set[tuple[str, str]]) -> None:
         element = elements[tag]
         if not isinstance(element, DataElement):
             element = dataset[tag]  # converts a raw element, as iterall does
-        vr = element.VR
-        if vr == "SQ":
+        if element.VR == "SQ":
             for item in element.value:
                 _validate_tree(item, checked)
-        elif vr in _TEXT_VRS:
-            value = element.value
-            if type(value) is str:  # most values: one text
-                if (vr, value) not in checked:
-                    _validate_text(element, vr, value, checked)
-            elif value is not None:
-                for one in value if isinstance(value, list | tuple | MultiValue) else (value,):
-                    if one is not None and isinstance(one, _CHECKED_TYPES) and (vr, str(one)) not in checked:
-                        _validate_text(element, vr, str(one), checked)
+        else:
+            _validate_element(element, checked)
+
+
+def _validate_element(element: DataElement, checked: set[tuple[str, str]]) -> None:
+    """Validate the value of one element other than a sequence; ``checked`` holds the (VR, text) pairs passed."""
+    vr = element.VR
+    if vr not in _TEXT_VRS:
+        return
+    value = element.value
+    if type(value) is str:  # most values: one text
+        if (vr, value) not in checked:
+            _validate_text(element, vr, value, checked)
+    elif value is not None:
+        for one in value if isinstance(value, list | tuple | MultiValue) else (value,):
+            if one is not None and isinstance(one, _CHECKED_TYPES) and (vr, str(one)) not in checked:
+                _validate_text(element, vr, str(one), checked)
 
 
 def _validate_text(element: DataElement, vr: str, text: str, checked: set[tuple[str, str]]) -> None:
     try:
-        validate_value(vr, text, pydicom.config.RAISE)
+        if int(element.tag) in VOCABULARY:
+            _valid_vocabulary(vr, text)
+        else:
+            validate_value(vr, text, pydicom.config.RAISE)
     except ValueError as exc:
         raise ValueError(f"{element.keyword or element.tag}: {exc}") from exc
     checked.add((vr, text))
+
+
+@lru_cache(maxsize=4096)
+def _valid_vocabulary(vr: str, text: str) -> None:
+    """Raise ValueError when ``vr`` does not allow ``text``, a value of the node's vocabulary (codes, value types,
+    relationships: the same in every report). Whether it does depends on the two alone: a pair that passed is not
+    checked again (a refused one is, raising each time)."""
+    validate_value(vr, text, pydicom.config.RAISE)
 
 
 def encode(dataset: Dataset) -> bytes:
@@ -391,13 +411,34 @@ def _encode(dataset: Dataset, *, fast: bool) -> bytes:
     if dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         raise OutputError(f"outputs are written Explicit VR Little Endian, found {dataset.file_meta.TransferSyntaxUID}")
     try:
-        validate_values(dataset)
-        with _strict_writing():
-            data = write_explicit_le(dataset) if fast else None
-            if data is None:
-                buffer = io.BytesIO()
-                pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
-                data = buffer.getvalue()
+        data = _checked_while_written(dataset) if fast else None
+        if data is None:
+            validate_values(dataset)
+            with _strict_writing():
+                data = write_explicit_le(dataset) if fast else None
+                if data is None:
+                    buffer = io.BytesIO()
+                    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+                    data = buffer.getvalue()
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise OutputError(f"{dataset.get('SOPClassUID', 'output')} failed validation: {exc}") from exc
     return data
+
+
+def _checked_while_written(dataset: Dataset) -> bytes | None:
+    """The bytes of ``dataset`` from the fast writer, each value validated as it is written (one walk, not two), or
+    None where the writer does not cover the data set (the caller then validates, and writes with pydicom).
+
+    Raises
+    ------
+    ValueError, TypeError, AttributeError, KeyError
+        The error :func:`validate_values` raises for the data set, when it raises one; else the writer's. Either way
+        the error of validating every value first and then writing.
+    """
+    checked: set[tuple[str, str]] = set()
+    try:
+        with _strict_writing():
+            return write_explicit_le(dataset, partial(_validate_element, checked=checked))
+    except (ValueError, TypeError, AttributeError, KeyError):
+        validate_values(dataset)  # a value refused after the writer's error is still the one reported
+        raise

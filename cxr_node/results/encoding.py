@@ -8,6 +8,11 @@ defined-length items, sequences). Whatever it does not cover — raw (undecoded)
 rare VRs, buffered values, values too long for their length field — makes it return None, and the caller
 writes with pydicom instead. ``tests/dicom/test_encoding.py`` checks it against ``dcmwrite`` on every output
 kind.
+
+It can show each element to a check before writing it, so the outputs' value validation
+(:func:`cxr_node.results.common.encode`) rides on the same walk. The bytes of the node's own vocabulary (code
+values, meanings and designators, value types, relationships), the same in every report, are kept across calls;
+nothing else outlives a call.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ from pydicom.valuerep import PersonName
 PREAMBLE: Final = b"\x00" * 128
 _STRING_VRS: Final = frozenset({"AE", "AS", "CS", "UR"})
 _TEXT_VRS: Final = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_ONE_TEXT_VRS: Final = _TEXT_VRS | _STRING_VRS | {"UI", "DA", "TM", "DT"}
+"""The VRs :func:`_one_text` writes one text of: encoded, or (the others) written as it is, padded."""
+VOCABULARY: Final = frozenset(
+    {
+        0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080119, 0x00080120,  # codes, mapping resource
+        0x0040A010, 0x0040A040, 0x0040A050, 0x0040DB00,  # relationship, value type, continuity, template
+    }
+)  # fmt: skip
+"""The tags of codes and of the structure of SR content items: the node's own vocabulary, never a patient's value,
+and the same in every report; what is worked out from them alone may be kept across outputs."""
 _BINARY_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OW", "OV"})
 _NUMBERS: Final = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 _LONG_LENGTH: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
@@ -44,13 +59,23 @@ _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<L")
 
 
+Check = Callable[[DataElement], None]
+"""What :func:`write_explicit_le` may call with each element before writing it."""
+
+
 class Unsupported(Exception):
     """Something the fast writer does not cover; the caller writes with pydicom."""
 
 
-def write_explicit_le(dataset: Dataset) -> bytes | None:
+def write_explicit_le(dataset: Dataset, check: Check | None = None) -> bytes | None:
     """Return the Part 10 bytes pydicom's ``dcmwrite(..., enforce_file_format=True)`` writes for ``dataset``
     (Explicit VR Little Endian), or None when the data set holds something this writer does not cover.
+
+    ``check``, when given, is called with each element of ``dataset`` other than a sequence, just before it is
+    written, in the order of ``Dataset.iterall`` (tag order, depth first); what it raises propagates. An element
+    whose text value was written before in the call, with the same tag, VR and character set, is not shown again:
+    a check of the VR and text alone (:func:`cxr_node.results.common.validate_values`) has passed it already. With
+    ``check``, a group length element (never written, and not shown) makes the writer return None.
 
     Raises
     ------
@@ -62,7 +87,7 @@ def write_explicit_le(dataset: Dataset) -> bytes | None:
     if len(preamble) != len(PREAMBLE):
         raise ValueError("'Dataset.preamble' must be 128-bytes long")
     meta = _file_meta(dataset)
-    writer = _Writer([preamble, b"DICM", meta])
+    writer = _Writer([preamble, b"DICM", meta], check)
     try:
         writer.dataset(dataset, _encodings((default_encoding,)))
     except Unsupported:
@@ -110,10 +135,12 @@ def _head(tag: int, vr: str) -> bytes:
 class _Writer:
     """One data set's bytes, collected in ``parts``. The bytes of an element with a text value depend on its tag, VR,
     text and character set alone: they are kept for the rest of the call (an SR repeats its code values, meanings,
-    designators and relationships many times), never beyond it."""
+    designators and relationships many times), never beyond it. ``check``, when given, sees each element before it
+    is written (:func:`write_explicit_le`)."""
 
-    def __init__(self, parts: list[bytes]) -> None:
+    def __init__(self, parts: list[bytes], check: Check | None = None) -> None:
         self.parts = parts
+        self.check = check
         self.texts: dict[tuple[int, str, str, tuple[str, ...]], bytes] = {}
 
     def dataset(self, dataset: Dataset, parent: tuple[str, ...]) -> int:
@@ -126,33 +153,44 @@ class _Writer:
         encodings = (
             parent if charset is None else _encodings((charset,) if isinstance(charset, str) else tuple(charset))
         )
+        texts, check, append = self.texts, self.check, self.parts.append
         written = 0
         for tag in sorted(elements, key=int):
-            if not tag & 0xFFFF and tag > 0x6FFFF:
-                continue  # group lengths are not written (PS3.5 7.2)
             element = elements[tag]
+            if not tag & 0xFFFF and tag > 0x6FFFF:
+                if check is not None:  # not written (PS3.5 7.2), but checked like any element
+                    raise Unsupported(f"{tag}: group length")
+                continue
             if not isinstance(element, DataElement):
                 raise Unsupported(f"{tag}: raw element")
             vr = element.VR
             if vr == "SQ":
                 written += self.sequence(element, encodings)
-            else:
+                continue
+            value = element._value  # what ``element.value`` returns, without the property's call
+            if not isinstance(value, str):
+                if check is not None:
+                    check(element)
                 written += self.element(element, vr if vr != "OB or OW" else _resolved_vr(element, dataset), encodings)
+                continue
+            if element.is_undefined_length:
+                raise Unsupported(f"{element.tag}: undefined length")
+            key = (int(tag), vr, value, encodings)  # most elements: one text, often met before
+            encoded = texts.get(key)
+            if encoded is None:
+                if check is not None:
+                    check(element)
+                encoded = texts[key] = _text_element(element, key[0], vr, value, encodings)
+            append(encoded)
+            written += len(encoded)
         return written
 
     def element(self, element: DataElement, vr: str, encodings: tuple[str, ...]) -> int:
-        """Append one (non-sequence) element; return the number of bytes appended."""
+        """Append one element whose value is not a text (nor a sequence); return the number of bytes appended."""
         tag = int(element.tag)
         if element.is_undefined_length and tag != _PIXEL_DATA:
             raise Unsupported(f"{element.tag}: undefined length")
         value = element.value
-        if isinstance(value, str):
-            key = (tag, vr, value, encodings)
-            encoded = self.texts.get(key)
-            if encoded is None:
-                encoded = self.texts[key] = b"".join(_element_bytes(element, tag, vr, value, encodings))
-            self.parts.append(encoded)
-            return len(encoded)
         if not isinstance(value, bytes) and element.is_buffered:
             raise Unsupported(f"{element.tag}: buffered element")
         if vr in _BINARY_VRS and type(value) is bytes and len(value) % 2:
@@ -200,6 +238,39 @@ def _element_bytes(
     if length > 0xFFFF:
         raise Unsupported(f"{element.tag}: value too long for a 16-bit length")
     return _head(tag, vr) + _U16.pack(length), data
+
+
+def _text_element(element: DataElement, tag: int, vr: str, value: str, encodings: tuple[str, ...]) -> bytes:
+    """The bytes of an element whose value is one text: :func:`_element_bytes`, joined; for the VRs texts mostly
+    have, written here directly (:func:`_one_text`), and for the node's vocabulary made once per process."""
+    if vr not in _ONE_TEXT_VRS:
+        return b"".join(_element_bytes(element, tag, vr, value, encodings))
+    if tag in VOCABULARY and value.isascii():
+        return _vocabulary_text(tag, vr, value, encodings)
+    return _one_text(tag, vr, value, encodings)
+
+
+def _one_text(tag: int, vr: str, value: str, encodings: tuple[str, ...]) -> bytes:
+    """What :func:`_element_bytes` makes of one text of a VR in :data:`_ONE_TEXT_VRS`: the text encoded (or, in the
+    VRs that hold ASCII alone, as it is) and padded."""
+    if vr in _TEXT_VRS:
+        data = encode_string(value, list(encodings)) if value else b""
+        if len(data) % 2:
+            data += b" "
+    else:
+        data = _padded(value, "\0" if vr == "UI" else " ") if value else b""
+    if vr in _LONG_LENGTH:
+        return _head(tag, vr) + _U32.pack(len(data)) + data
+    if len(data) > 0xFFFF:
+        raise Unsupported(f"{Tag(tag)}: value too long for a 16-bit length")
+    return _head(tag, vr) + _U16.pack(len(data)) + data
+
+
+@lru_cache(maxsize=4096)
+def _vocabulary_text(tag: int, vr: str, value: str, encodings: tuple[str, ...]) -> bytes:
+    """:func:`_one_text`, kept across calls for the tags of :data:`VOCABULARY` (an ASCII text encodes the same way
+    under every writing validation mode, so the bytes depend on the arguments alone)."""
+    return _one_text(tag, vr, value, encodings)
 
 
 def _resolved_vr(element: DataElement, dataset: Dataset) -> str:

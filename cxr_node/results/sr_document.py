@@ -5,7 +5,8 @@ highdicom's constructor deep-copies the content tree, re-reads it into its own c
 collect the evidence; the node's report references exactly one image, the source, so the evidence is that
 image and nothing needs collecting. Every attribute, its VR and its value are those highdicom writes (the
 File Meta Information and the contributing-equipment entry naming highdicom included, as the reference
-builder writes them); ``tests/dicom/test_sr_equivalence.py`` checks it against
+builder writes them; highdicom's own entry is made once and each document's copy dated by the document's clock);
+``tests/dicom/test_sr_equivalence.py`` checks it against
 :func:`cxr_node.results.sr_reference.build_sr_reference` on many inputs, so a change in highdicom shows up as
 a failing test.
 """
@@ -30,17 +31,18 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ComprehensiveSRStorage
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 from cxr_node.results.as_highdicom import acquisition_equipment, file_meta
-from cxr_node.results.common import Identity, copy_element
-from cxr_node.results.sr_content import dataset, sequence
+from cxr_node.results.common import Identity, clone_dataset, copy_element
+from cxr_node.results.sr_content import add, dataset, sequence
 
 _BASE_PATIENT_STUDY: Final = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime",
 )  # fmt: skip
 """What highdicom's SOPClass reads from the first evidence by attribute access (absent: AttributeError)."""
+_CONTRIBUTION_DATETIME: Final = BaseTag(0x0018A002)
 
 
 def now() -> datetime.datetime:
@@ -72,11 +74,11 @@ def comprehensive_sr(
     _patient_and_study(evidence, sr)
     _series_and_instance(sr, evidence, ids, manufacturer, clock)
     for element in content:
-        sr.add(element)
-    sr.add(DataElement(0x0040A375, "SQ", sequence([_evidence_item(evidence)])))  # Current Requested Procedure Ev.
-    sr.add(DataElement(0x0040A372, "SQ", sequence([])))  # Performed Procedure Code Sequence
-    sr.add(DataElement(0x00081111, "SQ", sequence([])))  # Referenced Performed Procedure Step Sequence
-    sr.add(DataElement(0x0018A001, "SQ", sequence(_equipment(evidence, contributing))))
+        add(sr, element)
+    add(sr, DataElement(0x0040A375, "SQ", sequence([_evidence_item(evidence)])))  # Current Requested Procedure Ev.
+    add(sr, DataElement(0x0040A372, "SQ", sequence([])))  # Performed Procedure Code Sequence
+    add(sr, DataElement(0x00081111, "SQ", sequence([])))  # Referenced Performed Procedure Step Sequence
+    add(sr, DataElement(0x0018A001, "SQ", sequence(_equipment(evidence, contributing, clock))))
     return sr
 
 
@@ -89,13 +91,14 @@ def _series_and_instance(
         if len(value) > 64:
             raise ValueError(f'Values of argument "{name}" must not exceed 64 characters.')
     charset = evidence.get("SpecificCharacterSet")
+    date, time = DA(clock.date()), TM(clock.time())  # immutable: one value serves two elements
     elements: list[tuple[int, str, object]] = [
-        (0x00080012, "DA", DA(clock.date())),  # Instance Creation Date
-        (0x00080013, "TM", TM(clock.time())),  # Instance Creation Time
+        (0x00080012, "DA", date),  # Instance Creation Date
+        (0x00080013, "TM", time),  # Instance Creation Time
         (0x00080016, "UI", ComprehensiveSRStorage),
         (0x00080018, "UI", ids.sop_instance_uid),
-        (0x00080023, "DA", DA(clock.date())),  # Content Date
-        (0x00080033, "TM", TM(clock.time())),  # Content Time
+        (0x00080023, "DA", date),  # Content Date
+        (0x00080033, "TM", time),  # Content Time
         (0x00080060, "CS", "SR"),
         (0x00080070, "LO", manufacturer),
         (0x0008103E, "LO", ids.series_description),
@@ -109,7 +112,7 @@ def _series_and_instance(
     if charset is not None:
         elements.append((0x00080005, "CS", _checked_charset(charset)))
     for tag, vr, element_value in elements:
-        sr.add(DataElement(tag, vr, element_value))
+        add(sr, DataElement(tag, vr, element_value))
 
 
 def _checked_charset(charset: str | Sequence[str]) -> str | Sequence[str]:
@@ -158,9 +161,23 @@ def _evidence_item(evidence: Dataset) -> Dataset:
     return dataset((0x00081115, "SQ", sequence([series])), (0x0020000D, "UI", evidence.StudyInstanceUID))
 
 
-def _equipment(evidence: Dataset, contributing: Sequence[hd.ContributingEquipment]) -> list[Dataset]:
-    """The source's acquisition equipment (when highdicom can describe it), the node's entries, then highdicom."""
+def _equipment(
+    evidence: Dataset, contributing: Sequence[hd.ContributingEquipment], clock: datetime.datetime
+) -> list[Dataset]:
+    """The source's acquisition equipment (when highdicom can describe it), the node's entries, then highdicom's
+    own entry, dated by the document's clock."""
     items: list[Dataset] = []
     with contextlib.suppress(Exception):  # highdicom leaves the acquisition entry out on any failure
         items.append(acquisition_equipment(evidence))
-    return [*items, *contributing, hd.ContributingEquipment.for_highdicom()]
+    highdicom = clone_dataset(_highdicom_equipment())
+    highdicom.add(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(clock)))
+    return [*items, *contributing, highdicom]
+
+
+@cache
+def _highdicom_equipment() -> hd.ContributingEquipment:
+    """highdicom's ``ContributingEquipment.for_highdicom()`` without its Contribution DateTime, made once (about a
+    millisecond each time); :func:`_equipment` dates a copy of it."""
+    item = hd.ContributingEquipment.for_highdicom()
+    del item[_CONTRIBUTION_DATETIME]
+    return item
