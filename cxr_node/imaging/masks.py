@@ -8,6 +8,7 @@ components. Points returned as outlines are (column, row), DICOM SCOORD order.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -102,13 +103,17 @@ def reduce_to_grid(mask: NDArray[np.bool_], grid: int, rule: Rule) -> tuple[NDAr
 
 
 def runs(mask: NDArray[np.bool_]) -> Runs:
-    """Return the horizontal runs of set pixels as ``(row, start, end)`` arrays (end exclusive), row-major."""
-    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    steps = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(steps == 1)
-    _, ends = np.nonzero(steps == -1)
-    return rows.astype(np.int64), starts.astype(np.int64), ends.astype(np.int64)
+    """Return the horizontal runs of set pixels as ``(row, start, end)`` arrays (end exclusive), row-major.
+
+    With a clear pixel framing each row, the places where a row changes value alternate start, end, start, ... in
+    row-major order, so one pass over the mask finds them all.
+    """
+    height, width = mask.shape
+    framed = np.zeros((height, width + 2), dtype=bool)
+    framed[:, 1:-1] = mask
+    changes = (framed[:, 1:] != framed[:, :-1]).reshape(-1).nonzero()[0].astype(np.int64, copy=False)
+    rows, columns = np.divmod(changes, width + 1)
+    return rows[0::2], columns[0::2], columns[1::2]
 
 
 def run_labels(found: Runs, width: int) -> NDArray[np.int64]:
@@ -125,7 +130,7 @@ def run_labels(found: Runs, width: int) -> NDArray[np.int64]:
     above = (rows - 1) * stride
     first = np.searchsorted(end_keys, above + starts, side="right")
     stop = np.searchsorted(start_keys, above + ends, side="left")
-    counts = np.clip(stop - first, 0, None)
+    counts = np.maximum(stop - first, 0)
     upper = np.repeat(first, counts) + _ramps(counts)
     lower = np.repeat(np.arange(rows.size), counts)
     roots = _union_find(rows.size, lower, upper)
@@ -141,12 +146,16 @@ def _ramps(counts: NDArray[np.int64]) -> NDArray[np.int64]:
 
 
 def _union_find(size: int, left: NDArray[np.int64], right: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Return each node's root after joining every ``(left[i], right[i])`` pair: the smallest node of its component.
+    """Return each node's root after joining every ``(left[i], right[i])`` pair, ``right[i] < left[i]``: the smallest
+    node of its component.
 
-    Vectorised in rounds: every root hooks under the smallest root it is joined to (parents only ever point to
-    smaller nodes), then pointer jumping flattens the trees; each round removes at least one root.
+    Every ``left`` node starts hooked under one of its ``right`` nodes; when none has two (runs that each touch at
+    most one run above, as lungs' do), that already joins everything and pointer jumping finishes. Otherwise rounds
+    follow: every root hooks under the smallest root it is joined to (parents only ever point to smaller nodes),
+    then pointer jumping flattens the trees; each round removes at least one root.
     """
     parent = np.arange(size, dtype=np.int64)
+    parent[left] = right
     while True:
         parent = _flatten(parent)
         root_left, root_right = parent[left], parent[right]
@@ -161,7 +170,7 @@ def _flatten(parent: NDArray[np.int64]) -> NDArray[np.int64]:
     """Point every node straight at its root (pointer jumping)."""
     while True:
         grand = parent[parent]
-        if np.array_equal(grand, parent):
+        if (grand == parent).all():
             return parent
         parent = grand
 
@@ -194,40 +203,83 @@ def components(mask: np.ndarray, keep: int = 2) -> list[NDArray[np.bool_]]:
     Components under :data:`MIN_COMPONENT_FRACTION` of the mask's pixels are dropped; equal sizes keep the
     row-major order of their first pixel.
     """
-    labels, count = label_components(mask)
-    if count == 0:
-        return []
-    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)[1:]
+    check_mask(mask)
+    found = []
+    for rows, starts, ends in _largest_components(mask, keep):
+        part = np.zeros(mask.shape, dtype=bool)
+        part.reshape(-1)[_run_pixels(rows * mask.shape[1] + starts, ends - starts)] = True
+        found.append(part)
+    return found
+
+
+def _largest_components(mask: NDArray[np.bool_], keep: int) -> list[Runs]:
+    """The runs of each of :func:`components`, sized and chosen from the runs alone (no label image to fill and
+    count, which costs more than the rest for a lung mask)."""
+    found = runs(mask)
+    labels = run_labels(found, mask.shape[1])
+    rows, starts, ends = found
+    sizes = np.bincount(labels, weights=ends - starts)  # whole numbers, exact: the same order and threshold
     order = np.argsort(-sizes, kind="stable")[:keep]
     minimum = MIN_COMPONENT_FRACTION * mask.size
-    return [labels == index + 1 for index in order.tolist() if sizes[index] >= minimum]
+    chosen = [labels == index for index in order.tolist() if sizes[index] >= minimum]
+    return [(rows[runs_of], starts[runs_of], ends[runs_of]) for runs_of in chosen]
+
+
+def _run_pixels(firsts: NDArray[np.int64], lengths: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The flat indices of runs given by their first pixel's flat index and their length."""
+    return np.repeat(firsts, lengths) + _ramps(lengths)
 
 
 def trace(component: np.ndarray) -> np.ndarray:
-    """Return the outer boundary of one connected component as (row, col) pixel centres, in order (Moore tracing).
+    """Return the outer boundary of one connected component as (row, col) pixel centres, in order (Moore tracing)."""
+    padded = np.zeros((component.shape[0] + 2, component.shape[1] + 2), dtype=np.uint8)
+    padded[1:-1, 1:-1] = component
+    flat = _walk(padded, int(np.argmax(padded)))  # from the first set pixel in row-major order
+    width = padded.shape[1]
+    return np.column_stack([flat // width, flat % width]).astype(np.float64) - 1.0
+
+
+def _trace_runs(mask: NDArray[np.bool_], found: Runs) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`trace` of the component of ``mask`` made of these runs, as (rows, columns) arrays.
+
+    Only its bounding box is drawn (a lung covers a fraction of the grid), copied from the mask when nothing else
+    reaches into the box (its pixel count is the component's), else painted from the runs.
+    """
+    rows, starts, ends = found
+    top, left = int(rows[0]) - 1, int(starts.min()) - 1
+    bottom, right = int(rows[-1]) + 2, int(ends.max()) + 1
+    canvas = np.zeros((bottom - top, right - left), dtype=np.uint8)
+    canvas[1:-1, 1:-1] = mask[top + 1 : bottom - 1, left + 1 : right - 1]
+    width, lengths = right - left, ends - starts
+    if np.count_nonzero(canvas) != int(lengths.sum()):
+        canvas[...] = 0
+        canvas.reshape(-1)[_run_pixels((rows - top) * width + starts - left, lengths)] = 1
+    flat = _walk(canvas, width + int(starts[0]) - left)
+    return flat // width + top, flat % width + left
+
+
+def _walk(canvas: NDArray[np.uint8], start: int) -> NDArray[np.int64]:
+    """Moore tracing on a contiguous 0/1 canvas with a clear border from ``start``, its first set pixel in row-major
+    order; returns the flat indices of the boundary in order.
 
     Each pixel's eight neighbours are packed into one byte (:func:`_neighbour_codes`), so a step is one look-up
-    in :data:`_NEXT_DIRECTION` rather than a search around the pixel.
+    in :data:`_NEXT_STEP` rather than a search around the pixel.
     """
-    padded = np.pad(component, 1)
-    width = padded.shape[1]
-    codes = _neighbour_codes(padded.astype(np.uint8))
-    offsets = [dr * width + dc for dr, dc in _NEIGHBOURS]
-    table = _NEXT_DIRECTION
-    start = int(np.argmax(padded))  # the first set pixel in row-major order
+    codes = _neighbour_codes(canvas)
     path = [start]
-    current, came_from = start, 6  # entered from the west
-    for _ in range(4 * padded.size):
-        direction = table[codes[current] << 3 | came_from]
-        if direction < 0:
-            break  # a single pixel
+    if not codes[start]:
+        return np.asarray(path, dtype=np.int64)  # a single pixel
+    width = canvas.shape[1]
+    offsets = [dr * width + dc for dr, dc in _NEIGHBOURS]
+    table, append = _NEXT_STEP, path.append
+    current, direction = start, 2  # entered moving east
+    for _ in range(4 * canvas.size):
+        direction = table[codes[current] << 3 | direction]
         current += offsets[direction]
-        came_from = (direction + 4) & 7
         if current == start:
             break
-        path.append(current)
-    flat = np.asarray(path, dtype=np.int64)
-    return np.column_stack([flat // width, flat % width]).astype(np.float64) - 1.0
+        append(current)
+    return np.asarray(path, dtype=np.int64)
 
 
 _CODE_BIT: Final = (1, 2, 4, 7, 6, 5, 3, 0)
@@ -235,32 +287,41 @@ _CODE_BIT: Final = (1, 2, 4, 7, 6, 5, 3, 0)
 bits 0-2 (west to east), west and east in bits 3-4, the row below in bits 5-7."""
 
 
-def _neighbour_codes(padded: NDArray[np.uint8]) -> bytes:
-    """Return, for each pixel of a 0/1 mask with a clear border, its eight neighbours as a byte (row-major).
+def _neighbour_codes(canvas: NDArray[np.uint8]) -> bytes:
+    """Return, for each pixel of a contiguous 0/1 canvas with a clear border, its eight neighbours as a byte
+    (row-major).
 
-    Border pixels get 0 (tracing never stands on them).
+    Border pixels get meaningless codes (tracing never stands on them). The codes are sums over the flat canvas of
+    copies doubled up to each neighbour's bit, taken at the neighbour's offset: adding bytes is cheap, shifting them
+    is not.
     """
-    triple = padded[:, :-2] | padded[:, 1:-1] << 1 | padded[:, 2:] << 2
-    sides = padded[1:-1, :-2] << 3 | padded[1:-1, 2:] << 4
-    codes = np.zeros_like(padded)
-    codes[1:-1, 1:-1] = triple[:-2] | sides | triple[2:] << 5
+    flat = canvas.reshape(-1)
+    weighted = [flat]
+    for _ in range(7):
+        weighted.append(weighted[-1] + weighted[-1])
+    width, size = canvas.shape[1], flat.size
+    codes = np.zeros(size, dtype=np.uint8)
+    inner = codes[width + 1 : size - width - 1]
+    for bit, (dr, dc) in zip(_CODE_BIT, _NEIGHBOURS, strict=True):
+        first = width + 1 + dr * width + dc
+        inner += weighted[bit][first : first + inner.size]
     return codes.tobytes()
 
 
-def _next_directions() -> list[int]:
-    """Return, at ``code << 3 | came_from``, the first direction clockwise after ``came_from`` whose neighbour is
-    set in ``code`` (-1 when none is)."""
+def _next_steps() -> list[int]:
+    """Return, at ``code << 3 | direction``, the direction of the step after one in ``direction``: the first one
+    clockwise from where that step came from whose neighbour is set in ``code`` (-1 when none is)."""
     code = np.arange(256)[:, None, None]
-    came_from = np.arange(8)[None, :, None]
+    came_from = (np.arange(8)[None, :, None] + 4) % 8
     order = (came_from + 1 + np.arange(8)[None, None, :]) % 8
     present = (code >> np.asarray(_CODE_BIT)[order]) & 1 == 1
     first = np.argmax(present, axis=2)
     chosen = np.take_along_axis(order, first[..., None], axis=2)[..., 0]
-    directions: list[int] = np.where(present.any(axis=2), chosen, -1).reshape(-1).tolist()
-    return directions
+    steps: list[int] = np.where(present.any(axis=2), chosen, -1).reshape(-1).tolist()
+    return steps
 
 
-_NEXT_DIRECTION: Final = _next_directions()
+_NEXT_STEP: Final = _next_steps()
 
 
 SMALL_SEGMENT: Final = 64
@@ -330,33 +391,35 @@ def _exact_pixels(points: np.ndarray) -> bool:
 
 
 def _split_levels(x: NDArray[np.float64], y: NDArray[np.float64], tolerance: float, keep: NDArray[np.bool_]) -> None:
-    """Douglas-Peucker on exact pixel coordinates, all segments of one level at once; marks the kept points."""
-    firsts, lasts = np.zeros(1, dtype=np.int64), np.full(1, len(x) - 1, dtype=np.int64)
-    while firsts.size:
-        counts = lasts - firsts - 1
-        wide = counts > 0
-        firsts, lasts, counts = firsts[wide], lasts[wide], counts[wide]
-        if not firsts.size:
-            return
-        starts = np.cumsum(counts) - counts
-        owner = np.repeat(np.arange(firsts.size), counts)
-        inner = np.arange(int(counts.sum())) + np.repeat(firsts + 1 - starts, counts)
-        ax, ay = x[firsts], y[firsts]
-        abx, aby = x[lasts] - ax, y[lasts] - ay
-        length = abx * abx + aby * aby
-        length[length == 0.0] = 1.0  # a zero segment: t = 0, so the distance is to its end point, as before
-        ax, ay, abx, aby = ax[owner], ay[owner], abx[owner], aby[owner]
-        px, py = x[inner], y[inner]
-        t = np.clip(((px - ax) * abx + (py - ay) * aby) / length[owner], 0.0, 1.0)
+    """Douglas-Peucker on exact pixel coordinates, one level of the split at a time; marks the kept points.
+
+    ``keep`` comes in with the ends of the polyline set, or of several laid end to end (nothing lies between one's
+    last point and the next one's first, so their splits never mix and one pass serves all the lungs). Each level
+    measures every point against the segment between the kept points around it: for the few hundred points of an
+    outline numpy costs by the call, not by the point, so that is cheaper than picking out the segments still open,
+    and a level costs the same for one lung or two. Kept points are never candidates.
+    """
+    px, py = x[:-1], y[:-1]
+    kept = keep.nonzero()[0]
+    while True:
+        firsts = kept[:-1]
+        sizes = kept[1:] - firsts
+        a, b = firsts.repeat(sizes), kept[1:].repeat(sizes)
+        ax, ay = x[a], y[a]
+        abx, aby = x[b] - ax, y[b] - ay
+        length = np.maximum(abx * abx + aby * aby, 1.0)  # a zero segment (whole numbers: else 1 or more): t = 0
+        t = ((px - ax) * abx + (py - ay) * aby) / length
+        np.minimum(np.maximum(t, 0.0, out=t), 1.0, out=t)  # clamped; a zero's sign does not reach the distance
         dx, dy = px - (ax + t * abx), py - (ay + t * aby)
         distances = np.sqrt(dx * dx + dy * dy)
-        largest = np.maximum.reduceat(distances, starts)
-        hits = np.flatnonzero(distances == largest[owner])
-        split = inner[hits[np.searchsorted(hits, starts)]]  # the first farthest point of each segment
-        beyond = largest > tolerance
-        split, firsts, lasts = split[beyond], firsts[beyond], lasts[beyond]
+        distances[firsts] = -np.inf
+        largest = np.maximum.reduceat(distances, firsts)
+        hits = (distances == largest.repeat(sizes)).nonzero()[0]
+        split = hits[hits.searchsorted(firsts)][largest > tolerance]  # the first farthest point of each
+        if not split.size:
+            return
         keep[split] = True
-        firsts, lasts = np.concatenate([firsts, split]), np.concatenate([split, lasts])
+        kept = keep.nonzero()[0]
 
 
 def _split_many(
@@ -436,20 +499,67 @@ def _distance_to_segment(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np
 def lung_outlines(mask: np.ndarray, target_shape: tuple[int, int], max_points: int = 128) -> list[np.ndarray]:
     """Return each lung's closed outline as (column, row) points in a ``target_shape`` image, largest first.
 
-    The first point is repeated at the end (a closed POLYLINE, as DICOM SCOORD and GSPS expect).
+    The first point is repeated at the end (a closed POLYLINE, as DICOM SCOORD and GSPS expect). The lungs are
+    traced from their runs (:func:`_trace_runs`) and simplified together (:func:`_split_levels`).
     """
     small, block = reduce_to_grid(mask, OUTLINE_GRID, "any")
     scale_r = target_shape[0] / mask.shape[0] * block
     scale_c = target_shape[1] / mask.shape[1] * block
+    traced = [_trace_runs(small, found) for found in _largest_components(small, 2)]
+    paths = [(rows, columns) for rows, columns in traced if len(rows) >= 3]
+    if not paths:
+        return []
+    rows = np.concatenate([np.append(rows, rows[0]) for rows, _ in paths]).astype(np.float64)
+    columns = np.concatenate([np.append(columns, columns[0]) for _, columns in paths]).astype(np.float64)
+    lengths = np.asarray([len(path) + 1 for path, _ in paths])
+    ends = np.cumsum(lengths)
+    keep = np.zeros(len(rows), dtype=bool)
+    keep[ends - lengths] = keep[ends - 1] = True
+    _split_levels(rows, columns, 0.75, keep)
     outlines = []
-    for component in components(small):
-        path = trace(component)
-        if len(path) < 3:
-            continue
-        path = simplify(np.vstack([path, path[:1]]), tolerance=0.75)[:max_points]
-        points = np.column_stack([(path[:, 1] + 0.5) * scale_c, (path[:, 0] + 0.5) * scale_r])
+    for first, last in zip((ends - lengths).tolist(), ends.tolist(), strict=True):
+        kept = keep[first:last]
+        row, column = rows[first:last][kept][:max_points], columns[first:last][kept][:max_points]
+        points = np.column_stack([(column + 0.5) * scale_c, (row + 0.5) * scale_r])
         points = np.clip(points, 0.0, [target_shape[1] - 1.0, target_shape[0] - 1.0])
         outlines.append(np.vstack([points[:-1], points[:1]]) if not np.array_equal(points[0], points[-1]) else points)
+    return outlines
+
+
+OUTLINES_KEPT: Final = 4
+"""Masks whose outlines :func:`cached_lung_outlines` keeps: the outputs of one image ask in turn, and a few images
+may be written at once."""
+
+_OutlinesKey = tuple[int, tuple[int, ...], tuple[int, int], int]
+_kept_outlines: list[tuple[_OutlinesKey, NDArray[np.bool_], tuple[NDArray[np.float64], ...]]] = []
+_kept_outlines_lock = threading.Lock()
+
+
+def cached_lung_outlines(
+    mask: np.ndarray, target_shape: tuple[int, int], max_points: int = 128
+) -> tuple[NDArray[np.float64], ...]:
+    """:func:`lung_outlines` as read-only arrays, traced once for a mask that several outputs draw (the SR's lung
+    region and the GSPS of the same findings).
+
+    The last :data:`OUTLINES_KEPT` masks are kept by identity, each with a copy of its pixels that must still equal
+    the mask: one changed in place, or another array that took a freed one's ``id``, is traced afresh. Thread-safe:
+    two threads asking at once may both trace, with the same result.
+    """
+    check_mask(mask)
+    key = (id(mask), mask.shape, (int(target_shape[0]), int(target_shape[1])), max_points)
+    with _kept_outlines_lock:
+        candidates = [(pixels, outlines) for found, pixels, outlines in _kept_outlines if found == key]
+    for pixels, outlines in candidates:
+        if np.array_equal(pixels, mask):
+            return outlines
+    outlines = tuple(lung_outlines(mask, target_shape, max_points))
+    for outline in outlines:
+        outline.flags.writeable = False
+    entry = (key, mask.copy(), outlines)
+    with _kept_outlines_lock:
+        _kept_outlines[:] = [other for other in _kept_outlines if other[0] != key]
+        _kept_outlines.append(entry)
+        del _kept_outlines[:-OUTLINES_KEPT]
     return outlines
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_node.imaging.masks import lung_outlines
+from cxr_node.imaging.masks import cached_lung_outlines
 from cxr_node.results.common import (
     Identity,
     OutputError,
@@ -83,7 +83,7 @@ def _outlines(findings: Findings) -> list[hd.pr.GraphicObject]:
             graphic_data=outline.astype(np.float32),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
         )
-        for outline in lung_outlines(findings.lung_mask, findings.summary.source_shape)
+        for outline in cached_lung_outlines(findings.lung_mask, findings.summary.source_shape)  # traced for the SR
     ]
 
 

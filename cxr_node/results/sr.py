@@ -34,7 +34,7 @@ from pydicom.valuerep import DA
 
 from cxr_node.dicom import codes
 from cxr_node.dicom.uids import derived_uid
-from cxr_node.imaging.masks import convex_hull, lung_outlines
+from cxr_node.imaging.masks import cached_lung_outlines, convex_hull
 from cxr_node.results import sr_content as item
 from cxr_node.results.common import (
     Identity,
@@ -332,7 +332,7 @@ def lung_region(findings: Findings) -> np.ndarray:
     border = np.array([[0, 0], [cols - 1, 0], [cols - 1, rows - 1], [0, rows - 1], [0, 0]], dtype=np.float64)
     if findings.lung_mask is None:
         return border.astype(np.float32)
-    outlines = lung_outlines(findings.lung_mask, findings.summary.source_shape)
+    outlines = cached_lung_outlines(findings.lung_mask, findings.summary.source_shape)  # the GSPS draws them too
     if not outlines:
         return border.astype(np.float32)
     return np.round(convex_hull(np.vstack(outlines)), 1).astype(np.float32)

@@ -183,6 +183,7 @@ def test_random_header_decodes_to_the_same_bits(seed: int) -> None:
     assert_same(*random_case(seed))
 
 
+@pytest.mark.slow  # decodes all the random cases again (10 s): a check of the draw, not of the decoder
 def test_random_cases_cover_success_failure_and_each_voi() -> None:
     """The draw decodes most cases, through each kind of VOI, and fails some."""
     results = [outcome(pixels.decode, *random_case(seed)[:2])[0] for seed in range(CASES)]
