@@ -15,6 +15,7 @@ A second table compares the JPEG 2000 decoders installed (pylibjpeg-openjpeg and
 the same files in the same run.
 
     .venv/bin/python bench/cost.py [--images 12] [--write-docs]
+    .venv/bin/python bench/cost.py --quick    # one line, to compare two checkouts run alternately
 """
 
 from __future__ import annotations
@@ -470,12 +471,23 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="decodes per file and decoder")
     parser.add_argument("--overlap", type=int, default=24, help="images per worker throughput run (0: none)")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the uncompressed CR with SR + SC, one line: the node's own CPU and the networks' (to compare two "
+        "checkouts run alternately: this VM's speed drifts, the networks' CPU shows by how much)",
+    )
     args = parser.parse_args()
     if not 1 <= args.images <= 200:
         parser.error("--images must be 1..200")
     logs.configure("warning", "console")
     torch.set_num_threads(1)
     data = Path(__import__("data_store").__file__).parent / "data"
+    if args.quick:
+        found = in_child(data / "RG1_UNCR.dcm", args.images, args.cases, all_outputs=False)
+        own, network = (found["total_cpu"] - found["network"]) * 1000, found["network"] * 1000
+        print(f"node's own CPU {own:.1f} ms, networks {network:.1f} ms, ratio {own / network:.2f} ({REPO})")
+        return 0
     load_start = os.getloadavg()
     started = time.time()
     results = [
