@@ -34,6 +34,7 @@ from cxr_node.errors import ConfigError
 from cxr_node.jobs import spool
 from cxr_node.jobs.states import JobState
 from tests.conftest import require_tool
+from tests.integration.helpers import wait_for
 
 StartNode = Callable[..., Receiver]
 
@@ -286,9 +287,12 @@ def test_wrong_called_aet_is_rejected(start_node: StartNode) -> None:
     """With node.require_called_aet, an association addressed to another AE title is rejected, and the log
     names the AE title the peer called (what the admin must fix)."""
     node = start_node(**{"node.require_called_aet": True})
-    with capture_logs() as logs, associated(node, called="NOT_THE_NODE") as assoc:
-        assert assoc.is_rejected
-        assert rejection(assoc) == (REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLED_AET_NOT_RECOGNISED)
+    with capture_logs() as logs:
+        with associated(node, called="NOT_THE_NODE") as assoc:
+            assert assoc.is_rejected
+            assert rejection(assoc) == (REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAG_CALLED_AET_NOT_RECOGNISED)
+        # pynetdicom's rejection event (the log line) fires after the reject PDU is sent: the peer may see it first
+        wait_for(lambda: any(e["event"] == "assoc.rejected" for e in logs), 5.0)
     assert [e["called_aet"] for e in logs if e["event"] == "assoc.rejected"] == ["NOT_THE_NODE"]
     assert echo(node) == status.SUCCESS
 
