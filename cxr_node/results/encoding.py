@@ -100,7 +100,7 @@ def _file_meta(dataset: Dataset) -> bytes:
     original = getattr(dataset, "file_meta", None)
     meta = FileMetaDataset()
     for element in original or ():
-        meta.add(DataElement(element.tag, element.VR, element.value))
+        meta.add(_meta_copy(element))
     for meta_keyword, keyword in (
         ("MediaStorageSOPClassUID", "SOPClassUID"),
         ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
@@ -119,6 +119,18 @@ def _file_meta(dataset: Dataset) -> bytes:
         write_file_meta_info(buffer, meta, enforce_standard=True)
         return buffer.getvalue()
     return b"".join([_head(_GROUP_LENGTH, "UL"), _U16.pack(4), _U32.pack(length), *writer.parts])
+
+
+def _meta_copy(element: DataElement) -> DataElement:
+    """A new element with ``element``'s tag, VR and value, for the completed File Meta Information: its attributes
+    copied when the value is a text or bytes (it cannot change, and is already what the element's conversion makes
+    of it), else made anew from the value."""
+    value = element.value
+    if type(element) is not DataElement or not isinstance(value, str | bytes):
+        return DataElement(element.tag, element.VR, value)
+    copied = DataElement.__new__(DataElement)
+    copied.__dict__.update(element.__dict__)
+    return copied
 
 
 @cache

@@ -165,19 +165,20 @@ def secondary_capture(
     sc = Dataset()
     sc.preamble = b"\x00" * 128
     sc.file_meta = file_meta(SecondaryCaptureImageStorage, ids.sop_instance_uid)
+    copied = source._dict
     for tag, vr in _PATIENT_AND_STUDY:
-        sc.add(copy_element(source[tag]) if tag in source else DataElement(tag, vr, None))
+        element = copied.get(tag)
+        if element is not None and not isinstance(element, DataElement):
+            element = source[tag]  # a raw element, converted as indexing converts it
+        sc.add(DataElement(tag, vr, None) if element is None else copy_element(element))
     rows, columns = pixels.shape[:2]
     elements: tuple[tuple[int, str, object], ...] = (
         (0x00080008, "CS", ["DERIVED", "SECONDARY", "OTHER"]),  # Image Type
         (0x00080012, "DA", DA(clock.date())),  # Instance Creation Date
         (0x00080013, "TM", TM(clock.time())),  # Instance Creation Time
-        (0x00080016, "UI", SecondaryCaptureImageStorage),
         (0x00080018, "UI", ids.sop_instance_uid),
         (0x00080023, "DA", DA(clock.date())),  # Content Date
         (0x00080033, "TM", TM(clock.time())),  # Content Time
-        (0x00080060, "CS", "OT"),  # Modality
-        (0x00080064, "CS", "DI"),  # Conversion Type: digital interface
         (0x00080070, "LO", manufacturer),
         (0x00181012, "DA", DA(clock.date())),  # Date of Secondary Capture
         (0x00181014, "TM", TM(clock.time())),  # Time of Secondary Capture
@@ -186,20 +187,34 @@ def secondary_capture(
         (0x00200011, "IS", ids.series_number),
         (0x00200013, "IS", ids.instance_number),
         (0x00200020, "CS", [row, column]),  # Patient Orientation
-        (0x00280002, "US", 3),  # Samples per Pixel
-        (0x00280004, "CS", "RGB"),
-        (0x00280006, "US", 0),  # Planar Configuration: colour-by-pixel
         (0x00280010, "US", int(rows)),
         (0x00280011, "US", int(columns)),
-        (0x00280100, "US", 8),  # Bits Allocated
-        (0x00280101, "US", 8),  # Bits Stored
-        (0x00280102, "US", 7),  # High Bit
-        (0x00280103, "US", 0),  # Pixel Representation: unsigned
         (0x7FE00010, "OB or OW", pixels.tobytes()),  # as highdicom sets it; written OB (8 bits allocated)
     )
     for number, vr_name, value in elements:
         sc.add(DataElement(number, vr_name, value))
+    for element in _constant_elements():
+        sc.add(copy_element(element))
     return sc
+
+
+@cache
+def _constant_elements() -> tuple[DataElement, ...]:
+    """The elements :func:`secondary_capture` writes the same in every overlay, made once and copied
+    (:func:`~cxr_node.results.common.copy_element`: their values cannot change, so the copies share them)."""
+    constants: tuple[tuple[int, str, object], ...] = (
+        (0x00080016, "UI", SecondaryCaptureImageStorage),
+        (0x00080060, "CS", "OT"),  # Modality
+        (0x00080064, "CS", "DI"),  # Conversion Type: digital interface
+        (0x00280002, "US", 3),  # Samples per Pixel
+        (0x00280004, "CS", "RGB"),
+        (0x00280006, "US", 0),  # Planar Configuration: colour-by-pixel
+        (0x00280100, "US", 8),  # Bits Allocated
+        (0x00280101, "US", 8),  # Bits Stored
+        (0x00280102, "US", 7),  # High Bit
+        (0x00280103, "US", 0),  # Pixel Representation: unsigned
+    )
+    return tuple(DataElement(number, vr_name, value) for number, vr_name, value in constants)
 
 
 def describe(sc: Dataset, source: Dataset, findings: Findings, ids: Identity) -> None:
@@ -228,6 +243,13 @@ def _source_reference(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = DicomSequence([clone_dataset(_purpose_of_reference())])
+    return item
+
+
+@cache
+def _purpose_of_reference() -> Dataset:
+    """The source reference's purpose code item, the same in every overlay: made once, cloned for each."""
     purpose = dcm_codes.DCM.SourceImageForImageProcessingOperation
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
@@ -235,8 +257,7 @@ def _source_reference(source: Dataset) -> Dataset:
         purpose.scheme_designator,
         purpose.meaning,
     )
-    item.PurposeOfReferenceCodeSequence = DicomSequence([code])
-    return item
+    return code
 
 
 # ------------------------------------------------------------------------------------------ as highdicom writes it
