@@ -146,7 +146,16 @@ def instrument(stages: Stages, worker: Any) -> None:
     stages.wrap(load, "read_header", "read: dcmread")
     stages.wrap(load, "decode", "decode (+ reduce to 1024)")
     stages.wrap(engine.Engine, "analyse", "analyse (rest)")
-    for name in ("normalise", "fit", "unfit", "unfit_above", "unfit_onto", "crop_to_mask", "mask_outside"):
+    for name in (
+        "normalise",
+        "fit",
+        "fit_and_reduce",
+        "unfit",
+        "unfit_above",
+        "unfit_onto",
+        "crop_to_mask",
+        "mask_outside",
+    ):
         if hasattr(preprocess, name):  # some are newer: the bench also measures the code before them
             stages.wrap(preprocess, name, "preprocess")
     stages.wrap(engine, "image_statistics", "domain: image statistics")

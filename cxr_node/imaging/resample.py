@@ -55,14 +55,57 @@ def resize(
     check_order(order)
     kinds, expected = (FLOAT, "a float32 or float64 array") if order == "linear" else (REAL + "b", "a real array")
     check_array("img", img, kinds, expected)
-    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
-        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+    _check_shape(shape)
     keep = (slice(None), slice(None)) if window is None else _check_window(window, shape)
-    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
-    first = 0 if ratios[0] <= ratios[1] else 1  # shrink most first: the second pass works on less
+    first = _first_axis(img.shape, shape)
     out = _resample_axis(img, int(shape[first]), first, order, keep[first])
     out = _resample_axis(out, int(shape[1 - first]), 1 - first, order, keep[1 - first])
     return out.astype(np.float32, copy=False) if order == "linear" else out
+
+
+def resize_each(img: np.ndarray, shapes: tuple[tuple[int, int], ...]) -> list[np.ndarray]:
+    """``[resize(img, shape) for shape in shapes]``, element for element, with a first pass shared where it is equal.
+
+    Reductions of one image to several small grids (a network's input, a statistics grid) usually start with the
+    same pass along the same axis to the same length: the costly one, over the whole image. It is made once.
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        (H, W) float32 or float64.
+    shapes : tuple of (int, int)
+        The (rows, cols) wanted, each side >= 1.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        float32, one per shape, in order.
+    """
+    check_array("img", img, FLOAT, "a float32 or float64 array")
+    passes: dict[tuple[int, int], np.ndarray] = {}
+    out = []
+    for shape in shapes:
+        _check_shape(shape)
+        first = _first_axis(img.shape, shape)
+        key = (first, int(shape[first]))
+        if key not in passes:
+            passes[key] = _resample_axis(img, key[1], first, "linear")
+        second = _resample_axis(passes[key], int(shape[1 - first]), 1 - first, "linear")
+        out.append(second.astype(np.float32, copy=False))
+    return out
+
+
+def _check_shape(shape: object) -> None:
+    """Raise ValueError unless ``shape`` is two ints >= 1."""
+    if not (isinstance(shape, tuple | list) and len(shape) == 2) or not all(
+        isinstance(n, int | np.integer) and n >= 1 for n in shape
+    ):
+        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
+
+
+def _first_axis(source: tuple[int, ...], shape: tuple[int, int]) -> int:
+    """The axis :func:`resize` resamples first: the one that shrinks most (the second pass then works on less)."""
+    return 0 if shape[0] / source[0] <= shape[1] / source[1] else 1
 
 
 SAFE_MARGIN: Final = 1e-5
@@ -93,12 +136,10 @@ def resize_above(img: np.ndarray, shape: tuple[int, int], threshold: float) -> n
         ``shape`` bool.
     """
     check_array("img", img, FLOAT, "a float32 or float64 array")
-    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
-        raise ValueError(f"shape must be two positive ints (rows, cols); found {shape!r}")
-    ratios = (shape[0] / img.shape[0], shape[1] / img.shape[1])
-    if min(ratios) <= 1.0 or not threshold > 0.0 or float(img.min()) < 0.0:
+    _check_shape(shape)
+    if min(shape[0] / img.shape[0], shape[1] / img.shape[1]) <= 1.0 or not threshold > 0.0 or float(img.min()) < 0.0:
         return resize(img, shape) > threshold
-    first = 0 if ratios[0] <= ratios[1] else 1  # as resize: the second pass is the one to the full size
+    first = _first_axis(img.shape, shape)  # as resize: the second pass is the one to the full size
     grown = _resample_axis(img, int(shape[first]), first, "linear")
     if first == 1:  # the last pass is along the rows: work on rows
         return _linear_above(grown, int(shape[0]), threshold)

@@ -31,6 +31,7 @@ FORMAT_VERSION: Final = 1
 
 STAT_GRID: Final = 128
 """Image statistics are measured on the image and mask resampled to this square grid (any source size alike)."""
+STATISTICS_GRID: Final = (STAT_GRID, STAT_GRID)
 
 STATISTICS: Final = (
     "lung_area",
@@ -74,7 +75,7 @@ class DomainScore:
         return self.score <= self.bound
 
 
-def image_statistics(image: np.ndarray, mask: np.ndarray) -> _F64:
+def image_statistics(image: np.ndarray, mask: np.ndarray, reduced: np.ndarray | None = None) -> _F64:
     """Return the robust statistics :data:`STATISTICS` of a normalised image inside and outside its lung mask.
 
     Parameters
@@ -83,6 +84,9 @@ def image_statistics(image: np.ndarray, mask: np.ndarray) -> _F64:
         (H, W) float32 in [0, 1]: the engine's normalised image.
     mask : numpy.ndarray
         (H, W) bool: its lung mask.
+    reduced : numpy.ndarray or None
+        ``resize(image, STATISTICS_GRID)`` when the caller has made it already (the engine makes it with the
+        segmentation's input, sharing their costly first pass: :func:`~cxr_node.imaging.resample.resize_each`).
 
     Returns
     -------
@@ -94,8 +98,12 @@ def image_statistics(image: np.ndarray, mask: np.ndarray) -> _F64:
     """
     if image.ndim != 2 or mask.shape != image.shape:
         raise ValueError(f"image and mask must be (H, W) of one shape; found {image.shape} and {mask.shape}")
-    small = resize(np.asarray(image, dtype=np.float32), (STAT_GRID, STAT_GRID)).astype(np.float64)
-    inside = resize(mask.astype(np.float32), (STAT_GRID, STAT_GRID)) > 0.5
+    if reduced is None:
+        reduced = resize(np.asarray(image, dtype=np.float32), STATISTICS_GRID)
+    elif reduced.shape != STATISTICS_GRID or reduced.dtype != np.float32:
+        raise ValueError(f"reduced must be float32 {STATISTICS_GRID}; found {reduced.dtype} {reduced.shape}")
+    small = reduced.astype(np.float64)
+    inside = resize(mask.astype(np.float32), STATISTICS_GRID) > 0.5
     outside = ~inside
     rough = _box(small, 1)
     rough -= _box(small, 4)

@@ -22,7 +22,13 @@ from cxr_node.imaging.resample import HEATMAP_SIDE, scaled_shape
 from cxr_node.infer import preprocess
 from cxr_node.infer.classify import Ensemble, EnsembleOutput, RuntimeOptions
 from cxr_node.infer.device import CpuFeatures
-from cxr_node.infer.domain import DomainDescription, DomainScore, image_statistics, load_description
+from cxr_node.infer.domain import (
+    STATISTICS_GRID,
+    DomainDescription,
+    DomainScore,
+    image_statistics,
+    load_description,
+)
 from cxr_node.infer.registry import Manifest
 from cxr_node.infer.segment import LungSegmenter, MaskQuality, mask_quality
 
@@ -147,13 +153,16 @@ class Engine:
             return []
         clock = time.perf_counter()
         normalised = [preprocess.normalise(image) for image in images]
-        masks = self._segment(normalised)
+        masks, reduced = self._segment(normalised)
         segment_ms = _elapsed_ms(clock) / len(images)
         qualities = [mask_quality(mask) for mask in masks]
         chosen = [i for i, quality in enumerate(qualities) if quality.ok]
         clock = time.perf_counter()
         found = self._classify(
-            [normalised[i] for i in chosen], [masks[i] for i in chosen], [qualities[i] for i in chosen]
+            [normalised[i] for i in chosen],
+            [masks[i] for i in chosen],
+            [qualities[i] for i in chosen],
+            [reduced[i] for i in chosen],
         )
         analysed = dict(zip(chosen, found, strict=True))
         classify_ms = _elapsed_ms(clock) / max(len(chosen), 1)
@@ -164,19 +173,25 @@ class Engine:
             results.append(replace(result, timings_ms=timings))
         return results
 
-    def _segment(self, normalised: Sequence[np.ndarray]) -> list[NDArray[np.bool_]]:
-        """Return each normalised image's lung mask, (H, W) bool on its own grid."""
+    def _segment(self, normalised: Sequence[np.ndarray]) -> tuple[list[NDArray[np.bool_]], list[np.ndarray]]:
+        """Return each normalised image's lung mask, (H, W) bool on its own grid, and the image reduced to the
+        statistics' grid (made with the segmentation's input: they share the pass over the whole image)."""
         size = self.segmenter.input_size
-        fitted = [preprocess.fit(image, size) for image in normalised]
-        batch = np.stack([canvas for canvas, _ in fitted]).astype(np.float32, copy=False)
+        fitted = [preprocess.fit_and_reduce(image, size, STATISTICS_GRID) for image in normalised]
+        batch = np.stack([canvas for canvas, _, _ in fitted]).astype(np.float32, copy=False)
         probabilities = self.segmenter.probabilities(np.clip(batch, 0.0, 1.0))
-        return [
+        masks = [
             preprocess.unfit_above(p, fit, self.segmenter.threshold)
-            for p, (_, fit) in zip(probabilities, fitted, strict=True)
+            for p, (_, fit, _) in zip(probabilities, fitted, strict=True)
         ]
+        return masks, [reduced for _, _, reduced in fitted]
 
     def _classify(
-        self, normalised: Sequence[np.ndarray], masks: Sequence[NDArray[np.bool_]], qualities: Sequence[MaskQuality]
+        self,
+        normalised: Sequence[np.ndarray],
+        masks: Sequence[NDArray[np.bool_]],
+        qualities: Sequence[MaskQuality],
+        reduced: Sequence[np.ndarray],
     ) -> list[Analysis]:
         """Run the ensemble on the lung regions of the images; one Analysis each, in order."""
         if not normalised:
@@ -185,11 +200,11 @@ class Engine:
         canvases = np.stack([canvas for canvas, _ in fitted]).astype(np.float32, copy=False)
         output = self.ensemble(self.ensemble.prepare(canvases))
         found = [self._analysed(output, k, fitted[k][1], masks[k], qualities[k]) for k in range(len(normalised))]
-        return [self._scored(a, image) for a, image in zip(found, normalised, strict=True)]
+        return [self._scored(*each) for each in zip(found, normalised, reduced, strict=True)]
 
-    def _scored(self, analysis: Analysis, normalised: np.ndarray) -> Analysis:
+    def _scored(self, analysis: Analysis, normalised: np.ndarray, reduced: np.ndarray) -> Analysis:
         """Add the image statistics and, with a domain description, the out-of-domain score."""
-        statistics = image_statistics(normalised, analysis.lung_mask)
+        statistics = image_statistics(normalised, analysis.lung_mask, reduced)
         domain = None
         if self.domain is not None and analysis.embedding is not None:
             domain = self.domain.judge(analysis.embedding, statistics)

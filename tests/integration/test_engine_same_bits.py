@@ -43,7 +43,7 @@ class EarlierEngine(Engine):
         found = super()._analysed(output, k, region, mask, quality)
         return replace(found, heatmap=previous.full_heatmap(output.heatmap[k], region.fit, region.box))
 
-    def _scored(self, analysis: Analysis, normalised: np.ndarray) -> Analysis:
+    def _scored(self, analysis: Analysis, normalised: np.ndarray, reduced: np.ndarray) -> Analysis:
         statistics = previous.image_statistics(normalised, analysis.lung_mask)
         domain = None
         if self.domain is not None and analysis.embedding is not None:

@@ -202,3 +202,18 @@ def test_image_statistics_of_the_real_cr_give_the_earlier_bits(chest_cr: Path) -
     image = normalise(decode(dcmread(chest_cr), max_side=1024).pixels)
     _, mask = lung_pair(image.shape, seed=1)
     assert previous.same(image_statistics(image, mask), previous.image_statistics(image, mask))
+
+
+def test_image_statistics_from_the_engines_reduced_grid_are_the_same_bits() -> None:
+    """The engine hands over the image already reduced to the statistics' grid; nothing else changes."""
+    from cxr_node.imaging.resample import resize
+    from cxr_node.infer.domain import STATISTICS_GRID
+
+    rng = np.random.default_rng(7)
+    image = rng.random((978, 921), dtype=np.float32)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[100:700, 80:400] = mask[100:700, 500:850] = True
+    reduced = resize(image, STATISTICS_GRID)
+    assert np.array_equal(image_statistics(image, mask, reduced), image_statistics(image, mask))
+    with pytest.raises(ValueError, match="reduced"):
+        image_statistics(image, mask, reduced[:, :-1])

@@ -657,3 +657,30 @@ def test_masking_the_crop_is_masking_then_cropping(margin: float) -> None:
     masked_crop = mask_outside(crop, mask[box.slices])
     whole_crop, whole_box = crop_to_mask(previous.mask_outside(img, mask), mask, margin)
     assert box == whole_box and masked_crop.tobytes() == np.ascontiguousarray(whole_crop).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "grid"),
+    [
+        ((978, 921), 128, (128, 128)),
+        ((921, 978), 128, (128, 128)),
+        ((300, 200), 224, (128, 128)),
+        ((64, 90), 128, (7, 5)),
+    ],
+)
+def test_fit_and_reduce_is_fit_and_resize_bit_for_bit(shape: tuple[int, int], size: int, grid: tuple[int, int]) -> None:
+    """The shared first pass changes no value: the canvas, the placement and the grid are what the two calls give."""
+    img = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    canvas, placement, reduced = preprocess.fit_and_reduce(img, size, grid)
+    expected_canvas, expected_placement = fit(img, size)
+    assert placement == expected_placement
+    assert canvas.dtype == expected_canvas.dtype and np.array_equal(canvas, expected_canvas)
+    expected = resize(img, grid)
+    assert reduced.dtype == np.float32 and reduced.shape == grid and np.array_equal(reduced, expected)
+
+
+def test_fit_and_reduce_refuses_what_fit_refuses() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        preprocess.fit_and_reduce(np.full((8, 8), np.nan, dtype=np.float32), 4, (2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        preprocess.fit_and_reduce(np.zeros((8, 8), dtype=np.float32), 4, (0, 2))
