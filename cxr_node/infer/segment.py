@@ -146,11 +146,12 @@ def mask_quality(mask: np.ndarray) -> MaskQuality:
     """
     check_mask(mask)
     height, width = mask.shape
-    area = float(mask.mean())
+    total = int(np.count_nonzero(mask))
+    area = total / mask.size  # what mask.mean() gives (a sum of ones is exact), without a float pass over the mask
     parts = _components(mask)
     sizeable = parts.areas >= SIZEABLE_FRACTION * height * width
     count = int(sizeable.sum())
-    reason = _area_problem(area) or _centroid_problem(mask) or _lungs_problem(parts, count, width)
+    reason = _area_problem(area) or _centroid_problem(mask, total) or _lungs_problem(parts, count, width)
     return MaskQuality(ok=reason is None, reason=reason or "plausible", area_fraction=area, components=count)
 
 
@@ -163,11 +164,13 @@ def _area_problem(area: float) -> str | None:
     return None
 
 
-def _centroid_problem(mask: NDArray[np.bool_]) -> str | None:
-    """Return why the mask's centroid lies outside the thorax, or None."""
-    total = np.count_nonzero(mask)
-    x = (np.count_nonzero(mask, axis=0) @ np.arange(mask.shape[1]) / total + 0.5) / mask.shape[1]
-    y = (np.count_nonzero(mask, axis=1) @ np.arange(mask.shape[0]) / total + 0.5) / mask.shape[0]
+def _centroid_problem(mask: NDArray[np.bool_], total: int) -> str | None:
+    """Return why the mask's centroid lies outside the thorax (``total`` pixels set), or None."""
+    ones = mask.view(np.uint8)  # the counts per column and per row as sums of bytes: a third of count_nonzero's cost
+    columns = np.add.reduce(ones, axis=0, dtype=np.intp)
+    rows = np.add.reduce(ones, axis=1, dtype=np.intp)
+    x = (columns @ np.arange(mask.shape[1]) / total + 0.5) / mask.shape[1]
+    y = (rows @ np.arange(mask.shape[0]) / total + 0.5) / mask.shape[0]
     (x_min, x_max), (y_min, y_max) = CENTRAL_BOX
     if x_min <= x <= x_max and y_min <= y <= y_max:
         return None
