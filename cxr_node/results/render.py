@@ -200,9 +200,11 @@ def window_to_uint8(pixels: np.ndarray) -> np.ndarray:
     """
     _check_2d("pixels", pixels, np.float32)
     _check_finite("pixels", pixels)
-    out = np.clip(pixels, 0.0, 1.0)
-    out *= np.float32(255.0)
-    result: np.ndarray = np.rint(out, out=out).astype(np.uint8)
+    result = np.empty(pixels.shape, dtype=np.uint8)
+    for rows, _ in _bands((slice(0, pixels.shape[0]), slice(0, pixels.shape[1]))):  # no full-size float temporary
+        part = np.clip(pixels[rows], 0.0, 1.0)
+        part *= np.float32(255.0)
+        result[rows] = np.rint(part, out=part)  # integral values in [0, 255]: the same bytes as astype(np.uint8)
     return result
 
 
@@ -284,8 +286,9 @@ def render_overlay(
         _grey_to_rgb(image, picture)
     else:  # heat only inside the lungs: outside their bounding box the picture is the grey image
         _grey_around(image, picture, box)
-        heat = heatmap[box] if heatmap.shape == image.shape else resize(heatmap, image.shape, window=box)
-        _heat_composite(image[box], heat, lung_mask[box], picture[box])
+        for band in _bands(box):  # a band's heat, levels and picture stay in the cache between the steps
+            heat = heatmap[band] if heatmap.shape == image.shape else resize(heatmap, image.shape, window=band)
+            _heat_composite(image[band], heat, lung_mask[band], picture[band])
     if box is not None and lung_mask is not None:
         thickness = contour_thickness(height)
         near = _widened(box, thickness, image.shape)  # every contour pixel lies within thickness of the box
@@ -389,6 +392,18 @@ def _widened(box: Box, margin: int, shape: tuple[int, ...]) -> Box:
         slice(max(0, rows.start - margin), min(shape[0], rows.stop + margin)),
         slice(max(0, columns.start - margin), min(shape[1], columns.stop + margin)),
     )
+
+
+BAND_PIXELS: Final = 1 << 17
+"""Pixels of the lungs' box blended at once: the band's heat (float32), levels and picture stay in a core's cache
+between the resampling and the look-up (a whole 1024 px box's temporaries, about 8 MB, do not: 1.4x slower)."""
+
+
+def _bands(box: Box) -> list[Box]:
+    """``box`` cut into bands of whole rows of about :data:`BAND_PIXELS` pixels, top to bottom."""
+    rows, columns = box
+    step = max(1, BAND_PIXELS // max(1, columns.stop - columns.start))
+    return [(slice(top, min(top + step, rows.stop)), columns) for top in range(rows.start, rows.stop, step)]
 
 
 def _grey_to_rgb(image: np.ndarray, out: np.ndarray) -> None:

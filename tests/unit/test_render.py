@@ -88,7 +88,7 @@ def is_grey(rgb: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ window
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (256, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (256, 300), (978, 921), (3, 140_000)])
 def test_window_maps_unit_range_to_bytes(shape: tuple[int, int]) -> None:
     """window_to_uint8 rounds [0, 1] onto 0..255, clips outside and keeps the shape."""
     pixels = RNG.uniform(-0.2, 1.2, size=shape).astype(np.float32)
