@@ -31,7 +31,8 @@ Timing (2-core development machine, best of 7, under a load average near 3): 204
 mask and heatmap 0.07 s (0.06 s without heatmap, 0.05 s not analysed); 3000 x 3000 with heat across a
 large mask 0.16 s. The heat blend is one look-up per pixel in a precomputed (heat level, grey level)
 table, gathered as 3-byte items straight into the output, and only inside the lungs' bounding box (outside it
-the picture is the grey image, copied a channel at a time); the contour is computed in that box and painted as
+the picture is the grey image, copied a channel at a time), a band of rows at a time (:data:`BAND_PIXELS`), so the
+band's heat and levels are still in the cache when it is looked up; the contour is computed in that box and painted as
 3-byte items; the band is filled a row at a time; fonts are loaded once per thread and size, text widths, ink
 boxes and each banner row's rendered ink are remembered (the title, model and intended-use rows recur on every
 overlay), and a line that fits the width is measured once, not word by word. An overlay at the analysed size
