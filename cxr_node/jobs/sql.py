@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -136,8 +137,9 @@ class SqlDatabase(Protocol):
         ...
 
 
-ROWS_PER_JOB: Final = 4
-"""Delivery rows a sender's claim reads per job it wants (one per output kind: SR, SC, SEG, GSPS)."""
+CANDIDATES_PER_JOB: Final = 4
+"""Jobs a sender's claim looks at per job it wants: those another sender is claiming at the same moment are passed
+over, so a few spares keep the claim from coming back empty while others are free."""
 TRIAGE_KINDS: Final = tuple(Destination.TRIAGE_KINDS.values())
 """Delivery kinds with no output file: a worklist triage message built from the stored result when it is sent."""
 _HELD: Final = (JobState.RUNNING.value, JobState.INFERRED.value)
@@ -674,23 +676,44 @@ class SqlDeliveries:
             with self.db.read() as db:
                 return self._due(db, destination, now, max_jobs, None)
         with self.db.transaction() as db:
-            # The delivery rows themselves are locked (never the job rows a delivery outcome locks after its
-            # delivery: no lock cycle with record()), and the UPDATE checks again that each is still free, so two
-            # senders claiming at once never both take one.
+            # Whole jobs are claimed without ever waiting on a lock. The open delivery rows of a few candidate jobs
+            # are locked, skipping rows another sender holds, and only the jobs all of whose open rows this
+            # transaction holds are taken; the UPDATE then changes rows already locked here, and checks again that
+            # each is still free, so two senders claiming at once never both take one. (Taking a job of which
+            # another sender had locked a row waited for that sender, which could be waiting for this one's rows
+            # of the same job: PostgreSQL's "deadlock detected".) The job rows are never locked here: a delivery
+            # outcome locks its job row after its delivery row, so there is no lock cycle with record().
             free = "(holder IS NULL OR holder = ? OR lease_until < ?)"
             open_due = f"destination = ? AND state IN ({_marks(_OPEN)}) AND next_attempt_at <= ? AND {free}"
             args = (destination, *_OPEN, now, holder.id, now)
-            locked = db.execute(
-                f"SELECT job_id FROM deliveries WHERE {open_due} ORDER BY job_id LIMIT ?{self.db.dialect.skip_locked}",
-                (*args, max_jobs * ROWS_PER_JOB),
-            ).fetchall()
-            candidates = sorted({row[0] for row in locked})[:max_jobs]
+            candidates = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT DISTINCT job_id FROM deliveries WHERE {open_due} ORDER BY job_id LIMIT ?",
+                    (*args, max_jobs * CANDIDATES_PER_JOB),
+                ).fetchall()
+            ]
             if not candidates:
+                return []
+            among = f"{open_due} AND job_id IN ({_marks(candidates)})"
+            locked = Counter(
+                row[0]
+                for row in db.execute(
+                    f"SELECT job_id FROM deliveries WHERE {among}{self.db.dialect.skip_locked}", (*args, *candidates)
+                ).fetchall()
+            )
+            if not locked:
+                return []
+            rows = db.execute(
+                f"SELECT job_id, COUNT(*) FROM deliveries WHERE {among} GROUP BY job_id", (*args, *candidates)
+            ).fetchall()
+            whole = [job_id for job_id, count in sorted(rows) if locked[job_id] == count][:max_jobs]
+            if not whole:
                 return []
             claimed = db.execute(
                 f"UPDATE deliveries SET holder = ?, lease_until = ? WHERE {open_due}"
-                f" AND job_id IN ({_marks(candidates)}) RETURNING job_id",
-                (holder.id, now + lease_s, *args, *candidates),
+                f" AND job_id IN ({_marks(whole)}) RETURNING job_id",
+                (holder.id, now + lease_s, *args, *whole),
             ).fetchall()
             ids = sorted({row[0] for row in claimed})
             if not ids:

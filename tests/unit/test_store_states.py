@@ -21,7 +21,8 @@ from cxr_node.jobs.records import NewJob, Output
 from cxr_node.jobs.sqlite import SCHEMA_VERSION, SqliteStore
 from cxr_node.jobs.states import DeliveryState, JobState
 from cxr_node.results.findings import Findings, Provenance, Summary
-from tests.stores import BACKENDS, AnyStore, backend
+from tests.postgres import PostgresServer
+from tests.stores import BACKENDS, AnyStore, Backend, backend
 from tests.unit.test_jobs import new_job
 
 PROVENANCE: Final = Provenance("demo", "1", "demo only", ("m",), "0.1.0", "2.25.1")
@@ -474,3 +475,39 @@ def test_database_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=re.escape(f"{path}: jobs database schema 99 is newer than this cxr-node")):
         SqliteStore(path)
     assert user_version(path) == 99
+
+
+def test_a_claim_never_waits_for_a_delivery_row_another_sender_holds(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    """A sender that has locked one output of a job (mid-claim, on another host) costs the others that job only:
+    they claim the next whole job at once instead of waiting for its lock. Waiting was how two senders that had
+    each locked part of one job deadlocked (PostgreSQL's "deadlock detected", seen under load)."""
+    import psycopg
+
+    db = Backend("postgresql", tmp_path / spool.DB_NAME, postgres_url, postgres_server.password)
+    store = db.open()
+    try:
+        first, second = (written_job(store, f"8.9.{i}", ["sr", "sc", "seg", "pr"]) for i in range(2))
+        with psycopg.connect(db.url, password=db.password, autocommit=False) as other:
+            other.execute(
+                "SELECT job_id FROM deliveries WHERE job_id = %s AND kind = 'sc' FOR UPDATE", (first,)
+            ).fetchall()
+            found: list[list[tuple[int, str]]] = []
+            claim = threading.Thread(
+                target=lambda: found.append(
+                    [(d.job_id, d.kind) for d in store.deliveries.due("pacs", time.time(), 1, HOLDER, 60)]
+                )
+            )
+            claim.start()
+            claim.join(10)
+            waited = claim.is_alive()
+            other.rollback()
+            claim.join(10)
+        assert not waited, "the claim waited for a row lock another sender holds"
+        assert found == [[(second, kind) for kind in ("sr", "sc", "seg", "pr")]]
+        assert {kind: row[0] for kind, row in delivery_rows(store, first).items()} == dict.fromkeys(
+            ("sr", "sc", "seg", "pr"), DeliveryState.PENDING.value
+        )
+    finally:
+        store.close()
