@@ -9,7 +9,9 @@ reference their equivalence tests compare against byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Sequence
 from functools import cache, lru_cache
 from typing import Final
 
@@ -20,10 +22,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DT
+
+from cxr_node.results.common import clone_dataset
 
 IMPLEMENTATION_CLASS_UID: Final = "1.2.826.0.1.3680043.9.7433.1.1"
 """The Implementation Class UID highdicom writes in the File Meta Information of everything it builds."""
+_CONTRIBUTION_DATETIME: Final = BaseTag(0x0018A002)
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
@@ -93,3 +100,24 @@ def acquisition_equipment(source: Dataset) -> hd.ContributingEquipment:
 def is_image_class(sop_class_uid: str) -> bool:
     """Whether the IOD of ``sop_class_uid`` has pixel data, as highdicom decides it (KeyError for an unknown class)."""
     return does_iod_have_pixel_data(sop_class_uid)
+
+
+def equipment_items(source: Dataset, contributing: Sequence[Dataset], clock: datetime.datetime) -> list[Dataset]:
+    """The Contributing Equipment items highdicom writes on an object derived from ``source``: the source's
+    acquisition equipment (when highdicom can describe it), then ``contributing`` (the node's entries,
+    :func:`~cxr_node.results.common.contributing_equipment`), then highdicom's own entry dated by ``clock``."""
+    items: list[Dataset] = []
+    with contextlib.suppress(Exception):  # highdicom leaves the acquisition entry out on any failure
+        items.append(acquisition_equipment(source))
+    highdicom = clone_dataset(_highdicom_equipment())
+    highdicom.add(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(clock)))
+    return [*items, *contributing, highdicom]
+
+
+@cache
+def _highdicom_equipment() -> hd.ContributingEquipment:
+    """highdicom's ``ContributingEquipment.for_highdicom()`` without its Contribution DateTime, made once (about a
+    millisecond each time); :func:`equipment_items` dates a copy of it."""
+    item = hd.ContributingEquipment.for_highdicom()
+    del item[_CONTRIBUTION_DATETIME]
+    return item

@@ -15,7 +15,6 @@ many inputs, so a change in highdicom shows up as a failing test.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from functools import cache
 from typing import Final
@@ -33,9 +32,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.tag import BaseTag
 from pydicom.uid import SecondaryCaptureImageStorage
-from pydicom.valuerep import DA, DT, TM
+from pydicom.valuerep import DA, TM
 
-from cxr_node.results.as_highdicom import acquisition_equipment, file_meta
+from cxr_node.results.as_highdicom import equipment_items, file_meta
 from cxr_node.results.common import (
     Identity,
     OutputError,
@@ -46,7 +45,7 @@ from cxr_node.results.common import (
     copy_element,
     copy_series_context,
 )
-from cxr_node.results.findings import MODE_NOTICES, Findings, Provenance
+from cxr_node.results.findings import MODE_NOTICES, Findings
 from cxr_node.results.render import Banner, render_overlay, window_to_uint8
 
 TITLE = "AI RESULT"
@@ -126,7 +125,7 @@ def build_sc(source: Dataset, findings: Findings, options: OutputOptions, ids: I
     try:
         clock = now()
         sc = secondary_capture(source, pixels, ids, provenance.manufacturer, orientation or UNKNOWN_ORIENTATION, clock)
-        equipment = _equipment(source, provenance, options, clock)
+        equipment = equipment_items(source, contributing_equipment(provenance, options), clock)
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"overlay cannot be built: {exc}") from exc
     sc.add(DataElement(_CONTRIBUTING_EQUIPMENT, "SQ", DicomSequence(equipment)))
@@ -263,7 +262,6 @@ def _purpose_of_reference() -> Dataset:
 # ------------------------------------------------------------------------------------------ as highdicom writes it
 
 _CONTRIBUTING_EQUIPMENT: Final = BaseTag(0x0018A001)
-_CONTRIBUTION_DATETIME: Final = BaseTag(0x0018A002)
 _PATIENT_AND_STUDY: Final = tuple(
     (BaseTag(tag), vr)
     for tag, vr in (
@@ -292,24 +290,3 @@ def _check_source(source: Dataset) -> None:
         value = source.get(keyword)
         if value is not None:
             parse(value)
-
-
-def _equipment(
-    source: Dataset, provenance: Provenance, options: OutputOptions, clock: datetime.datetime
-) -> list[Dataset]:
-    """The Contributing Equipment items highdicom writes: the source's acquisition equipment (when highdicom can
-    describe it), the node's entries (:func:`~cxr_node.results.common.contributing_equipment`), then highdicom."""
-    items: list[Dataset] = []
-    with contextlib.suppress(Exception):  # highdicom leaves the acquisition entry out on any failure
-        items.append(acquisition_equipment(source))
-    highdicom = clone_dataset(_highdicom_equipment())
-    highdicom.add(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(clock)))
-    return [*items, *contributing_equipment(provenance, options), highdicom]
-
-
-@cache
-def _highdicom_equipment() -> Dataset:
-    """highdicom's own entry without its Contribution DateTime (the overlay's clock adds it)."""
-    item = hd.ContributingEquipment.for_highdicom()
-    del item[_CONTRIBUTION_DATETIME]
-    return item

@@ -13,7 +13,6 @@ a failing test.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from collections.abc import Sequence
 from functools import cache
@@ -31,10 +30,10 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ComprehensiveSRStorage
-from pydicom.valuerep import DA, DT, TM
+from pydicom.valuerep import DA, TM
 
-from cxr_node.results.as_highdicom import acquisition_equipment, file_meta
-from cxr_node.results.common import Identity, clone_dataset, copy_element
+from cxr_node.results.as_highdicom import equipment_items, file_meta
+from cxr_node.results.common import Identity, copy_element
 from cxr_node.results.sr_content import add, dataset, sequence
 
 _BASE_PATIENT_STUDY: Final = (
@@ -42,7 +41,6 @@ _BASE_PATIENT_STUDY: Final = (
     "StudyDate", "StudyTime",
 )  # fmt: skip
 """What highdicom's SOPClass reads from the first evidence by attribute access (absent: AttributeError)."""
-_CONTRIBUTION_DATETIME: Final = BaseTag(0x0018A002)
 
 
 def now() -> datetime.datetime:
@@ -78,7 +76,7 @@ def comprehensive_sr(
     add(sr, DataElement(0x0040A375, "SQ", sequence([_evidence_item(evidence)])))  # Current Requested Procedure Ev.
     add(sr, DataElement(0x0040A372, "SQ", sequence([])))  # Performed Procedure Code Sequence
     add(sr, DataElement(0x00081111, "SQ", sequence([])))  # Referenced Performed Procedure Step Sequence
-    add(sr, DataElement(0x0018A001, "SQ", sequence(_equipment(evidence, contributing, clock))))
+    add(sr, DataElement(0x0018A001, "SQ", sequence(equipment_items(evidence, contributing, clock))))
     return sr
 
 
@@ -159,25 +157,3 @@ def _evidence_item(evidence: Dataset) -> Dataset:
     instance = dataset((0x00081150, "UI", evidence.SOPClassUID), (0x00081155, "UI", evidence.SOPInstanceUID))
     series = dataset((0x00081199, "SQ", sequence([instance])), (0x0020000E, "UI", evidence.SeriesInstanceUID))
     return dataset((0x00081115, "SQ", sequence([series])), (0x0020000D, "UI", evidence.StudyInstanceUID))
-
-
-def _equipment(
-    evidence: Dataset, contributing: Sequence[hd.ContributingEquipment], clock: datetime.datetime
-) -> list[Dataset]:
-    """The source's acquisition equipment (when highdicom can describe it), the node's entries, then highdicom's
-    own entry, dated by the document's clock."""
-    items: list[Dataset] = []
-    with contextlib.suppress(Exception):  # highdicom leaves the acquisition entry out on any failure
-        items.append(acquisition_equipment(evidence))
-    highdicom = clone_dataset(_highdicom_equipment())
-    highdicom.add(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(clock)))
-    return [*items, *contributing, highdicom]
-
-
-@cache
-def _highdicom_equipment() -> hd.ContributingEquipment:
-    """highdicom's ``ContributingEquipment.for_highdicom()`` without its Contribution DateTime, made once (about a
-    millisecond each time); :func:`_equipment` dates a copy of it."""
-    item = hd.ContributingEquipment.for_highdicom()
-    del item[_CONTRIBUTION_DATETIME]
-    return item
