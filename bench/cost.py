@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import multiprocessing
 import os
 import platform
@@ -34,7 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -369,6 +370,19 @@ def throughput_in_child(source: Path, images: int, processes: int) -> dict[str, 
         return pool.submit(run_throughput, source, images, processes).result()
 
 
+@dataclasses.dataclass(frozen=True)
+class Package:
+    module: str
+    pip: str
+
+
+DECODER_PACKAGES: Final = {
+    "pylibjpeg": Package("openjpeg", "pylibjpeg-openjpeg"),  # the node's own dependency
+    "gdcm": Package("gdcm", "python-gdcm"),  # not a dependency: install it into .venv to compare
+}
+"""The JPEG 2000 decoders compared, pydicom's plugin name to the module it needs and the package that has it."""
+
+
 def j2k_decoders(names: list[str], repeats: int) -> list[dict[str, Any]]:
     """Decode each JPEG 2000 file with every installed decoder: median wall and CPU ms, identical or not."""
     data = Path(__import__("data_store").__file__).parent / "data"
@@ -376,11 +390,15 @@ def j2k_decoders(names: list[str], repeats: int) -> list[dict[str, Any]]:
     for name in names:
         ds = dcmread(data / name)
         reference = None
-        for plugin in ("pylibjpeg", "gdcm"):
+        for plugin, package in DECODER_PACKAGES.items():
+            if importlib.util.find_spec(package.module) is None:
+                rows.append({"file": name, "decoder": plugin, "error": f"not installed (pip install {package.pip})"})
+                continue
             try:
                 first = pixel_array(ds, decoding_plugin=plugin)
-            except Exception as exc:  # not installed, or cannot decode this syntax
-                rows.append({"file": name, "decoder": plugin, "error": str(exc).splitlines()[0][:80]})
+            except Exception as exc:  # installed, but cannot decode this syntax
+                reason = str(exc).splitlines()[0][:80]
+                rows.append({"file": name, "decoder": plugin, "error": f"cannot decode: {reason}"})
                 continue
             walls, cpus = [], []
             for _ in range(repeats):
@@ -462,7 +480,7 @@ def decoder_table(rows: list[dict[str, Any]]) -> list[str]:
     lines.append("|---|---:|---|---:|---:|---|")
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['file']} | | {row['decoder']} | not available: {row['error']} | | |")
+            lines.append(f"| {row['file']} | | {row['decoder']} | {row['error']} | | |")
             continue
         size = f"{row['bytes'] / 1e6:.1f} MB, {row['shape'][1]} x {row['shape'][0]}"
         same = "yes" if row["same"] else "**no**"
