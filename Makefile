@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint demo viewer bench clean install-service
+.PHONY: install test test-all lint demo viewer bench clean install-service gpu-kit
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,14 @@ clean:
 
 install-service:  ## as root: install the systemd service (/opt/cxr-node, /etc/cxr-node); GPU=1 adds the NVIDIA drop-in
 	GPU='$(GPU)' DESTDIR='$(DESTDIR)' bash systemd/install.sh
+
+GPU_PYTHON ?= 3.12
+GPU_PLATFORMS := $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+
+gpu-kit: install  ## .gpu/: wheels (for GPU_PYTHON) and radiographs that bench/gpu/check.sh needs on a GPU machine
+	rm -rf .gpu && mkdir -p .gpu/data
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(GPU_PLATFORMS) -d .gpu/wheels -r bench/gpu/wheels.txt
+	$(BIN)/python -c 'import data_store, pathlib, shutil; d = pathlib.Path(data_store.__file__).parent / "data"; \
+		[shutil.copy(d / f, ".gpu/data") for f in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm")]'
+	du -sh .gpu

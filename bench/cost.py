@@ -16,6 +16,7 @@ the same files in the same run.
 
     .venv/bin/python bench/cost.py [--images 12] [--write-docs]
     .venv/bin/python bench/cost.py --quick    # one line, to compare two checkouts run alternately
+    python3 bench/cost.py --processes 0 2 4 8 15 --data .gpu/data   # on a GPU machine (bench/gpu/check.sh)
 """
 
 from __future__ import annotations
@@ -383,9 +384,18 @@ DECODER_PACKAGES: Final = {
 """The JPEG 2000 decoders compared, pydicom's plugin name to the module it needs and the package that has it."""
 
 
-def j2k_decoders(names: list[str], repeats: int) -> list[dict[str, Any]]:
-    """Decode each JPEG 2000 file with every installed decoder: median wall and CPU ms, identical or not."""
-    data = Path(__import__("data_store").__file__).parent / "data"
+def progress(line: str) -> None:
+    """One line on stderr as each measurement ends, so a run cut short still shows what it measured."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def wg04_folder() -> Path:
+    """pydicom-data's folder of test files, where the NEMA WG04 radiographs are."""
+    return Path(__import__("data_store").__file__).parent / "data"
+
+
+def j2k_decoders(data: Path, names: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Decode each JPEG 2000 file of ``data`` with every installed decoder: median wall and CPU ms, identical or not."""
     rows = []
     for name in names:
         ds = dcmread(data / name)
@@ -497,6 +507,19 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=2000, help="earlier cases in the neighbour index")
     parser.add_argument("--repeats", type=int, default=3, help="decodes per file and decoder")
     parser.add_argument("--overlap", type=int, default=24, help="images per worker throughput run (0: none)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="worker.cpu_processes of the throughput runs (default 0 1 2; 0: decoding and writing inline)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder holding RG1_UNCR.dcm, RG1_J2KR.dcm, RG1_J2KI.dcm and RG3_J2KR.dcm (default: pydicom-data's)",
+    )
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     parser.add_argument(
         "--quick",
@@ -509,7 +532,9 @@ def main() -> int:
         parser.error("--images must be 1..200")
     logs.configure("warning", "console")
     torch.set_num_threads(1)
-    data = Path(__import__("data_store").__file__).parent / "data"
+    if any(count < 0 for count in args.processes):
+        parser.error("--processes must be 0 or more")
+    data = args.data or wg04_folder()
     if args.quick:
         found = in_child(data / "RG1_UNCR.dcm", args.images, args.cases, all_outputs=False)
         own, network = (found["total_cpu"] - found["network"]) * 1000, found["network"] * 1000
@@ -517,18 +542,16 @@ def main() -> int:
         return 0
     load_start = os.getloadavg()
     started = time.time()
-    results = [
-        in_child(data / "RG1_UNCR.dcm", args.images, args.cases, all_outputs=False),
-        in_child(data / "RG1_J2KR.dcm", args.images, args.cases, all_outputs=False),
-        in_child(data / "RG1_UNCR.dcm", args.images, args.cases, all_outputs=True),
-    ]
-    decoders = j2k_decoders(["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm"], args.repeats)
-    overlap = [
-        throughput_in_child(data / name, args.overlap, processes)
-        for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")
-        for processes in (0, 1, 2)
-        if args.overlap
-    ]
+    results = []
+    for name, all_outputs in (("RG1_UNCR.dcm", False), ("RG1_J2KR.dcm", False), ("RG1_UNCR.dcm", True)):
+        results.append(in_child(data / name, args.images, args.cases, all_outputs))
+        progress(f"{column(results[-1])}: {results[-1]['total_cpu'] * 1000:.1f} ms of CPU per image")
+    decoders = j2k_decoders(data, ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm"], args.repeats)
+    overlap = []
+    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm") if args.overlap else ():
+        for processes in args.processes:
+            overlap.append(throughput_in_child(data / name, args.overlap, processes))
+            progress(f"{name}, {processes} processes: {overlap[-1]['images_per_s']:.2f} images/s")
     for result in results:
         assert result["written"] == args.images + 1, result
     lines = stage_table(results)
@@ -544,7 +567,7 @@ def main() -> int:
         f"Python {platform.python_version()}",
         "",
         "```",
-        f".venv/bin/python bench/cost.py --images {args.images}" + (" --write-docs" if args.write_docs else ""),
+        " ".join([".venv/bin/python bench/cost.py", *sys.argv[1:]]),
         "```",
     ]
     text = "\n".join(lines + facts)
