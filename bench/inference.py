@@ -1089,7 +1089,10 @@ def gpu_section(gpu: GpuResults | None, flops: Mapping[str, int], plan: Plan, fa
         return (
             f"{GPU_SUBSECTION}\n\nNot measured: the machine of this run has no CUDA device. On a machine with one, "
             "`.venv/bin/python bench/inference.py --gpu-only --write-docs` fills this subsection in (images/s of the "
-            "paper ensemble at bf16 autocast, batches 1, 8 and 32) and leaves the CPU figures above as they are.\n"
+            "paper ensemble at bf16 autocast, batches 1, 8 and 32) and leaves the CPU figures above as they are. "
+            "`bench/gpu/check.sh` runs it with the CUDA tests and `bench/cost.py` in one go on a machine whose Python "
+            "has torch but not cxr-node's other packages (`make gpu-kit` first, where pip works: it puts their wheels "
+            "and the radiographs in `.gpu/`).\n"
         )
     cuda = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     return (
