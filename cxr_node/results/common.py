@@ -12,15 +12,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from types import FunctionType, MethodType
 from typing import Final, Literal, TypedDict, TypeVar, get_args
 
 import highdicom as hd
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName, validate_value
 
@@ -201,7 +203,8 @@ def _algorithm_equipment(provenance: Provenance, algorithm: Algorithm) -> hd.Con
 def copy_element(element: DataElement) -> DataElement:
     """A copy of ``element`` as independent as ``copy.deepcopy`` makes it, for a fraction of the cost: values that
     cannot change (text, numbers, bytes, UIDs) are shared, a sequence's items are copied with
-    :func:`clone_dataset`, anything else (multi-values, names) is deep-copied."""
+    :func:`clone_dataset`, a multi-value's or a person name's state with :func:`_copy_value`, anything else is
+    deep-copied."""
     if not isinstance(element, DataElement) or element.is_buffered:
         return copy.deepcopy(element)
     value = element.__dict__.get("_value")
@@ -209,20 +212,56 @@ def copy_element(element: DataElement) -> DataElement:
     result.__dict__.update(element.__dict__)
     if value is None or isinstance(value, _IMMUTABLE_VALUES):
         return result
-    if type(value) is DicomSequence and value.__dict__.keys() <= _SEQUENCE_STATE:
+    kind = type(value)
+    if kind is DicomSequence and value.__dict__.keys() <= _SEQUENCE_STATE:
         copied = DicomSequence.__new__(DicomSequence)
         copied.__dict__.update(value.__dict__)
         copied.__dict__["_list"] = [clone_dataset(item) for item in value]
         result.__dict__["_value"] = copied
+    elif kind is MultiValue or kind is PersonName:
+        result.__dict__["_value"] = _copy_value(value, element, result)
     else:
         result.__dict__["_value"] = copy.deepcopy(value)
     return result
+
+
+def _copy_value(value: MultiValue[object] | PersonName, element: DataElement, result: DataElement) -> object:
+    """A copy of ``element``'s multi-value or person name for its copy ``result``: a new object with its state (a
+    multi-value's list of items copied, its item constructor shared, or bound to ``result`` when it is the element's
+    own conversion) when every item or attribute it holds cannot change (as :func:`copy_element` shares them); else
+    ``copy.deepcopy``'s copy."""
+    state = value.__dict__
+    if type(value) is PersonName:
+        if not all(map(_unchanging, state.values())):
+            return copy.deepcopy(value)
+        name = object.__new__(PersonName)
+        name.__dict__.update(state)
+        return name
+    items, constructor = state.get("_list"), state.get("_constructor")
+    if state.keys() != _MULTI_VALUE_STATE or type(items) is not list or not all(map(_unchanging, items)):
+        return copy.deepcopy(value)
+    if type(constructor) is MethodType and constructor.__self__ is element:
+        constructor = MethodType(constructor.__func__, result)  # deepcopy binds it to a copy of the element too
+    elif not isinstance(constructor, type | FunctionType):
+        return copy.deepcopy(value)
+    copied = object.__new__(MultiValue)
+    copied.__dict__.update(_list=list(items), _constructor=constructor)
+    return copied
+
+
+def _unchanging(value: object) -> bool:
+    """Whether a copy may share ``value``: None, a text, bytes, a number, or a tuple of such."""
+    if value is None or isinstance(value, _IMMUTABLE_VALUES):
+        return True
+    return type(value) is tuple and all(map(_unchanging, value))
 
 
 _IMMUTABLE_VALUES: Final = (str, bytes, int, float)
 """Value types an element copy may share (UID, IS, DSfloat and BaseTag derive from them)."""
 _SEQUENCE_STATE: Final = frozenset({"_list", "is_undefined_length"})
 """The attributes of a pydicom Sequence :func:`copy_element` knows how to copy (others: ``copy.deepcopy``)."""
+_MULTI_VALUE_STATE: Final = frozenset({"_list", "_constructor"})
+"""The attributes of a pydicom MultiValue :func:`copy_element` knows how to copy (others: ``copy.deepcopy``)."""
 
 _D = TypeVar("_D", bound=Dataset)
 
@@ -252,10 +291,31 @@ def without_pixels(source: Dataset) -> Dataset:
     header = Dataset()
     for element in source:
         if element.tag.group != 0x7FE0:
-            header.add(copy_element(element))
+            put(header, copy_element(element))
     meta = getattr(source, "file_meta", None)
-    header.file_meta = FileMetaDataset(copy.deepcopy(meta)) if isinstance(meta, Dataset) else FileMetaDataset()
+    copied: dict[BaseTag, DataElement | RawDataElement] = {}
+    for tag, one in meta._dict.items() if isinstance(meta, Dataset) else ():
+        copied[tag] = copy_element(one) if isinstance(one, DataElement) else copy.deepcopy(one)
+    header.file_meta = FileMetaDataset(copied)  # what it makes of a deep copy of ``meta``: its elements, checked
     return header
+
+
+def put(dataset: Dataset, element: DataElement) -> None:
+    """``dataset.add(element)``, with the element stored directly where that is all ``add`` does: a public element,
+    neither a sequence nor in the pixel data's group, added to a plain ``Dataset`` (``add`` finds a private element's
+    creator, wraps and updates a sequence's items, resets the pixel array)."""
+    tag = element.tag
+    if (
+        type(dataset) is Dataset
+        and type(element) is DataElement
+        and type(tag) is BaseTag
+        and not tag & 0x10000
+        and tag < 0x7FE00000
+        and element.VR != "SQ"
+    ):
+        dataset._dict[tag] = element
+    else:
+        dataset.add(element)
 
 
 def copy_character_set(source: Dataset, output: Dataset, own_texts: tuple[str, ...]) -> None:

@@ -41,7 +41,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
 from cxr_node.dicom.uids import uid_problem
-from cxr_node.results.common import OutputError, copy_element, without_pixels
+from cxr_node.results.common import OutputError, copy_element, put, without_pixels
 
 Action = Literal["repaired", "left empty", "left out"]
 
@@ -135,10 +135,7 @@ class Copied:
 
     def apply(self, output: Dataset) -> None:
         """Give ``output`` exactly these Patient and Study attributes, whatever its builder copied itself."""
-        for tag in module_tags():
-            output.pop(tag, None)
-        for element in self.attributes:
-            output.add(copy_element(element))
+        _replace_module_attributes(output, self.attributes)
 
 
 @dataclass(frozen=True)
@@ -184,13 +181,20 @@ def copy_source(source: Dataset) -> Copied:
     notes: list[Note] = []
     attributes = tuple(_module_attributes(source, notes))
     header = without_pixels(source)
-    for tag in module_tags():
-        header.pop(tag, None)
-    for element in attributes:
-        header.add(copy_element(element))
+    _replace_module_attributes(header, attributes)
     for keyword in CONTEXT:
         _check_context(header, keyword, notes)
     return Copied(header, attributes, tuple(notes))
+
+
+def _replace_module_attributes(dataset: Dataset, attributes: tuple[DataElement, ...]) -> None:
+    """Remove every Patient and Study module attribute from ``dataset``, then add copies of ``attributes``
+    (``Dataset.pop`` of each tag, then ``add``, without their per-call conversions where they change nothing)."""
+    elements = dataset._dict
+    for tag in module_tags() & elements.keys():  # BaseTags: what ``pop`` would make of them
+        del elements[tag]
+    for element in attributes:
+        put(dataset, copy_element(element))
 
 
 def _module_attributes(source: Dataset, notes: list[Note]) -> Iterable[DataElement]:

@@ -44,6 +44,7 @@ from cxr_node.results.common import (
     copy_character_set,
     copy_element,
     copy_series_context,
+    put,
 )
 from cxr_node.results.findings import MODE_NOTICES, Findings
 from cxr_node.results.render import Banner, render_overlay, window_to_uint8
@@ -169,7 +170,7 @@ def secondary_capture(
         element = copied.get(tag)
         if element is not None and not isinstance(element, DataElement):
             element = source[tag]  # a raw element, converted as indexing converts it
-        sc.add(DataElement(tag, vr, None) if element is None else copy_element(element))
+        put(sc, DataElement(tag, vr, None) if element is None else copy_element(element))
     rows, columns = pixels.shape[:2]
     elements: tuple[tuple[int, str, object], ...] = (
         (0x00080008, "CS", ["DERIVED", "SECONDARY", "OTHER"]),  # Image Type
@@ -191,9 +192,9 @@ def secondary_capture(
         (0x7FE00010, "OB or OW", pixels.tobytes()),  # as highdicom sets it; written OB (8 bits allocated)
     )
     for number, vr_name, value in elements:
-        sc.add(DataElement(number, vr_name, value))
+        put(sc, DataElement(number, vr_name, value))
     for element in _constant_elements():
-        sc.add(copy_element(element))
+        put(sc, copy_element(element))
     return sc
 
 

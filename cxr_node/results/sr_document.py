@@ -33,7 +33,7 @@ from pydicom.uid import ComprehensiveSRStorage
 from pydicom.valuerep import DA, TM
 
 from cxr_node.results.as_highdicom import equipment_items, file_meta
-from cxr_node.results.common import Identity, copy_element
+from cxr_node.results.common import Identity, copy_element, put
 from cxr_node.results.sr_content import add, dataset, sequence
 
 _BASE_PATIENT_STUDY: Final = (
@@ -123,7 +123,7 @@ def _patient_and_study(evidence: Dataset, sr: Dataset) -> None:
     the checked copies every output shares, :meth:`cxr_node.results.copied.Copied.apply`)."""
     for tag in patient_and_study_tags(str(evidence.SOPClassUID)):
         if tag in evidence:
-            sr.add(copy_element(evidence[tag]))
+            put(sr, copy_element(evidence[tag]))
     if 0x00080090 not in sr:
         sr.add(DataElement(0x00080090, "PN", None))  # Referring Physician's Name, Type 2
     sex = evidence.PatientSex
