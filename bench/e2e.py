@@ -22,31 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
-from cxr_node.demo import DEMO_MANIFEST, DemoPacs, _free_port, _start_node
+from cxr_node.demo import DEMO_MANIFEST, DemoPacs, _free_port, _start_node, write_config
 from cxr_node.jobs import spool
 from cxr_node.jobs.sqlite import SqliteStore
 from cxr_node.send.scu import PeerAddress, send_files
 from cxr_node.training.phantoms import write_phantom_set
-
-
-def write_config(out: Path, port: int, pacs_port: int) -> Path:
-    """The node's configuration: the demo's (demo models, one receiver process, all four outputs, 200 ms delivery
-    poll) with the PACS as its one destination, no HL7, and metrics on a free port; JSON logs at info."""
-    config = {
-        "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port, "receiver_processes": 1},
-        "storage": {"root": str(out / "state")},
-        "models": {"manifest": str(DEMO_MANIFEST.resolve())},
-        "destinations": [{"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port}],
-        "delivery": {"poll_interval_ms": 200},
-        "results": {"segmentation": True, "presentation_state": True},
-        "metrics": {"port": _free_port()},
-        "logging": {"level": "info", "format": "json"},
-    }
-    path = out / "node.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 @contextmanager
@@ -56,7 +36,7 @@ def node_and_pacs(n: int, seed: int, size: int, log_name: str) -> Iterator[tuple
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         port, pacs_port = _free_port(), _free_port()
-        config = write_config(out, port, pacs_port)
+        config = write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port, None)
         labels = write_phantom_set(out / "inputs", n=n, seed=seed, size=size)
         files = sorted((labels.parent).rglob("*.dcm"))
         pacs = DemoPacs(out / "pacs", pacs_port).start()
@@ -140,7 +120,7 @@ def soak(n: int, chunk: int, timeout: float) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         port, pacs_port = _free_port(), _free_port()
-        config = write_config(out, port, pacs_port)
+        config = write_config(out, port, DEMO_MANIFEST.resolve(), pacs_port, None)
         labels = write_phantom_set(out / "inputs", n=chunk, seed=5, size=512)
         base = [dcmread(p) for p in sorted(labels.parent.rglob("*.dcm"))]
         pacs = DemoPacs(out / "pacs", pacs_port).start()

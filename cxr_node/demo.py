@@ -61,7 +61,7 @@ def run_demo(out: Path, phantoms: int = 6, manifest: Path = DEMO_MANIFEST) -> in
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
     port, pacs_port, ris_port, hl7_port = _free_port(), _free_port(), _free_port(), _free_port()
-    config = _write_config(out, port, manifest.resolve(), pacs_port, (ris_port, hl7_port))
+    config = write_config(out, port, manifest.resolve(), pacs_port, (ris_port, hl7_port))
     print(f"cxr-node demo: working folder {out}")
     inputs = _phantom_inputs(out / "inputs", phantoms) + _real_inputs(out / "inputs")
     print(f"  prepared {len(inputs)} images ({phantoms} synthetic phantoms, {len(inputs) - phantoms} real radiographs)")
@@ -94,22 +94,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_config(out: Path, port: int, manifest: Path, pacs_port: int, hl7_ports: tuple[int, int]) -> Path:
-    ris_port, hl7_port = hl7_ports
-    config = {
+def write_config(out: Path, port: int, manifest: Path, pacs_port: int, hl7_ports: tuple[int, int] | None) -> Path:
+    """The demo node's configuration in ``out``: the demo PACS as its destination and, with ``hl7_ports`` (the demo
+    RIS's, the node's HL7 listener's), the worklist triage out and the final findings in over HL7; ``bench/e2e.py``
+    runs the same node without HL7."""
+    destinations: list[dict[str, object]] = [
+        {"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port}
+    ]
+    config: dict[str, object] = {
         "node": {"ae_title": "CXR_NODE", "host": "127.0.0.1", "port": port, "receiver_processes": 1},
         "storage": {"root": str(out / "state")},
         "models": {"manifest": str(manifest)},
-        "destinations": [
-            {"name": "demo_pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port},
-            {"name": "demo_ris", "protocol": "hl7", "host": "127.0.0.1", "port": ris_port, "send": "positive"},
-        ],
-        "hl7_in": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
+        "destinations": destinations,
         "delivery": {"poll_interval_ms": 200},
         "results": {"segmentation": True, "presentation_state": True},
         "metrics": {"port": _free_port()},
         "logging": {"level": "info", "format": "json"},
     }
+    if hl7_ports is not None:
+        ris_port, hl7_port = hl7_ports
+        destinations.append(
+            {"name": "demo_ris", "protocol": "hl7", "host": "127.0.0.1", "port": ris_port, "send": "positive"}
+        )
+        config["hl7_in"] = {"enabled": True, "host": "127.0.0.1", "port": hl7_port}
     path = out / "node.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
