@@ -22,8 +22,9 @@ test: install  ## run the default test suite (slow and GPU tests are skipped)
 test-all: install  ## run every test, slow ones included (GPU tests need a CUDA device)
 	$(BIN)/python -m pytest -m 'not gpu'
 
-lint: install  ## ruff, mypy --strict and the layer contracts of DESIGN.md §3
+lint: install  ## ruff (lint and format), mypy --strict and the layer contracts of DESIGN.md §3
 	$(BIN)/ruff check cxr_node tests bench
+	$(BIN)/ruff format --check cxr_node tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

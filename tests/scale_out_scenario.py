@@ -144,9 +144,20 @@ def scale_out(folder: str, count: str) -> dict[str, Any]:
         conn = psycopg.connect(url, password=server.password, autocommit=True)
         senders = [
             subprocess.Popen(
-                ["storescu", "-aec", "CXR_NODE", "-aet", "PACS", "+sd", "+r", "127.0.0.1", str(ports[name]),
-                 str(images / half)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                [
+                    "storescu",
+                    "-aec",
+                    "CXR_NODE",
+                    "-aet",
+                    "PACS",
+                    "+sd",
+                    "+r",
+                    "127.0.0.1",
+                    str(ports[name]),
+                    str(images / half),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
             for name, half in (("receiver-a", "a"), ("receiver-b", "b"))
         ]

@@ -71,9 +71,7 @@ def test_the_same_uid_for_another_patient_is_a_conflict(receiver: Receiver, ches
     assert (receiver.settings.storage.root / str(job.path)).read_bytes() == kept
 
 
-def test_the_same_uid_with_other_pixels_is_a_conflict_and_a_re_send_is_not(
-    receiver: Receiver, chest_cr: Path
-) -> None:
+def test_the_same_uid_with_other_pixels_is_a_conflict_and_a_re_send_is_not(receiver: Receiver, chest_cr: Path) -> None:
     """Same patient, study and series but other pixel data is a conflict; the identical instance again is Success."""
     first = small_cr(chest_cr, "pixels")
     other = small_cr(chest_cr, "pixels")

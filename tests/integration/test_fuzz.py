@@ -154,8 +154,6 @@ def source_uids(ds: Dataset) -> set[str]:
     return found
 
 
-
-
 @pytest.mark.filterwarnings("ignore")
 def test_mutants_never_stop_the_node_and_clean_images_get_their_outputs(
     settings: Settings, chest_cr: Path, tmp_path: Path

@@ -44,7 +44,6 @@ A_ASSOCIATE_RQ_HEADER: Final = b"\x01\x00\x00\x00\x01\x00"
 """The header of an A-ASSOCIATE-RQ announcing 256 bytes that never come."""
 
 
-
 def stalled(node: Receiver, payload: bytes, source: str = HOST) -> socket.socket:
     """A connection to the node that sends ``payload`` and then nothing."""
     sock = socket.socket()

@@ -20,8 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 DONE = (JobState.WRITTEN, JobState.DELIVERED)
 
 
-
-
 def test_a_worker_killed_alone_gives_its_jobs_back_when_it_restarts(
     settings: Settings, chest_cr: Path, tmp_path: Path
 ) -> None:

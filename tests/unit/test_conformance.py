@@ -30,8 +30,14 @@ from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "conformance.md"
 OUTPUTS_DOC = REPO / "docs" / "outputs.md"
-PROVENANCE = Provenance("cxr-demo", "1.0.0", "demo: synthetic training data, not for clinical use",
-                        ("mobilenet", "shufflenet"), "0.1.0", "2.25.42")
+PROVENANCE = Provenance(
+    "cxr-demo",
+    "1.0.0",
+    "demo: synthetic training data, not for clinical use",
+    ("mobilenet", "shufflenet"),
+    "0.1.0",
+    "2.25.42",
+)
 CASES = (
     SimilarCase(1, 0.93, "C0000012", "covid", "1.2.3", "1.2.3.4", "ACC123", "20200301"),
     SimilarCase(2, 0.88, "C0000040", "non-covid", None, None, None, None),
