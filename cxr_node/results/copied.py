@@ -12,7 +12,13 @@ and, for Patient's Sex, its enumerated values, then:
   written ``M``, ``F``, ``O``;
 - otherwise **left out**: a Type 2 attribute of the Patient or General Study module stays, empty; any other
   is absent; a sequence item holding such a value is dropped. An accession number over 16 characters is
-  therefore left empty, never truncated: a truncated accession number can name another study.
+  therefore left empty, never truncated: a truncated accession number can name another study. A text holding
+  bytes its character set does not define (pydicom decoded them to replacement characters) is left out too.
+
+A sequence's items must also hold what the standard's module tables require there (:func:`item_problem`: no
+empty item, every Type 1 attribute, a code's value and scheme, an issuer's identifier), else the item is
+dropped; a sequence left without items is left out unless it may be empty (Type 2). The Specific Character Set
+is written in a form the outputs can declare (:func:`character_set`).
 
 The other values the builders and highdicom read from the source (acquisition equipment, body part, patient
 orientation, frame of reference, pixel spacing) are checked the same way in the header handed to them, and
@@ -33,6 +39,7 @@ from typing import Final, Literal
 
 import pydicom
 from highdicom._standard_utils import get_module_attribute_map  # the standard's IOD tables highdicom copies by
+from highdicom.valuerep import _check_specific_character_set  # the check highdicom makes of the term
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -41,7 +48,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
 from cxr_node.dicom.uids import uid_problem
-from cxr_node.results.common import OutputError, copy_element, put, without_pixels
+from cxr_node.results.common import UTF8, OutputError, copy_element, put, without_pixels
 
 Action = Literal["repaired", "left empty", "left out"]
 
@@ -184,6 +191,7 @@ def copy_source(source: Dataset) -> Copied:
     _replace_module_attributes(header, attributes)
     for keyword in CONTEXT:
         _check_context(header, keyword, notes)
+    _check_character_set(header, notes)
     return Copied(header, attributes, tuple(notes))
 
 
@@ -222,12 +230,117 @@ def _check_context(header: Dataset, keyword: str, notes: list[Note]) -> None:
         return
     element = header[tag]
     kept, why = checked(element)
+    if kept is not None and keyword == "PatientOrientation" and not _orientation_kept(_values(kept)):
+        kept, why = None, "not a row and a column direction of A, P, R, L, H, F"
     if kept is None:
         del header[tag]
         notes.append(Note(keyword, "left out", why))
     elif why:
         header[tag] = kept
         notes.append(_repaired(element, kept, why))
+
+
+def _orientation_kept(values: list[str]) -> bool:
+    """Whether an overlay can carry this PatientOrientation: two of the biped directions highdicom takes (one letter
+    each), or not two directions at all (then the overlay says it has none)."""
+    return len(values) != 2 or not all(values) or all(value in _BIPED for value in values)
+
+
+_BIPED: Final = frozenset({"A", "P", "R", "L", "H", "F"})
+
+
+def _check_character_set(header: Dataset, notes: list[Note]) -> None:
+    """Give ``header`` a Specific Character Set the outputs can declare for the values it holds (see
+    :func:`character_set`). The header's values are decoded first, with the source's own character set: pydicom
+    decodes a value when it is first read, with the character set the data set declares at that moment."""
+    if _SPECIFIC_CHARACTER_SET not in header:
+        return
+    wanted, why = character_set(_values(header[_SPECIFIC_CHARACTER_SET]))
+    if not why:
+        return
+    _decode_all(header)
+    if wanted is None and not _all_ascii(header):
+        wanted, why = UTF8, f"{why}; written as {UTF8}, which holds every value"
+    if wanted is None:
+        del header[_SPECIFIC_CHARACTER_SET]
+    else:
+        header[_SPECIFIC_CHARACTER_SET] = DataElement(_SPECIFIC_CHARACTER_SET, "CS", wanted)
+    notes.append(Note("SpecificCharacterSet", "repaired", why))
+
+
+def character_set(terms: list[str]) -> tuple[str | list[str] | None, str]:
+    """Return the Specific Character Set an output declares for values read with ``terms``, and how it was
+    repaired ("" when the terms are kept as they are; None: the default repertoire, the attribute absent).
+
+    The standard's forms are kept. An empty first value of a multi-valued set (the default repertoire with code
+    extensions, PS3.3 C.12.1.1.2) is written ``ISO 2022 IR 6``; a single code-extension term as the same set
+    without extensions (``ISO 2022 IR 100`` as ``ISO_IR 100``; a multi-byte one after ``ISO 2022 IR 6``); a
+    common misspelling (``ISO_IR 6``, ``ISO-8859-1``, ``UTF-8``) as the term it means; an empty value or the
+    default repertoire alone as no attribute. A term still unknown (to pydicom, which then decoded the values with
+    its default) or one highdicom does not take (``ISO 2022 IR 149``, ``ISO 2022 IR 58``) is replaced by
+    ``ISO_IR 192``: UTF-8 holds whatever the values decoded to.
+    """
+    cleaned = [_CHARSET_ALIASES.get(term.strip().upper(), term.strip().upper()) for term in terms]
+    if len(cleaned) == 1:
+        term = cleaned[0]
+        if term in ("", "ISO_IR 6", "ISO 2022 IR 6"):
+            cleaned = []
+        elif term.startswith("ISO 2022 IR "):
+            single = term.replace("ISO 2022 IR ", "ISO_IR ")
+            cleaned = [single] if single in _SINGLE_TERMS else ["ISO 2022 IR 6", term]
+    elif cleaned and not cleaned[0]:
+        cleaned[0] = "ISO 2022 IR 6"
+    if not cleaned:
+        return None, "empty or the default repertoire; left out"
+    wanted: str | list[str] = cleaned[0] if len(cleaned) == 1 else cleaned
+    if not all(term in pydicom.charset.python_encoding for term in cleaned):
+        return UTF8, f"not a character set the standard defines; written as {UTF8}"
+    try:
+        _check_specific_character_set(wanted)
+    except ValueError:  # a set highdicom does not take (e.g. ISO 2022 IR 149, Korean): the values decoded well
+        return UTF8, f"written as {UTF8}, which holds the same characters"
+    return wanted, "" if cleaned == terms else "written as the standard's term"
+
+
+_SPECIFIC_CHARACTER_SET: Final = BaseTag(0x00080005)
+_SINGLE_TERMS: Final = frozenset(f"ISO_IR {n}" for n in (100, 101, 109, 110, 126, 127, 138, 144, 148, 13, 166, 192))
+"""The single-byte character sets without code extensions (PS3.3 Table C.12-2), and UTF-8."""
+_CHARSET_ALIASES: Final = {
+    "ISO-IR 6": "ISO_IR 6",
+    "ISO-8859-1": "ISO_IR 100",
+    "ISO8859-1": "ISO_IR 100",
+    "ISO_8859-1": "ISO_IR 100",
+    "LATIN1": "ISO_IR 100",
+    "LATIN-1": "ISO_IR 100",
+    "UTF-8": "ISO_IR 192",
+    "UTF8": "ISO_IR 192",
+    "ISO-IR 192": "ISO_IR 192",
+    "ISO-IR 100": "ISO_IR 100",
+}
+"""Misspellings of character set terms seen in the field, and the defined term each means."""
+
+
+def _decode_all(dataset: Dataset) -> None:
+    """Read every element of ``dataset`` and of its sequences' items once, so that each value is decoded now (see
+    :func:`_check_character_set`); an element pydicom cannot read is left as it is (loading dropped those)."""
+    for tag in list(dataset.keys()):
+        try:
+            element = dataset[tag]
+        except Exception:  # noqa: S112 - garbage raises many types; it is left for the checks that follow
+            continue
+        if element.VR == "SQ":
+            for item in element.value or ():
+                if isinstance(item, Dataset):
+                    _decode_all(item)
+
+
+def _all_ascii(dataset: Dataset) -> bool:
+    """Whether every text value of ``dataset``, its sequences' items included, is ASCII."""
+    return all(
+        all(value.isascii() for value in _values(element))
+        for element in dataset.iterall()
+        if element.VR in _MAX_LENGTH or element.VR == "PN"
+    )
 
 
 def _empty(tag: BaseTag) -> DataElement:
@@ -245,14 +358,16 @@ def _repaired(before: DataElement, after: DataElement, why: str) -> Note:
 # ------------------------------------------------------------------------------------------------ elements
 
 
-def checked(element: DataElement) -> tuple[DataElement | None, str]:
+def checked(element: DataElement, path: tuple[str, ...] = ()) -> tuple[DataElement | None, str]:
     """Return ``element`` as an output may carry it, and what was repaired ("" when nothing was).
 
     The element itself comes back when its value is valid (so outputs stay byte for byte what they were); a
-    new element when it was repaired; None, with the reason, when it cannot be kept.
+    new element when it was repaired; None, with the reason, when it cannot be kept. ``path`` names the
+    sequences the element is inside (their keywords from the data set's root): a sequence's items are checked
+    against what the standard's module tables require of the items at that place (:func:`_item_rules`).
     """
     if element.VR == "SQ":
-        return _checked_sequence(element)
+        return _checked_sequence(element, (*path, element.keyword or str(element.tag)))
     if element.VR not in _MAX_LENGTH and element.VR != "PN":
         return element, ""
     values = _values(element)
@@ -291,42 +406,115 @@ def _values(element: DataElement) -> list[str]:
     return ["" if item is None else str(item) for item in items]
 
 
-def _checked_sequence(element: DataElement) -> tuple[DataElement | None, str]:
-    """Keep the items whose every value can be kept (repaired where needed); drop the others."""
-    items, whys, dropped = [], [], 0
-    for item in element.value or []:
-        kept_item, why = _checked_item(item)
+def _checked_sequence(element: DataElement, path: tuple[str, ...]) -> tuple[DataElement | None, str]:
+    """Keep the items whose every value can be kept (repaired where needed) and that hold what the standard
+    requires of an item there; drop the others. A sequence without items is kept only where it may be empty
+    (Type 2): elsewhere the standard asks for one item or more."""
+    total = len(element.value or [])
+    if not total:
+        return (element, "") if _sequence_type(path) in ("2", "2C") else (None, "no items")
+    items, whys, reasons = [], [], []
+    for item in element.value:
+        kept_item, why = _checked_item(item, path)
         if kept_item is None:
-            dropped += 1
+            reasons.append(why)
             continue
         items.append(kept_item)
         if why:
             whys.append(why)
-    total = len(element.value or [])
+    dropped = len(reasons)
     if not dropped and not whys:
         return element, ""
     if dropped == total:
-        return None, "invalid values in every item"
+        return None, reasons[0] if len(set(reasons)) == 1 else "invalid values in every item"
     if dropped:
         whys.append(f"{dropped} of {total} items with invalid values left out")
     return DataElement(element.tag, "SQ", items), "; ".join(dict.fromkeys(whys))
 
 
-def _checked_item(item: Dataset) -> tuple[Dataset | None, str]:
-    whys, changed = [], Dataset()
+def _checked_item(item: Dataset, path: tuple[str, ...]) -> tuple[Dataset | None, str]:
+    """The item as an output may carry it, and what was repaired; None and why when it cannot be kept: a value
+    that cannot be, or a nested sequence the item requires, or something :func:`item_problem` finds."""
+    whys, changed, removed = [], Dataset(), []
+    rules = _item_rules().get(path, {})
     for element in item:
-        kept, why = checked(element)
-        if kept is None:
+        kept, why = checked(element, path)
+        name = element.keyword or str(element.tag)
+        if kept is None and element.VR == "SQ" and rules.get(name, "3") not in ("1", "1C"):
+            removed.append(element.tag)  # an optional sequence of the item, left out: the item stays
+            whys.append(f"{name} left out ({why})")
+        elif kept is None:
             return None, why
-        if why:
-            whys.append(f"{element.keyword or element.tag} {why}")
+        elif why:
+            whys.append(f"{name} {why}")
             changed.add(kept)
-    if not whys:
-        return item, ""
-    repaired = copy.deepcopy(item)
-    for element in changed:
-        repaired[element.tag] = element
+    repaired = item
+    if whys:
+        repaired = copy.deepcopy(item)
+        for element in changed:
+            repaired[element.tag] = element
+        for tag in removed:
+            del repaired[tag]
+    problem = item_problem(repaired, rules)
+    if problem:
+        return None, problem
     return repaired, "; ".join(whys)
+
+
+def item_problem(item: Dataset, rules: dict[str, str]) -> str:
+    """Why a sequence item does not hold what the standard requires of it (``rules``: the keywords of the
+    attributes an item there may hold, and their Types), or "".
+
+    An item must hold something; every Type 1 attribute, with a value. A coded entry (an item whose attributes
+    include Code Meaning) needs its meaning and a code value, and its coding scheme unless the code is a URN; an
+    HL7 v2 hierarchic designator (Local Namespace Entity ID or Universal Entity ID) needs one of the two, and a
+    universal one its type. Other conditional (Type 1C) attributes are not judged.
+    """
+    if not len(item):
+        return "an empty item"
+    missing = [name for name, kind in rules.items() if kind == "1" and not _has_value(item, name)]
+    if missing:
+        return f"an item without its {missing[0]}"
+    if "CodeMeaning" in rules:
+        value = next((name for name in _CODE_VALUES if _has_value(item, name)), "")
+        if not value:
+            return "a code without a code value"
+        if value != "URNCodeValue" and not _has_value(item, "CodingSchemeDesignator"):
+            return "a code without its coding scheme"
+    if "LocalNamespaceEntityID" in rules and "UniversalEntityID" in rules:
+        if not (_has_value(item, "LocalNamespaceEntityID") or _has_value(item, "UniversalEntityID")):
+            return "an issuer without an identifier"
+        if _has_value(item, "UniversalEntityID") and not _has_value(item, "UniversalEntityIDType"):
+            return "an issuer without the type of its universal identifier"
+    return ""
+
+
+_CODE_VALUES: Final = ("CodeValue", "LongCodeValue", "URNCodeValue")
+
+
+def _has_value(item: Dataset, keyword: str) -> bool:
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in item:
+        return False
+    value = item[tag].value
+    return value is not None and value != "" and not (isinstance(value, list | MultiValue) and not len(value))
+
+
+@cache
+def _item_rules() -> dict[tuple[str, ...], dict[str, str]]:
+    """For each place a sequence's items sit in the Patient and Study modules (the sequences' keywords from the
+    root), the keywords of the attributes an item there may hold and their Types."""
+    table = get_module_attribute_map()
+    rules: dict[tuple[str, ...], dict[str, str]] = {}
+    for module in MODULES:
+        for entry in table[module]:
+            rules.setdefault(tuple(entry["path"]), {})[str(entry["keyword"])] = str(entry["type"])
+    return rules
+
+
+def _sequence_type(path: tuple[str, ...]) -> str:
+    """The Type of the sequence at ``path`` (its own keyword last), "3" when the tables do not say."""
+    return _item_rules().get(path[:-1], {}).get(path[-1], "3")
 
 
 # -------------------------------------------------------------------------------------------------- values
@@ -340,6 +528,8 @@ def value_problem(vr: str, value: str, keyword: str = "") -> str:
     allowed = "\x1b\t\n\r\f" if vr in _TEXT_BLOCK_VRS else "\x1b"
     if any(ch < " " and ch not in allowed for ch in value) or "\x7f" in value:
         return "holds a control character"
+    if "\ufffd" in value:  # what pydicom decodes bytes its character set does not define to
+        return "bytes its character set does not define"
     problem = _format_problem(vr, value) if vr in _FORMAT_FIRST else _length_problem(vr, value)
     problem = problem or _format_problem(vr, value)
     if not problem and keyword == "PatientSex" and value not in ("M", "F", "O"):

@@ -124,6 +124,8 @@ def test_clean_values_are_copied_unchanged() -> None:
         ({"StudyDescription": "CHEST\x01PA"}, "StudyDescription", None, "StudyDescription left out"),
         ({"StudyID": "S" * 17}, "StudyID", "", "StudyID left empty (over 16 characters)"),
         ({"BodyPartExamined": "chest"}, "BodyPartExamined", "CHEST", "BodyPartExamined repaired (upper-cased)"),
+        ({"PatientOrientation": ["AL", "F"]}, "PatientOrientation", "", "PatientOrientation left out (not a row"),
+        ({"PatientOrientation": ["P", "X"]}, "PatientOrientation", "", "PatientOrientation left out (not a row"),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -137,7 +139,7 @@ def test_values_are_repaired_or_left_out(
     for out in outputs.values():
         if expected is None:
             assert keyword not in out
-        elif keyword != "BodyPartExamined" or "BodyPartExamined" in out:
+        elif keyword not in ("BodyPartExamined", "PatientOrientation") or keyword in out:  # not in every IOD
             assert str(out[keyword].value or "") == expected
 
 
@@ -237,6 +239,101 @@ def test_messy_outputs_pass_dciodvfy(tmp_path: Path) -> None:
     ds = source(StudyDate="2020.03.01", StudyTime="12:30:05", AccessionNumber="A" * 20, BodyPartExamined="chest")
     built = build_outputs(ds, findings(), OutputOptions(), KINDS)
     for item in built:
+        path = tmp_path / f"{item.kind}.dcm"
+        path.write_bytes(item.data)
+        done = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error -")]
+        assert errors == [], (item.kind, errors)
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    """``ds`` written and read again, so that its texts are decoded from bytes with its own character set."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))
+
+
+JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+KOREAN = "Hong^Gildong=洪^吉洞=홍^길동"
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "written", "note"),
+    [
+        (["", "ISO 2022 IR 87"], JAPANESE, ["ISO 2022 IR 6", "ISO 2022 IR 87"], "written as the standard's term"),
+        (["", "ISO 2022 IR 149"], KOREAN, "ISO_IR 192", "written as ISO_IR 192, which holds the same characters"),
+        ("ISO 2022 IR 100", "Müller^José", "ISO_IR 100", "written as the standard's term"),
+        ("ISO-8859-1", "Müller^José", "ISO_IR 100", "written as the standard's term"),
+        ("ISO_IR 999", "Müller^José", "ISO_IR 192", "not a character set the standard defines"),
+        ("ISO_IR 6", "Doe^Jane", None, "empty or the default repertoire; left out"),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87"], JAPANESE, ["ISO 2022 IR 6", "ISO 2022 IR 87"], ""),
+        ("ISO_IR 100", "Müller^José", "ISO_IR 100", ""),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_character_set_the_outputs_cannot_declare_is_repaired(
+    charset: str | list[str], name: str, written: str | list[str] | None, note: str
+) -> None:
+    """A Specific Character Set in a form highdicom or the standard does not take (an empty first term, a single
+    code-extension term, a misspelling, an unknown term) gives every output one that holds the same names, and a
+    note; the standard's own forms are kept as they are."""
+    ds = source(SpecificCharacterSet=charset)
+    ds.PatientName = name
+    outputs, notes = decoded(_round_trip(ds))
+    said = [n.why for n in notes if n.attribute == "SpecificCharacterSet"]
+    assert said == ([] if not note else [said[0]]) and (not note or said[0].startswith(note)), said
+    for kind, out in outputs.items():
+        found = out.get("SpecificCharacterSet")
+        assert (found if found is None or isinstance(found, str) else list(found)) == written, kind
+        assert str(out.PatientName) == name, kind
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bytes_the_character_set_does_not_define_leave_the_value_out() -> None:
+    """Latin-1 bytes declared as UTF-8 would reach the outputs as replacement characters: the name is left empty
+    and the note says why, never a changed name."""
+    ds = source(SpecificCharacterSet="ISO_IR 100")
+    ds.PatientName = "Müller^José"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert data.count(b"ISO_IR 100") == 1
+    outputs, notes = decoded(dcmread(io.BytesIO(data.replace(b"ISO_IR 100", b"ISO_IR 192"))))
+    assert "PatientName left empty (bytes its character set does not define)" in [str(n) for n in notes]
+    assert {str(out.PatientName) for out in outputs.values()} == {""}
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "kept", "note"),
+    [
+        ("ReferencedStudySequence", [], 0, "ReferencedStudySequence left out (no items)"),
+        ("ProcedureCodeSequence", [], 0, "ProcedureCodeSequence left out (no items)"),
+        ("ProcedureCodeSequence", [_item(CodeValue="X1", CodingSchemeDesignator="", CodeMeaning="Chest")], 0,
+         "ProcedureCodeSequence left out (a code without its coding scheme)"),
+        ("ProcedureCodeSequence", [_item(CodeValue="X1", CodingSchemeDesignator="99L", CodeMeaning="Chest"),
+                                   _item(CodeValue="X2", CodingSchemeDesignator="99L")], 1,
+         "ProcedureCodeSequence repaired (1 of 2 items with invalid values left out)"),
+        ("IssuerOfAccessionNumberSequence", [Dataset()], 0, "IssuerOfAccessionNumberSequence left out (an empty item)"),
+        ("OtherPatientIDsSequence", [Dataset(), _item(PatientID="X77", TypeOfPatientID="TEXT")], 1,
+         "OtherPatientIDsSequence repaired (1 of 2 items with invalid values left out)"),
+        ("OtherPatientIDsSequence", [_item(PatientID="X77")], 0,
+         "OtherPatientIDsSequence left out (an item without its TypeOfPatientID)"),
+    ],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sequences_the_module_tables_refuse_are_left_out(
+    tmp_path: Path, keyword: str, value: list[Dataset], kept: int, note: str
+) -> None:
+    """A sequence without items where the standard wants one or more, an empty item, an item without a Type 1
+    attribute or a code without its scheme: the item (or the sequence) is left out with a note, and the outputs
+    pass dciodvfy."""
+    ds = source()
+    setattr(ds, keyword, DicomSequence(value))
+    built = build_outputs(ds, findings(), OutputOptions(), KINDS)
+    assert note in [str(n) for n in built.notes]
+    for item in built:
+        out = dcmread(io.BytesIO(item.data))
+        assert len(out.get(keyword, [])) == kept, item.kind
         path = tmp_path / f"{item.kind}.dcm"
         path.write_bytes(item.data)
         done = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
