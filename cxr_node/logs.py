@@ -8,6 +8,8 @@ and Python warnings pass through :class:`RedactQuoted`, which withholds every qu
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import re
 import sys
@@ -34,10 +36,37 @@ class RedactQuoted(logging.Filter):
     complain about: ``Invalid value for VR DA: '19700101x'``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record's message with its quoted values withheld; keep the record."""
+        """Rewrite the record's message, and its traceback's text, with their quoted values withheld; keep it.
+
+        A traceback quotes what a peer sent (an AE title, a UID) in its exception's message: its text is made
+        here, redacted, and kept on the record, which formatters use instead of formatting it again.
+        """
         record.msg = _QUOTED.sub(f"'{WITHHELD}'", record.getMessage())
         record.args = ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _QUOTED.sub(f"'{WITHHELD}'", _TRACEBACKS.formatException(record.exc_info))
         return True
+
+
+_TRACEBACKS: Final = logging.Formatter()
+
+
+class JsonRecords(logging.Formatter):
+    """A standard-library record (a library's log line, a Python warning) as one JSON object on one line, with the
+    keys of the node's own events, so that a log shipper reading JSON lines reads every line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``{"event", "logger", "level", "timestamp"}`` (and ``exception``): the message whole, its lines kept."""
+        at = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        event = {
+            "event": record.getMessage().strip(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        if record.exc_info:
+            event["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(event)
 
 
 def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
@@ -76,5 +105,7 @@ def configure(level: str = "info", fmt: str = "json", stream: Any = None) -> Non
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactQuoted())
+        if fmt == "json":
+            handler.setFormatter(JsonRecords())
     logging.captureWarnings(True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

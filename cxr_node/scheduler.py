@@ -6,6 +6,7 @@ coalesces missed runs, so a slow PACS never piles up delivery rounds.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cxr_node.config import Settings
-from cxr_node.jobs import retention
+from cxr_node.jobs import retention, spool
 from cxr_node.jobs.interfaces import JobStore, Store
 from cxr_node.jobs.leases import recover_deliveries
 from cxr_node.jobs.states import JobState
@@ -33,6 +34,8 @@ DELIVER_JOB: Final = "deliver"
 """The timetable's delivery round."""
 MONITOR_JOB: Final = "monitor"
 """The timetable's monitoring job (:mod:`cxr_node.monitor.watch`)."""
+PARTIAL_MIN_AGE_S: Final = 600.0
+"""The least age of a receiving file :meth:`Housekeeper.sweep_partials` removes."""
 MONITOR_FIRST_RUN_S: Final = 30.0
 """How long after the sender starts the monitoring job first runs (then every ``monitoring.interval_minutes``)."""
 
@@ -51,6 +54,21 @@ class Housekeeper:
         settled = self.store.deliveries.settle_written()
         if expired or settled:
             log.info("housekeeping.settled", expired_deliveries=expired, finished_jobs=settled)
+
+    def sweep_partials(self) -> int:
+        """Delete the files of receives that ended without a data set (an A-ABORT or a dropped connection in the
+        middle of a C-STORE) and temporaries a crash left, once untouched for :meth:`partial_age_s`; return how
+        many. Without it they stayed until the next start, each up to ``node.max_instance_mb``."""
+        removed = spool.remove_partials(self.settings.storage.root, min_age_s=self.partial_age_s())
+        if removed:
+            log.info("housekeeping.partials_removed", files=removed)
+        return removed
+
+    def partial_age_s(self) -> float:
+        """How long a receiving file must be untouched before it counts as left over: a live receive writes to
+        it at least every ``node.network_timeout_s`` (or is aborted), so three times that, and at least 10
+        minutes."""
+        return max(PARTIAL_MIN_AGE_S, 3 * self.settings.node.network_timeout_s)
 
     def purge(self) -> int:
         """Purge finished jobs older than ``storage.retention_days`` (files, rows, index entries)."""
@@ -78,6 +96,15 @@ class Housekeeper:
         return sum(reasons.values())
 
 
+class SkippedRuns(logging.Filter):
+    """Drop apscheduler's warning that a run was skipped because the previous one still runs: one at a time is
+    this timetable's design (a delivery round to a slow PACS outlasts its interval), not a fault to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for the skipped-run warning, True for every other record."""
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
 def timetable(
     settings: Settings,
     dispatcher: Dispatcher,
@@ -88,12 +115,16 @@ def timetable(
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60}
     )
+    apscheduler_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(existing, SkippedRuns) for existing in apscheduler_log.filters):
+        apscheduler_log.addFilter(SkippedRuns())
     delivery = settings.delivery
     jobs: list[tuple[Callable[[], Any], float, str]] = [
         (dispatcher.round, delivery.poll_interval_ms / 1000, DELIVER_JOB),
         (lambda: [dispatcher.probe(d) for d in dispatcher.destinations], delivery.probe_interval_s, "probe"),
         (housekeeper.settle, 30.0, "settle"),
         (housekeeper.purge, 3600.0, "retention"),
+        (housekeeper.sweep_partials, 300.0, "partials"),
         (housekeeper.dead_letter_report, 3600.0, "dead_letters"),
         *extra,
     ]

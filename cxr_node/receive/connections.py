@@ -152,6 +152,8 @@ class PduGate:
 
     def _start_pdu(self, pdu_type: int, length: int) -> None:
         self._header.clear()
+        if not 0x01 <= pdu_type <= 0x07:  # PS3.8 9.3: pynetdicom would read its body as further PDUs
+            raise PduTooLong(f"unknown PDU type 0x{pdu_type:02X}")
         limit, key = (self.limits.max_pdata, "node.max_pdu") if pdu_type == P_DATA_TF else (self.limits.max_other, "")
         if length > limit:
             which = "P-DATA-TF" if pdu_type == P_DATA_TF else f"PDU type 0x{pdu_type:02X}"

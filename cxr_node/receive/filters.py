@@ -7,7 +7,9 @@ whose header or pixel data cannot be right).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Literal
 
 from pydicom.dataset import Dataset
@@ -161,13 +163,25 @@ def _integrity(ds: Dataset, rules: TriageSettings) -> str:
     return _pixel_length(ds, rows * cols * allocated // 8)
 
 
+def _deferred_length(ds: Dataset, element: object, declared: int) -> int:
+    """The bytes of a deferred value that the file holds: its declared length, less what a file cut short lacks
+    (a last P-DATA fragment can end the data set before its Pixel Data does)."""
+    tell, name = getattr(element, "value_tell", None), getattr(ds, "filename", None)
+    if declared == UNDEFINED_LENGTH or tell is None or not isinstance(name, str | os.PathLike):
+        return declared
+    try:
+        return min(declared, max(0, Path(name).stat().st_size - int(tell)))
+    except OSError:
+        return declared
+
+
 def _pixel_length(ds: Dataset, expected: int) -> str:
     if PIXEL_DATA not in ds:
         return "no pixel data"
     element = ds.get_item(PIXEL_DATA, keep_deferred=True)  # a deferred value is measured, never read
     length = getattr(element, "length", None)  # a raw element read from a file, its value possibly deferred
     value = element.value
-    found = len(value) if value is not None else int(length or 0)
+    found = len(value) if value is not None else _deferred_length(ds, element, int(length or 0))
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if length == UNDEFINED_LENGTH or (syntax is not None and UID(syntax).is_encapsulated):
         return "" if found else "encapsulated pixel data is empty"

@@ -8,7 +8,7 @@ Each association runs in a thread of its own: when it is established, its identi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom import dcmread
@@ -43,6 +43,10 @@ def handle_store(event: Event, intake: Intake) -> Dataset:
     (:func:`~cxr_node.receive.guards.admitted`), then only its header is parsed, the pixel data is never read.
     A deflated data set is parsed from its inflated copy; the file kept is the one received.
     """
+    if cast(Path | None, event.dataset_path) is None:  # typed a Path; None when the command says no data set
+        reason = "C-STORE-RQ without a data set"
+        log.warning("store.rejected", reason=reason, status=f"0x{status.CANNOT_UNDERSTAND:04X}")
+        return _response(StoreOutcome(status.CANNOT_UNDERSTAND, reason))
     path, syntax = Path(event.dataset_path), str(event.context.transfer_syntax)
     try:
         with admitted(path, syntax, intake.max_bytes, installed_spool()) as readable:

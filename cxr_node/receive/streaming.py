@@ -45,12 +45,17 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
+from pynetdicom.utils import make_target
 
 P_DATA_TF: Final = 0x04
 PDU_TYPES: Final = frozenset(range(0x01, 0x08))
 ESTABLISHED: Final = "Sta6"
 WAIT_S: Final = 0.05
 """Longest sleep of either thread: bounds how late a timer (ARTIM, network timeout) or a kill is noticed."""
+IDLE: Final = "Sta1"
+"""The state machine's idle state (PS3.8 9.2): no transport connection."""
+_CLOSED: Final = frozenset({"Evt17", "Evt18"})
+"""Transport connection closed, ARTIM timer expired (PS3.8 Table 9-9)."""
 DUL_LOG: Final = logging.getLogger("pynetdicom.dul")  # pynetdicom's loggers and words, as in the code replaced
 ASSOC_LOG: Final = logging.getLogger("pynetdicom.assoc")
 
@@ -159,19 +164,37 @@ class StreamingDUL(DULServiceProvider):
             except queue.Empty:
                 self._wait()
                 continue
-            self.state_machine.do_action(event)
+            try:  # a request pynetdicom cannot act on (an even presentation context ID) raises here
+                self.state_machine.do_action(event)
+            except Exception:
+                self._abort_hard()
+                return
+            if event in _CLOSED and self.state_machine.current_state == IDLE and not self.assoc.is_established:
+                self._no_request()  # closed before any association
 
     def _abort_hard(self) -> None:
         """What pynetdicom does when its reactor raises: send an A-ABORT, bypassing the state machine, and stop."""
         DUL_LOG.exception("Exception in DUL.run(), aborting association")
+        self.abort_and_stop()
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+
+    def _no_request(self) -> None:
+        """Tell an acceptor waiting for the A-ASSOCIATE-RQ that none will come, as its wait timing out does (None):
+        it stops and closes the connection at once rather than at ``node.acse_timeout_s``."""
+        cast(Any, self.to_user_queue).put(None)
+
+    def abort_and_stop(self) -> None:
+        """Send the peer an A-ABORT (service provider, reason not specified), bypassing the state machine, and stop
+        this reactor."""
         abort = A_ABORT_RQ()
         abort.source, abort.reason_diagnostic = 0x02, 0x00
         with contextlib.suppress(OSError, AttributeError):
             cast(Any, self.socket).send(abort.encode())
-        self.assoc.is_aborted = True
-        self.assoc.is_established = False
-        self.assoc._kill = True
         self._kill_thread = True
+        self._wake.wake()
+        self._no_request()
 
     def _wait(self) -> None:
         """Sleep until the socket is readable, a primitive is queued, or :data:`WAIT_S` passes."""
@@ -296,6 +319,21 @@ class StreamingAssociation(Association):
 
     activity: threading.Event
 
+    def run_reactor(self) -> None:
+        """pynetdicom's association reactor; where it raises (pynetdicom cannot negotiate a request: a presentation
+        context without a transfer syntax), the peer gets an A-ABORT and the connection is closed at once. Left to
+        pynetdicom, the thread ended with the connection still open and counted, with no timeout to close it."""
+        try:
+            super().run_reactor()
+        except Exception as exc:
+            ASSOC_LOG.warning("Association request not negotiable, aborted: %s", type(exc).__name__)
+            dul = cast(StreamingDUL, self.dul)
+            dul.abort_and_stop()
+            self.is_aborted, self.is_established, self._kill = True, False, True
+            sock = cast(Any, dul.socket)
+            if self._server is not None and sock is not None and sock.socket is not None:
+                self._server.shutdown_request(sock.socket)
+
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (``Association._run_reactor`` of 3.0.4), waiting on :attr:`activity`."""
         self._is_paused = False
@@ -361,6 +399,7 @@ def streaming(assoc: Association) -> StreamingAssociation:
     streamer.acse_timeout = streamer.acse_timeout  # the setters put the timeouts on the new DUL's timers
     streamer.network_timeout = streamer.network_timeout
     streamer.dimse.msg_queue = SignallingQueue(streamer.activity.set)
+    cast(Any, streamer)._target = make_target(streamer.run_reactor)  # the thread's target: bound before the swap
     return streamer
 
 

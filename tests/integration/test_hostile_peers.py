@@ -24,6 +24,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from structlog.testing import capture_logs
@@ -398,3 +399,101 @@ def test_deeply_nested_header_is_refused(start_node: StartNode, chest_cr: Path, 
     assert response.ErrorComment == "header: sequences nested over 32 deep"
     assert jobs(node) == 0
     assert echo(node.port) == status.SUCCESS
+
+
+# --- requests pynetdicom cannot act on ------------------------------------------------------------------------
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def association_rq(context_id: int, syntaxes: tuple[str, ...]) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) for Verification with one presentation context, as a hostile peer may
+    write it: any context ID, any number of transfer syntaxes (none included)."""
+    context = struct.pack(">BBBB", context_id, 0, 0, 0) + _item(0x30, Verification.encode())
+    context += b"".join(_item(0x40, syntax.encode()) for syntax in syntaxes)
+    user = _item(0x51, struct.pack(">L", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.9999.1")
+    variable = _item(0x10, b"1.2.840.10008.3.1.1.1") + _item(0x20, context) + _item(0x50, user)
+    body = struct.pack(">HH", 1, 0) + b"CXR_NODE".ljust(16) + b"HOSTILE".ljust(16) + b"\0" * 32 + variable
+    return struct.pack(">BBL", 1, 0, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("context_id", "syntaxes"),
+    [(1, ()), (2, (ExplicitVRLittleEndian,)), (0, (ExplicitVRLittleEndian,))],
+    ids=["no-transfer-syntax", "even-context-id", "context-id-0"],
+)
+def test_a_request_pynetdicom_cannot_negotiate_is_aborted_at_once(
+    start_node: StartNode, context_id: int, syntaxes: tuple[str, ...]
+) -> None:
+    """A presentation context without a transfer syntax, or with an even ID, makes pynetdicom raise while it
+    negotiates: the peer gets an A-ABORT and the connection is closed at once, never held (16 of them from one
+    address locked that address out until the peer closed them, with no timeout to free them)."""
+    node = start_node(**{"node.artim_timeout_s": 30.0, "node.acse_timeout_s": 30.0, "node.network_timeout_s": 30.0})
+    sock = stalled(node, association_rq(context_id, syntaxes))
+    try:
+        sock.settimeout(5)
+        answer = sock.recv(6)
+        assert answer[:1] == b"\x07", answer  # A-ABORT
+        assert closed_within(sock, 5.0) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: idle(node))
+    assert echo(node.port) == status.SUCCESS
+
+
+def test_an_unknown_pdu_type_is_aborted_at_once(start_node: StartNode) -> None:
+    """A first PDU of a type PS3.8 does not define gets an A-ABORT at once: its body is not read as further PDUs
+    (60 kB of them logged 10,000 lines), and the connection does not wait out node.network_timeout_s."""
+    node = start_node(**{"node.artim_timeout_s": 30.0, "node.network_timeout_s": 30.0})
+    sock = stalled(node, b"\x09\x00" + struct.pack(">L", 6000) + b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00" * 600)
+    try:
+        started = time.monotonic()
+        closed = closed_within(sock, 5.0)
+        assert closed is not None and time.monotonic() - started < 5.0
+    finally:
+        sock.close()
+    assert node.server is not None
+    assert wait_for(lambda: idle(node)), (node.server.ae.active_associations, node.server.slots.open_from(HOST))
+    assert echo(node.port) == status.SUCCESS
+
+
+def test_a_data_set_that_ends_inside_its_pixel_data_is_quarantined(
+    start_node: StartNode, chest_cr: Path, tmp_path: Path
+) -> None:
+    """The last P-DATA fragment ends the data set 1 MB before the end its Pixel Data declares: the header is whole,
+    the pixels are not. The node answers 0xA900 and quarantines the file, as for any truncated Pixel Data (the
+    deferred value was measured by its declared length, so it was accepted and analysed as undecodable)."""
+    node = start_node()
+    whole = chest_cr.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: len(whole) - MB])
+    response = store(node, cut)
+    assert response.Status == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert "pixel data has" in str(response.ErrorComment)
+    assert node.store.jobs.counts()[JobState.QUARANTINED] == 1
+    assert jobs(node) == 1
+
+
+def test_a_c_store_without_a_data_set_is_refused(start_node: StartNode) -> None:
+    """A C-STORE-RQ whose command says no data set follows gets 0xC000 from the node's handler, nothing kept, and
+    the association goes on."""
+    node = start_node()
+    request = C_STORE()  # no data set: its command's CommandDataSetType says none follows
+    request.MessageID, request.AffectedSOPClassUID = 7, ComputedRadiographyImageStorage
+    request.AffectedSOPInstanceUID, request.Priority = "2.25.1234", 0
+    contexts = ((ComputedRadiographyImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian]))
+    with associated(node, *contexts) as assoc:
+        assert assoc.is_established
+        assoc._reactor_checkpoint.clear()  # as pynetdicom's own requests do: its reactor must not take the answer
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            assoc.dimse.send_msg(request, 1)
+            _, answer = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert answer is not None and answer.Status == status.CANNOT_UNDERSTAND
+        assert assoc.send_c_echo().Status == status.SUCCESS
+    assert jobs(node) == 0

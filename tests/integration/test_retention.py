@@ -3,15 +3,16 @@ from the store, the outbox and the neighbour index; `cxr-node resend` re-queues 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cxr_node.app import open_index
+from cxr_node.app import open_index, open_store
 from cxr_node.cli import main
-from cxr_node.jobs import retention
+from cxr_node.jobs import retention, spool
 from cxr_node.jobs.states import JobState
 from cxr_node.neighbours import NewCase
 from cxr_node.scheduler import Housekeeper
@@ -73,3 +74,25 @@ def test_resend_cli(make_settings, chest_cr, tiny_manifest, tmp_path, capsys) ->
 def test_zero_retention_keeps_everything(make_settings, days: float) -> None:
     """retention_days 0 means keep forever."""
     assert retention.expired(None, days) == []  # type: ignore[arg-type]
+
+
+def test_files_of_receives_that_never_ended_are_swept(make_settings) -> None:
+    """A receive that ended without its data set (an A-ABORT or a dropped connection mid C-STORE) left its file in
+    the receiving folder until the next start; the sender's housekeeping removes it once untouched for three
+    network timeouts (at least 10 minutes), and leaves a receive still being written alone."""
+    settings = make_settings(**{"node.network_timeout_s": 300})
+    store = open_store(settings)
+    try:
+        keeper = Housekeeper(settings, store)
+        assert keeper.partial_age_s() == 900
+        receiving = settings.storage.root / spool.RECEIVING
+        receiving.mkdir(parents=True, exist_ok=True)
+        old, live = receiving / "abandoned", receiving / "being-received"
+        old.write_bytes(b"\0" * 1024)
+        live.write_bytes(b"\0" * 1024)
+        long_ago = time.time() - 901
+        os.utime(old, (long_ago, long_ago))
+        assert keeper.sweep_partials() == 1
+        assert not old.exists() and live.exists()
+    finally:
+        store.close()

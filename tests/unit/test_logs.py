@@ -38,11 +38,15 @@ def test_library_warnings_reach_the_log_without_their_values() -> None:
             warnings.simplefilter("always")
             Dataset().PatientBirthDate = "1970-13-45x"
         logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Doe^Jane'")
+        logging.getLogger("py.warnings").warning("x.py:3: UserWarning: Unknown encoding 'X'\n  warn(encoding)\n")
     finally:
         logs.configure("info", "console")
     text = stream.getvalue()
     assert "Invalid value for VR DA" in text and "1970-13-45x" not in text
     assert "Doe" not in text and logs.WITHHELD in text
+    lines = [json.loads(line) for line in text.splitlines()]  # every line one JSON object, the warning's too
+    assert {line["logger"] for line in lines} >= {"py.warnings", "pydicom"}
+    assert all(line["level"] == "warning" and line["timestamp"].endswith("Z") for line in lines)
 
 
 def test_capture_store_events() -> None:
@@ -50,3 +54,34 @@ def test_capture_store_events() -> None:
     with capture_logs() as captured:
         structlog.get_logger("t").warning("assoc.rejected", calling_aet="EVIL")
     assert captured == [{"event": "assoc.rejected", "calling_aet": "EVIL", "log_level": "warning"}]
+
+
+def test_a_skipped_scheduler_run_is_not_reported() -> None:
+    """apscheduler's warning that a run was skipped (the previous one still runs: one at a time by design) is
+    dropped; its other warnings are kept."""
+    from cxr_node.scheduler import SkippedRuns
+
+    record = logging.LogRecord("apscheduler.scheduler", logging.WARNING, "", 0, "x", (), None)
+    record.msg = 'Execution of job "deliver" skipped: maximum number of running instances reached (1)'
+    assert not SkippedRuns().filter(record)
+    record.msg = 'Run time of job "deliver" was missed by 0:00:05'
+    assert SkippedRuns().filter(record)
+
+
+def test_a_traceback_logged_by_a_library_is_redacted_and_one_json_line() -> None:
+    """pynetdicom logs a traceback whose exception quotes what a peer sent (an AE title with a newline and a fake
+    JSON event in it): the quoted value is withheld in the traceback too, and the record stays one JSON line."""
+    stream = io.StringIO()
+    logs.configure("info", "json", stream=stream)
+    try:
+        sent = 'X\n{"event":"FAKE'  # what the peer sent; the traceback's source line shows the code, not this
+        try:
+            raise ValueError(f"Invalid 'Called AE Title' value '{sent}'")
+        except ValueError:
+            logging.getLogger("pynetdicom.dul").exception("Exception in DUL.run(), aborting association")
+    finally:
+        logs.configure("info", "console")
+    [line] = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert "FAKE" not in line and logs.WITHHELD in event["exception"]
+    assert event["event"] == "Exception in DUL.run(), aborting association" and "Traceback" in event["exception"]
