@@ -14,6 +14,11 @@ structure in memory (:class:`~cxr_node.neighbours.index.ReplicaIndex`) and follo
   deleted elsewhere by comparing counts, without counting a million rows;
 - :meth:`PgCaseStore.snapshot` is one ``REPEATABLE READ, READ ONLY`` transaction on one connection.
 
+The SQL it shares with the SQLite file is :class:`~cxr_node.neighbours.sql.SqlCaseStore`'s (``?`` placeholders,
+as psycopg's ``%s`` here). This module holds PostgreSQL's own: the pool, its transactions, snapshots and error
+messages, the schema with its triggers, and the statements written for this engine: lists bound as one array
+(``= ANY``), inserts from ``unnest`` arrays, deletes that return what they removed, ids read in pages.
+
 Schema versions live in ``neighbour_schema`` (the jobs store's are in ``schema_version``), created and migrated
 under an advisory lock of their own, so hosts starting together create them once. The numbering is the SQLite
 file's; a PostgreSQL database starts at version 2.
@@ -25,12 +30,11 @@ the node controls is that no host serves a purged case and that checkpoint files
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, Final
 
 import numpy as np
@@ -38,17 +42,8 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cxr_node.errors import StorageError
-from cxr_node.neighbours.cases import Case, Label, NewCase, identifier_problems, indexable
-from cxr_node.neighbours.engine import Floats, Int64s, Rows, empty_rows, key_of
-from cxr_node.neighbours.store import (
-    BATCH_ROWS,
-    CASE_COLUMNS,
-    CHUNK_ROWS,
-    Changes,
-    batched,
-    case_from_row,
-    rows_from_tuples,
-)
+from cxr_node.neighbours.engine import Int64s
+from cxr_node.neighbours.sql import CASE_COLUMNS, NEW_CASE_COLUMNS, Dialect, SqlCaseStore
 
 SCHEMA_VERSION: Final = 2
 APPLICATION: Final = "cxr-node-index"  # application_name of the connections (pg_stat_activity)
@@ -154,10 +149,32 @@ CREATE TRIGGER embeddings_truncated AFTER TRUNCATE ON embeddings
 _MIGRATIONS: Final[dict[int, str]] = {}
 """Steps from an older PostgreSQL schema version to the next (none yet: version 2 is the first)."""
 
+POSTGRESQL: Final = Dialect(
+    arrays=True,
+    list_limit=ANY_LIMIT,
+    next_generation="versions.generation + 1",
+    delete_orphans="DELETE FROM cases c WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.case_id = c.id)",
+    count="SELECT COALESCE(SUM(total), 0) FROM neighbour_partitions",
+    text_order=' COLLATE "C"',
+)
+"""PostgreSQL's SQL differences: lists bound as arrays, counts from the triggers' ``neighbour_partitions`` (no
+million-row count), versions sorted by code point as SQLite sorts them."""
+
 Connection = psycopg.Connection[Any]
 
 
-class PgCaseStore:
+class PgTransaction:
+    """This store's connection inside a write transaction, as the shared SQL runs on it (``?`` placeholders)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, args: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        """Run one statement."""
+        return self.conn.execute(_psycopg_sql(sql), tuple(args))
+
+
+class PgCaseStore(SqlCaseStore[PgTransaction]):
     """Cases and embeddings in a PostgreSQL database shared by every host; safe to share between threads.
 
     Parameters
@@ -179,6 +196,7 @@ class PgCaseStore:
 
     shared: Final = True
     """Workers on other hosts write the same cases; their purges cannot reach this host's checkpoint files."""
+    dialect = POSTGRESQL
 
     def __init__(
         self, url: str, password: str | None = None, max_connections: int = 2, lock_timeout_s: float = 30.0
@@ -245,14 +263,15 @@ class PgCaseStore:
         except psycopg.Error as exc:
             raise StorageError(f"storage.database {redact(self.url)}: {what}: {_first_line(exc)}") from exc
 
-    def _fetch(self, sql: str, args: Sequence[Any] = (), *, binary: bool = False) -> list[Any]:
-        """Run one read; return its rows.
+    def _read(self, sql: str, args: Sequence[Any] = (), *, binary: bool = False) -> list[Any]:
+        """Run one read (``?`` placeholders); return its rows (``binary``: in psycopg's binary format).
 
         Inside this thread's transaction or snapshot it runs there; otherwise on a pooled connection, by itself
         (autocommit). A connection the server dropped (it restarted, failed over, or ended an idle session) is
         closed and the read runs again on the next, until every pooled connection has been tried and a fresh one
         too: reads are idempotent, and no round trip is spent checking connections before use.
         """
+        sql = _psycopg_sql(sql)
         current: Connection | None = getattr(self._local, "conn", None)
         if current is not None:
             return _rows_of(current, sql, args, binary)
@@ -270,7 +289,7 @@ class PgCaseStore:
     @contextmanager
     def _begun(self, begin: str, what: str) -> Iterator[Connection]:
         """A pooled connection inside the transaction ``begin`` opens (connections the server dropped are closed
-        and the next tried, as in :meth:`_fetch`), this thread's for the block; committed at its end, rolled back
+        and the next tried, as in :meth:`_read`), this thread's for the block; committed at its end, rolled back
         on error."""
         with self._errors(what):
             for attempt in range(1, self._attempts + 1):
@@ -295,7 +314,7 @@ class PgCaseStore:
                     return
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[PgTransaction]:
         """Hold the write lock of every host for the block; commit at its end, roll back on error.
 
         Raises
@@ -308,7 +327,7 @@ class PgCaseStore:
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("a neighbour store transaction cannot start inside another or inside a snapshot")
         with self._begun(self._begin_write, "neighbour index write failed") as conn:
-            yield conn
+            yield PgTransaction(conn)
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -321,7 +340,7 @@ class PgCaseStore:
 
     def data_version(self) -> int:
         """Return the change counter: every committed change to the cases, by any host, moves it."""
-        return int(self._fetch("SELECT counter FROM neighbour_changes")[0][0])
+        return int(self._read("SELECT counter FROM neighbour_changes")[0][0])
 
     def truncate_wal(self) -> None:
         """Nothing to do: PostgreSQL bounds its own write-ahead log (checkpoints, archiving)."""
@@ -330,216 +349,33 @@ class PgCaseStore:
         """Close every connection of the pool."""
         self._pool.close()
 
-    # ------------------------------------------------------------------------------------------ versions
+    # ------------------------------------------------------------------------------------------ PostgreSQL's own SQL
 
-    def version_info(self, version: str) -> tuple[int, int] | None:
-        """Return ``(dim, generation)`` of a model version, or None when it has no embeddings yet."""
-        rows = self._fetch("SELECT dim, generation FROM versions WHERE model_version = %s", (version,))
-        return (int(rows[0][0]), int(rows[0][1])) if rows else None
-
-    def count(self, version: str, library: bool | None = None) -> int:
-        """Return how many embeddings a model version has (of one partition when ``library`` is given)."""
-        where: str = "model_version = %s"
-        args: tuple[object, ...] = (version,)
-        if library is not None:
-            where, args = f"{where} AND library = %s", (version, library)
-        return int(self._fetch(f"SELECT COALESCE(SUM(total), 0) FROM neighbour_partitions WHERE {where}", args)[0][0])
-
-    def versions(self) -> list[str]:
-        """Return the model versions the index knows, sorted by code point (as SQLite sorts them)."""
-        return [row[0] for row in self._fetch('SELECT model_version FROM versions ORDER BY model_version COLLATE "C"')]
-
-    # ------------------------------------------------------------------------------------------ writes
-
-    def insert(
-        self, db: Connection, version: str, vectors: Floats, cases: Sequence[NewCase]
-    ) -> tuple[list[Case], Changes]:
-        """Add one embedding per case inside the caller's transaction; return the stored cases and the changes.
-
-        The same contract as :meth:`SqliteCaseStore.insert <cxr_node.neighbours.store.SqliteCaseStore.insert>`:
-        a stored case keeps its number, a new label replaces its label, ``library`` promotes a ``store`` case.
-        """
-        db.execute(
-            "INSERT INTO versions (model_version, dim, generation) VALUES (%s, %s, 1) ON CONFLICT DO NOTHING",
-            (version, vectors.shape[1]),
-        )
-        changes = Changes()
-        stored: list[Case] = []
-        for start in range(0, len(cases), BATCH_ROWS):
-            end = start + BATCH_ROWS
-            stored += self._write_batch(db, version, vectors[start:end], cases[start:end], changes, record=True)
-        return stored, changes
-
-    def replace(
-        self, db: Connection, version: str, dim: int, items: Iterable[tuple[NewCase, Floats]]
-    ) -> tuple[int, Changes]:
-        """Replace every embedding of ``version`` by ``items`` inside the caller's transaction (generation + 1;
-        cases left without an embedding are deleted); return the count and the changes to other versions."""
-        db.execute("DELETE FROM embeddings WHERE model_version = %s", (version,))
-        db.execute(
-            "INSERT INTO versions (model_version, dim, generation) VALUES (%s, %s, 1) ON CONFLICT (model_version)"
-            " DO UPDATE SET dim = excluded.dim, generation = versions.generation + 1",
-            (version, dim),
-        )
-        changes, count = Changes(), 0
-        for batch in batched(items):
-            cases = [case for case, _ in batch]
-            vectors = np.stack([vector for _, vector in batch]).astype(np.float32, copy=False)
-            count += len(self._write_batch(db, version, vectors, cases, changes, record=False))
-        db.execute("DELETE FROM cases c WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.case_id = c.id)")
-        return count, changes
-
-    def set_label(self, study_uid: str, label: Label | None) -> int:
-        """Set the label of every case of a study; return how many cases it changed or confirmed."""
-        with self.transaction() as db:
-            done = db.execute("UPDATE cases SET label = %s WHERE study_instance_uid = %s", (label, study_uid))
-            return done.rowcount
-
-    def purge(self, db: Connection, study_uid: str) -> tuple[int, Changes]:
-        """Delete a study's cases and all their embeddings inside the caller's transaction."""
-        changes = Changes()
-        removed = db.execute(
-            "DELETE FROM embeddings WHERE case_id IN (SELECT id FROM cases WHERE study_instance_uid = %s)"
-            " RETURNING id, model_version",
-            (study_uid,),
-        )
-        for row_id, version in removed.fetchall():
-            changes.remove(version, row_id)
-        return db.execute("DELETE FROM cases WHERE study_instance_uid = %s", (study_uid,)).rowcount, changes
-
-    def clean(self, db: Connection) -> tuple[int, int, Changes]:
-        """Inside the caller's transaction, delete the cases whose UIDs are unusable (with their embeddings)
-        and clear accession numbers and dates that cannot be written; return (deleted, cleared, changes)."""
-        changes, dropped, cleared = Changes(), [], 0
-        for case, _ in self.invalid():  # read inside the caller's transaction
-            kept, _problems = indexable(case)
-            if kept is None:
-                dropped.append(case.case_id)
-                continue
-            db.execute(
-                "UPDATE cases SET accession_number = %s, study_date = %s WHERE id = %s",
-                (kept.accession_number, kept.study_date, case.case_id),
-            )
-            cleared += 1
-        for start in range(0, len(dropped), ANY_LIMIT):
-            chunk = dropped[start : start + ANY_LIMIT]
-            removed = db.execute(
-                "DELETE FROM embeddings WHERE case_id = ANY(%s::bigint[]) RETURNING id, model_version", (chunk,)
-            )
-            for row_id, version in removed.fetchall():
-                changes.remove(version, row_id)
-            db.execute("DELETE FROM cases WHERE id = ANY(%s::bigint[])", (chunk,))
-        return len(dropped), cleared, changes
-
-    def _write_batch(
-        self, db: Connection, version: str, vectors: Floats, cases: Sequence[NewCase], changes: Changes, *, record: bool
-    ) -> list[Case]:
-        """Upsert a batch's cases, insert their missing embeddings (one statement each); return the cases."""
-        known = self._find_cases(db, version, [c.sop_instance_uid for c in cases])
-        fresh = self._insert_cases(db, version, cases, known)
-        for new in cases:
-            if new.sop_instance_uid not in fresh or new is not fresh[new.sop_instance_uid]:
-                known[new.sop_instance_uid] = self._update_case(db, known[new.sop_instance_uid], new, changes)
-        targets = [known[c.sop_instance_uid] for c in cases]
-        self._insert_embeddings(db, version, vectors, targets, changes if record else None)
-        return targets
-
-    def _find_cases(self, db: Connection, version: str, sops: Sequence[str]) -> dict[str, Case]:
-        """Return the stored cases among ``sops``, by SOP Instance UID, as cases of ``version``."""
-        rows = db.execute(
-            f"SELECT {CASE_COLUMNS} FROM cases c WHERE c.sop_instance_uid = ANY(%s::text[])", (list(set(sops)),)
-        )
-        return {row[1]: case_from_row(row, version) for row in rows.fetchall()}
-
-    def _insert_cases(
-        self, db: Connection, version: str, cases: Sequence[NewCase], known: dict[str, Case]
-    ) -> dict[str, NewCase]:
-        """Insert the cases not in ``known`` (first of duplicates wins), add them to ``known``; return them."""
-        fresh: dict[str, NewCase] = {}
-        for new in cases:
-            if new.sop_instance_uid not in known:
-                fresh.setdefault(new.sop_instance_uid, new)
-        if not fresh:
-            return fresh
-        fields = ("sop_instance_uid", "study_instance_uid", "accession_number", "study_date", "patient_hash")
-        columns = [[getattr(n, name) for n in fresh.values()] for name in (*fields, "label", "source")]
-        rows = db.execute(
-            f"INSERT INTO cases ({', '.join(fields)}, label, source, added_at)"
-            f" SELECT {', '.join(fields)}, label, source, %s FROM unnest({', '.join(['%s::text[]'] * 7)})"
-            f" AS t({', '.join(fields)}, label, source) RETURNING {_RETURNED_CASE}",
-            (time.time(), *columns),
-        )
-        known.update((row[1], case_from_row(row, version)) for row in rows.fetchall())
-        return fresh
-
-    def _update_case(self, db: Connection, case: Case, new: NewCase, changes: Changes) -> Case:
-        """Apply what adding ``new`` again may change on a stored case: its label, its promotion."""
-        label, source = case.label, case.source
-        if new.label is not None and new.label != case.label:
-            db.execute("UPDATE cases SET label = %s WHERE id = %s", (new.label, case.case_id))
-            label = new.label
-        if new.source == "library" and case.source == "store":
-            db.execute("UPDATE cases SET source = 'library' WHERE id = %s", (case.case_id,))
-            self._promote(db, case.case_id, changes)
-            source = "library"
-        return case if (label, source) == (case.label, case.source) else replace(case, label=label, source=source)
-
-    def _promote(self, db: Connection, case_id: int, changes: Changes) -> None:
-        """Move a case's embeddings into the library partitions (new ids, so every host sees the move)."""
-        moved = db.execute(
-            "DELETE FROM embeddings WHERE case_id = %s RETURNING id, model_version, patient_key, study_key, vector",
-            (case_id,),
+    def _add_cases(self, db: PgTransaction, rows: list[tuple[Any, ...]], now: float) -> list[Any]:
+        """Insert new cases in one statement (one array per column); return their rows (RETURNING)."""
+        columns = ", ".join(NEW_CASE_COLUMNS)
+        arrays = ", ".join(["?::text[]"] * len(NEW_CASE_COLUMNS))
+        return db.execute(
+            f"INSERT INTO cases ({columns}, added_at) SELECT {columns}, ? FROM unnest({arrays}) AS t({columns})"
+            f" RETURNING {_RETURNED_CASE}",
+            (now, *(list(column) for column in zip(*rows, strict=True))),
         ).fetchall()
-        for row_id, version, patient, study, blob in moved:
-            changes.remove(version, row_id)
-            new_id = _one(
-                db.execute(
-                    "INSERT INTO embeddings (model_version, case_id, library, patient_key, study_key, vector)"
-                    " VALUES (%s, %s, TRUE, %s, %s, %s) RETURNING id",
-                    (version, case_id, patient, study, blob),
-                )
-            )
-            changes.add((version, True), new_id, np.frombuffer(blob, "<f4").astype(np.float32), patient, study)
 
-    def _insert_embeddings(
-        self, db: Connection, version: str, vectors: Floats, cases: Sequence[Case], changes: Changes | None
-    ) -> None:
-        """Insert the embeddings the cases lack for ``version`` (first of duplicates wins), in one statement."""
-        have = self._embedded(db, version, [c.case_id for c in cases])
-        kept: dict[int, tuple[Floats, int, int, bool]] = {}
-        for vector, case in zip(vectors, cases, strict=True):
-            if case.case_id not in have and case.case_id not in kept:
-                keys = (key_of(case.patient_hash), key_of(case.study_instance_uid))
-                kept[case.case_id] = (vector, *keys, case.source == "library")
-        if not kept:
-            return
-        values = list(kept.values())
-        inserted = db.execute(
+    def _add_embeddings(
+        self, db: PgTransaction, version: str, rows: list[tuple[int, bool, int, int, bytes]], returning: bool
+    ) -> list[Any]:
+        """Insert embeddings in one statement (one array per column); return every new row's id (RETURNING)."""
+        return db.execute(
             "INSERT INTO embeddings (model_version, case_id, library, patient_key, study_key, vector)"
-            " SELECT %s, case_id, library, patient_key, study_key, vector"
-            " FROM unnest(%s::bigint[], %s::boolean[], %s::bigint[], %s::bigint[], %s::bytea[])"
+            " SELECT ?, case_id, library, patient_key, study_key, vector"
+            " FROM unnest(?::bigint[], ?::boolean[], ?::bigint[], ?::bigint[], ?::bytea[])"
             " AS t(case_id, library, patient_key, study_key, vector) RETURNING id, case_id, library",
-            (
-                version,
-                list(kept),
-                [v[3] for v in values],
-                [v[1] for v in values],
-                [v[2] for v in values],
-                [v[0].astype("<f4").tobytes() for v in values],
-            ),
+            (version, *(list(column) for column in zip(*rows, strict=True))),
         ).fetchall()
-        if changes is not None:
-            for row_id, case_id, library in inserted:
-                vector, patient, study, _ = kept[case_id]
-                changes.add((version, bool(library)), row_id, vector, patient, study)
 
-    def _embedded(self, db: Connection, version: str, case_ids: Sequence[int]) -> set[int]:
-        """Return which of ``case_ids`` already have an embedding of ``version``."""
-        rows = db.execute(
-            "SELECT case_id FROM embeddings WHERE case_id = ANY(%s::bigint[]) AND model_version = %s",
-            (list(set(case_ids)), version),
-        )
-        return {row[0] for row in rows.fetchall()}
+    def _delete_embeddings(self, db: PgTransaction, where: str, args: Sequence[Any], columns: str) -> list[Any]:
+        """Delete the embeddings ``where`` selects in one statement; return their ``columns`` (RETURNING)."""
+        return db.execute(f"DELETE FROM embeddings WHERE {where} RETURNING {columns}", args).fetchall()
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -548,9 +384,9 @@ class PgCaseStore:
         limit = np.iinfo(np.int64).max if upto is None else upto
         parts, last = [], 0
         while True:
-            rows = self._fetch(
-                "SELECT id FROM embeddings WHERE model_version = %s AND library = %s AND id > %s AND id <= %s"
-                " ORDER BY id LIMIT %s",
+            rows = self._read(
+                "SELECT id FROM embeddings WHERE model_version = ? AND library = ? AND id > ? AND id <= ?"
+                " ORDER BY id LIMIT ?",
                 (version, library, last, limit, IDS_CHUNK),
             )
             if rows:
@@ -561,63 +397,18 @@ class PgCaseStore:
 
     def max_id(self, version: str) -> int:
         """Return the largest embedding id of a version (0 when none), from the partitions' index."""
-        rows = self._fetch(
-            "SELECT GREATEST((SELECT max(id) FROM embeddings WHERE model_version = %s AND library = FALSE),"
-            " (SELECT max(id) FROM embeddings WHERE model_version = %s AND library = TRUE))",
+        rows = self._read(
+            "SELECT GREATEST((SELECT max(id) FROM embeddings WHERE model_version = ? AND library = FALSE),"
+            " (SELECT max(id) FROM embeddings WHERE model_version = ? AND library = TRUE))",
             (version, version),
         )
         return int(rows[0][0] or 0)
 
-    def stream(self, version: str, library: bool, dim: int, after: int, upto: int) -> Iterator[Rows]:
-        """Yield a partition's rows with ``after < id <= upto`` in id order, :data:`CHUNK_ROWS` at a time."""
-        last = after
-        while last < upto:
-            rows = self._fetch(
-                "SELECT id, patient_key, study_key, vector FROM embeddings"
-                " WHERE model_version = %s AND library = %s AND id > %s AND id <= %s ORDER BY id LIMIT %s",
-                (version, library, last, upto, CHUNK_ROWS),
-                binary=True,
-            )
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield rows_from_tuples(rows, dim)
 
-    def fetch(self, version: str, ids: Int64s, dim: int) -> Rows:
-        """Return the rows of the given embedding ids that still exist, in id order."""
-        parts = []
-        for start in range(0, len(ids), ANY_LIMIT):
-            rows = self._fetch(
-                "SELECT id, patient_key, study_key, vector FROM embeddings"
-                " WHERE model_version = %s AND id = ANY(%s::bigint[]) ORDER BY id",
-                (version, ids[start : start + ANY_LIMIT].tolist()),
-                binary=True,
-            )
-            if rows:
-                parts.append(rows_from_tuples(rows, dim))
-        return Rows.concat(parts, dim) if parts else empty_rows(dim)
-
-    def cases(self, ids: Sequence[int]) -> dict[int, Case]:
-        """Return the cases of the given embedding ids (absent ids left out), with their model version."""
-        found: dict[int, Case] = {}
-        for start in range(0, len(ids), ANY_LIMIT):
-            rows = self._fetch(
-                f"SELECT e.id, e.model_version, {CASE_COLUMNS} FROM embeddings e"
-                " JOIN cases c ON c.id = e.case_id WHERE e.id = ANY(%s::bigint[])",
-                ([int(i) for i in ids[start : start + ANY_LIMIT]],),
-            )
-            found.update((row[0], case_from_row(row[2:], row[1])) for row in rows)
-        return found
-
-    def invalid(self) -> list[tuple[Case, tuple[str, ...]]]:
-        """Return every stored case that fails today's identifier checks, with its problems, in id order."""
-        found = []
-        for row in self._fetch(f"SELECT {CASE_COLUMNS} FROM cases c ORDER BY c.id"):
-            case = case_from_row(row, "")
-            problems = identifier_problems(case)
-            if problems:
-                found.append((case, problems))
-        return found
+@functools.lru_cache(maxsize=256)
+def _psycopg_sql(sql: str) -> str:
+    """``sql`` with psycopg's ``%s`` for each ``?`` (and ``%`` doubled); the shared SQL has no other ``?``."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def _rows_of(conn: Connection, sql: str, args: Sequence[Any], binary: bool) -> list[Any]:
@@ -650,14 +441,6 @@ def _rollback(conn: Connection) -> None:
     if not conn.broken and not conn.closed:
         with contextlib.suppress(psycopg.Error):
             conn.execute("ROLLBACK")
-
-
-def _one(cursor: psycopg.Cursor[Any]) -> Any:
-    """The first column of the one row a statement returns."""
-    row = cursor.fetchone()
-    if row is None:
-        raise StorageError("the database returned no row where one was expected")
-    return row[0]
 
 
 def _first_line(exc: BaseException) -> str:
