@@ -14,6 +14,7 @@ import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from cxr_node.dicom import status
@@ -53,6 +54,7 @@ def handle_store(event: Event, intake: Intake) -> Dataset:
             ds = _header(readable)
             if ds is None:
                 return _response(StoreOutcome(status.CANNOT_UNDERSTAND, "data set cannot be decoded"))
+            _check_command(event, ds)
             return _response(intake.accept(ds, path, syntax, _peer(event)))
     except RejectedInstance as exc:
         path.unlink(missing_ok=True)
@@ -61,6 +63,23 @@ def handle_store(event: Event, intake: Intake) -> Dataset:
     except Exception as exc:
         log.exception("store.unexpected_error")
         return _response(StoreOutcome(status.UNEXPECTED_FAILURE, f"internal error: {type(exc).__name__}"))
+
+
+def _check_command(event: Event, ds: Dataset) -> None:
+    """Raise RejectedInstance when the C-STORE-RQ names another instance or SOP class than its data set holds
+    (PS3.7 9.3.1.1): the response would confirm an instance the node did not keep, or file it under another class.
+
+    Only what both carry is compared (a data set without a SOP Instance UID is the intake's to refuse).
+    """
+    request = cast(C_STORE, event.request)
+    for command, keyword, status_code in (
+        (request.AffectedSOPInstanceUID, "SOPInstanceUID", status.CANNOT_UNDERSTAND),
+        (request.AffectedSOPClassUID, "SOPClassUID", status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    ):
+        own = str(ds.get(keyword, "") or "").strip(" \0")
+        said = str(command or "").strip(" \0")
+        if own and said and own != said:
+            raise RejectedInstance(status_code, f"{keyword} differs from the command's Affected {keyword}")
 
 
 def _header(path: Path) -> Dataset | None:

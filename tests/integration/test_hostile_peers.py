@@ -6,6 +6,7 @@ Client sockets from 127.0.0.2 play a second host (all of 127.0.0.0/8 is local on
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 import threading
@@ -14,7 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from pydicom import dcmread
@@ -26,7 +27,11 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    Verification,
+)
 from structlog.testing import capture_logs
 
 from cxr_node.app import Receiver
@@ -99,6 +104,18 @@ def associated(node: Receiver, *contexts: tuple[str, list[str]], source: str = H
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def exchange(assoc: Association, request: C_STORE, context_id: int) -> Any:
+    """Send a request pynetdicom's own calls would not send as it is, and return the answer (None if none came)."""
+    assoc._reactor_checkpoint.clear()  # as pynetdicom's own requests do: its reactor must not take the answer
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        assoc.dimse.send_msg(request, context_id)
+        return assoc.dimse.get_msg(block=True)[1]
+    finally:
+        assoc._reactor_checkpoint.set()
 
 
 def store(node: Receiver, path: Path, syntax: str = ExplicitVRLittleEndian) -> Dataset:
@@ -486,14 +503,39 @@ def test_a_c_store_without_a_data_set_is_refused(start_node: StartNode) -> None:
     contexts = ((ComputedRadiographyImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian]))
     with associated(node, *contexts) as assoc:
         assert assoc.is_established
-        assoc._reactor_checkpoint.clear()  # as pynetdicom's own requests do: its reactor must not take the answer
-        while not assoc._is_paused:
-            time.sleep(0.001)
-        try:
-            assoc.dimse.send_msg(request, 1)
-            _, answer = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
+        answer = exchange(assoc, request, 1)
         assert answer is not None and answer.Status == status.CANNOT_UNDERSTAND
         assert assoc.send_c_echo().Status == status.SUCCESS
+    assert jobs(node) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("AffectedSOPInstanceUID", "2.25.99", status.CANNOT_UNDERSTAND),
+        ("AffectedSOPClassUID", DigitalXRayImageStorageForPresentation, status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    ],
+)
+def test_a_command_naming_another_instance_or_class_than_its_data_set_is_refused(
+    start_node: StartNode, chest_cr: Path, field: str, value: str, expected: int
+) -> None:
+    """A C-STORE-RQ whose Affected SOP Instance (Class) UID differs from its data set's: Success would confirm an
+    instance the node did not keep (or file it under another class). It is refused with the reason, nothing kept."""
+    node = start_node()
+    ds = small_cr(chest_cr, f"mismatch-{field}")
+    request = C_STORE()
+    request.MessageID, request.Priority = 9, 0
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    setattr(request, field, value)
+    request.DataSet = io.BytesIO(encode(ds, False, True))
+    contexts = [(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])]
+    if field == "AffectedSOPClassUID":
+        contexts.append((DigitalXRayImageStorageForPresentation, [ExplicitVRLittleEndian]))
+    with associated(node, *contexts) as assoc:
+        wanted = request.AffectedSOPClassUID
+        answer = exchange(
+            assoc, request, next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == wanted)
+        )
+    assert answer is not None and answer.Status == expected
+    assert "differs from the command" in str(answer.ErrorComment)
     assert jobs(node) == 0
