@@ -79,7 +79,7 @@ def _check_command(event: Event, ds: Dataset) -> None:
         own = str(ds.get(keyword, "") or "").strip(" \0")
         said = str(command or "").strip(" \0")
         if own and said and own != said:
-            raise RejectedInstance(status_code, f"{keyword} differs from the command's Affected {keyword}")
+            raise RejectedInstance(status_code, f"{keyword} is not the command's Affected {keyword}")
 
 
 def _header(path: Path) -> Dataset | None:

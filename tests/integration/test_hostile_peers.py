@@ -537,5 +537,5 @@ def test_a_command_naming_another_instance_or_class_than_its_data_set_is_refused
             assoc, request, next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == wanted)
         )
     assert answer is not None and answer.Status == expected
-    assert "differs from the command" in str(answer.ErrorComment)
+    assert "is not the command's Affected" in str(answer.ErrorComment)
     assert jobs(node) == 0
