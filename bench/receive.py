@@ -722,7 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def temporary_workdir(parent: Path | None) -> Iterator[Path]:
-    """A temporary folder for inputs, outputs and logs, removed afterwards."""
+    """A temporary folder for inputs, outputs and logs (in ``parent``, made if missing), removed afterwards."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="cxr-bench-receive-", dir=parent))
     try:
         yield workdir
