@@ -77,12 +77,15 @@ SCP_STATUSES: Final[tuple[StatusRow, ...]] = (
         "Error: Data Set does not match SOP Class",
         "A CR/DX image that passed triage but whose header and pixel data cannot be right (no or zero "
         "Rows/Columns, dimensions above `triage.max_dimension`, invalid bit depths, no or truncated Pixel "
-        "Data, no Photometric Interpretation, unparsable header). The file is kept in `quarantine/`.",
+        "Data, no Photometric Interpretation, unparsable header). The file is kept in `quarantine/`. Also when "
+        "the command's Affected SOP Class UID is not the data set's SOP Class UID: then nothing is kept.",
     ),
     StatusRow(
         "CANNOT_UNDERSTAND",
         "Error: Cannot understand",
-        "The data set cannot be decoded at all. Nothing is kept.",
+        "The data set cannot be decoded at all; the C-STORE-RQ carries no data set; or the command's Affected "
+        "SOP Instance UID is not the data set's SOP Instance UID (Success would confirm an instance the node did "
+        "not keep). Nothing is kept.",
     ),
     StatusRow(
         "IDENTIFIER_INVALID",

@@ -21,23 +21,16 @@ from cxr_node.config import Settings
 from cxr_node.dicom import codes, sop, status, uids
 from cxr_node.receive.scp import build_ae
 from cxr_node.results.common import OutputOptions
-from cxr_node.results.findings import Findings, MaskVerdict, Provenance, SimilarCase, Summary
+from cxr_node.results.findings import Findings, MaskVerdict, SimilarCase, Summary
 from cxr_node.results.kinds import BY_NAME, OUTPUT_TRANSFER_SYNTAXES
 from cxr_node.results.outputs import build_outputs
 from cxr_node.send import deliver, scu
 from cxr_node.training.phantoms import make_phantom, phantom_to_dataset
+from tests.dicom.test_results import PROVENANCE
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "conformance.md"
 OUTPUTS_DOC = REPO / "docs" / "outputs.md"
-PROVENANCE = Provenance(
-    "cxr-demo",
-    "1.0.0",
-    "demo: synthetic training data, not for clinical use",
-    ("mobilenet", "shufflenet"),
-    "0.1.0",
-    "2.25.42",
-)
 CASES = (
     SimilarCase(1, 0.93, "C0000012", "covid", "1.2.3", "1.2.3.4", "ACC123", "20200301"),
     SimilarCase(2, 0.88, "C0000040", "non-covid", None, None, None, None),
