@@ -73,3 +73,10 @@ PRIVATE_CODES: Final = (
     DEPLOYMENT_MODE,
 )
 """The private concepts, for docs/outputs.md and the conformance statement."""
+
+MODALITY_OF_CLASS: Final[dict[str, str]] = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1": "DX",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX",  # Digital X-Ray Image Storage - For Processing
+}
+"""The Modality each radiograph class implies: what a radiograph sent without its (Type 1) Modality is taken as."""

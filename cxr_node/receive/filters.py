@@ -17,6 +17,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from cxr_node.config import TriageSettings
+from cxr_node.dicom.codes import MODALITY_OF_CLASS
 from cxr_node.dicom.sop import RADIOGRAPH_CLASSES
 from cxr_node.dicom.uids import (
     PRIVATE_CREATOR,
@@ -110,7 +111,9 @@ def _sop_class(ds: Dataset, _rules: TriageSettings) -> str:
 
 
 def _modality(ds: Dataset, rules: TriageSettings) -> str:
-    modality = _text(ds, "Modality")
+    """The Modality must be one of ``triage.modalities``; a radiograph without one (Type 1, yet some send none)
+    has the modality its SOP class implies (CR Image Storage is CR, the DX Image Storage classes DX)."""
+    modality = _text(ds, "Modality") or MODALITY_OF_CLASS.get(str(ds.get("SOPClassUID", "")).strip(" \0"), "")
     allowed = {m.upper() for m in rules.modalities}
     return "" if modality in allowed else f"modality {modality or '(missing)'} not in triage.modalities"
 

@@ -23,6 +23,7 @@ from pydicom.uid import UID
 
 from cxr_node.config import Settings
 from cxr_node.dicom import status
+from cxr_node.dicom.codes import MODALITY_OF_CLASS
 from cxr_node.errors import RejectedInstance, StorageError
 from cxr_node.jobs import spool
 from cxr_node.jobs.interfaces import JobStore
@@ -253,7 +254,7 @@ def _identify(ds: Dataset, transfer_syntax: str, peer: Peer, size: int, hasher: 
             series_instance_uid=uids["SeriesInstanceUID"],
             accession_number=str(ds.get("AccessionNumber", "") or ""),
             patient_hash=hasher(str(ds.get("PatientID", "") or "")),
-            modality=str(ds.get("Modality", "") or ""),
+            modality=str(ds.get("Modality", "") or "") or MODALITY_OF_CLASS.get(uids["SOPClassUID"], ""),
             transfer_syntax=str(transfer_syntax),
             calling_aet=peer.ae_title,
             peer=peer.address,

@@ -47,6 +47,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
+from cxr_node.dicom.codes import MODALITY_OF_CLASS
 from cxr_node.dicom.uids import uid_problem
 from cxr_node.results.common import UTF8, OutputError, copy_element, put, without_pixels
 
@@ -192,6 +193,7 @@ def copy_source(source: Dataset) -> Copied:
     for keyword in CONTEXT:
         _check_context(header, keyword, notes)
     _check_character_set(header, notes)
+    _check_modality(header, notes)
     return Copied(header, attributes, tuple(notes))
 
 
@@ -238,6 +240,17 @@ def _check_context(header: Dataset, keyword: str, notes: list[Note]) -> None:
     elif why:
         header[tag] = kept
         notes.append(_repaired(element, kept, why))
+
+
+def _check_modality(header: Dataset, notes: list[Note]) -> None:
+    """Give a radiograph sent without its Modality (Type 1) the one its SOP class implies, as triage took it: the
+    SR's builder, as highdicom's, reads the source's Modality."""
+    if str(header.get("Modality", "") or "").strip():
+        return
+    implied = MODALITY_OF_CLASS.get(str(header.get("SOPClassUID", "")).strip(" \0"))
+    if implied is not None:
+        header.Modality = implied
+        notes.append(Note("Modality", "repaired", "missing; the SOP class's"))
 
 
 def _orientation_kept(values: list[str]) -> bool:

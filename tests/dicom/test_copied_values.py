@@ -339,3 +339,12 @@ def test_sequences_the_module_tables_refuse_are_left_out(
         done = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
         errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error -")]
         assert errors == [], (item.kind, errors)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_radiograph_without_its_modality_gets_its_classs() -> None:
+    """A CR sent without its Modality (Type 1) is analysed as triage takes it, a CR: the header handed to the
+    builders says so (highdicom's source check reads it), every output is built, and a note says why."""
+    outputs, notes = decoded(source(Modality=None))
+    assert "Modality repaired (missing; the SOP class's)" in [str(n) for n in notes]
+    assert {out.Modality for out in outputs.values()} == {"SR", "OT", "SEG", "PR"}

@@ -50,6 +50,8 @@ def test_frontal_chest_cr_is_eligible() -> None:
         {"BodyPartExamined": "chest"},
         {"PhotometricInterpretation": "MONOCHROME1"},
         {"BitsAllocated": 8, "BitsStored": 8, "PixelData": b"\x00" * 20},
+        {"Modality": None},  # a CR image without its (Type 1) Modality: the SOP class says CR
+        {"SOPClassUID": DX, "Modality": ""},
     ],
 )
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
