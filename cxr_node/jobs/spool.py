@@ -48,11 +48,12 @@ def output_path(key: str, kind: str) -> Path:
     return relative_path(OUTBOX, key).with_suffix("") / f"{kind}.dcm"
 
 
-def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
+def write_durably(target: Path, data: bytes, fsync: bool = True, exclusive: bool = False) -> None:
     """Write ``data`` to ``target`` so that, once this returns, the file survives a crash.
 
     The bytes go to a temporary sibling, are flushed and fsynced, renamed over ``target`` (atomic on
-    POSIX) and the folder entry is fsynced. A reader never sees a partial file.
+    POSIX) and the folder entry is fsynced. A reader never sees a partial file. With ``exclusive``, a
+    ``target`` that exists is left as it is and FileExistsError raised (see :func:`_put`).
 
     Raises
     ------
@@ -60,16 +61,17 @@ def write_durably(target: Path, data: bytes, fsync: bool = True) -> None:
         When any step fails (disk full, permissions); the temporary file is removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    _replace(target, lambda handle: handle.write(data), fsync)
+    _replace(target, lambda handle: handle.write(data), fsync, exclusive)
     if fsync:
         fsync_dir(target.parent)
 
 
-def move_durably(source: Path, target: Path, fsync: bool = True) -> None:
+def move_durably(source: Path, target: Path, fsync: bool = True, exclusive: bool = False) -> None:
     """Move the complete file ``source`` to ``target`` so that, once this returns, it survives a crash.
 
     The file is fsynced and renamed (atomic); across filesystems it is copied to a temporary sibling of
-    ``target``, fsynced and renamed instead. The folder entry is fsynced.
+    ``target``, fsynced and renamed instead. The folder entry is fsynced. With ``exclusive``, a ``target``
+    that exists is left as it is and FileExistsError raised, ``source`` kept (see :func:`_put`).
 
     Raises
     ------
@@ -83,24 +85,49 @@ def move_durably(source: Path, target: Path, fsync: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    if source.resolve() == target.resolve():  # already there (a file adopted where it lies)
+        if fsync:
+            fsync_dir(target.parent)
+        return
     try:
-        source.replace(target)
+        _put(source, target, exclusive)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        _copy_durably(source, target, fsync)
-        source.unlink(missing_ok=True)
+        _copy_durably(source, target, fsync, exclusive)
+    source.unlink(missing_ok=True)
     if fsync:
         fsync_dir(target.parent)
 
 
-def _copy_durably(source: Path, target: Path, fsync: bool) -> None:
+def _copy_durably(source: Path, target: Path, fsync: bool, exclusive: bool) -> None:
     with source.open("rb") as src:
-        _replace(target, lambda handle: shutil.copyfileobj(src, handle, 1 << 20), fsync)
+        _replace(target, lambda handle: shutil.copyfileobj(src, handle, 1 << 20), fsync, exclusive)
 
 
-def _replace(target: Path, fill: Callable[[BinaryIO], object], fsync: bool) -> None:
-    """Fill a temporary sibling of ``target``, fsync it, and rename it over ``target``; never leave it behind."""
+def _put(source: Path, target: Path, exclusive: bool) -> None:
+    """Rename ``source`` to ``target``; with ``exclusive``, only if no ``target`` exists, decided atomically: a hard
+    link fails with FileExistsError when it does, so two receivers of one instance cannot both place their file and
+    the second cannot replace the first (the source is removed by the caller). Where the filesystem has no hard
+    links, an existence check before the rename decides instead."""
+    if not exclusive:
+        source.replace(target)
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from exc
+        source.replace(target)
+
+
+def _replace(target: Path, fill: Callable[[BinaryIO], object], fsync: bool, exclusive: bool = False) -> None:
+    """Fill a temporary sibling of ``target``, fsync it, and rename it over ``target`` (with ``exclusive``, only
+    where none exists: :func:`_put`); never leave it behind."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
         with tmp.open("xb") as handle:
@@ -108,10 +135,9 @@ def _replace(target: Path, fill: Callable[[BinaryIO], object], fsync: bool) -> N
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
-        tmp.replace(target)
-    except BaseException:
+        _put(tmp, target, exclusive)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def fsync_dir(folder: Path) -> None:

@@ -40,6 +40,8 @@ _STATE: Final = {"eligible": JobState.QUEUED, "malformed": JobState.QUARANTINED,
 IDENTIFYING_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 """Attributes an instance must carry as valid UIDs to be accepted: they name its files, job, study and outputs."""
 DEFER_SIZE: Final = 64 * 1024
+CONCURRENT_WAIT_S: Final = 10.0
+"""How long a receive waits for the job of the same instance another association has just placed."""
 """Elements larger than this (pixel data) are not read when a stored file's header is parsed."""
 
 
@@ -134,8 +136,14 @@ class Intake:
         if existing is not None:
             return self._again(existing, new, ds, encoded)
         verdict = self._triage(ds)
-        rel = self._place(new.instance_key, verdict, encoded)
+        try:
+            rel = self._place(new.instance_key, verdict, encoded)
+        except FileExistsError:  # another association placed this instance since the look-up: compare with it
+            return self._again(self._recorded(new.instance_key, encoded), new, ds, encoded)
         job, created = self.jobs.record(_with_path(new, rel), _STATE[verdict.kind], verdict.reason or None)
+        if not created:  # recorded by another association meanwhile (its file not kept): compare with it
+            placed = None if rel is None or job.path == rel else self.root / rel
+            return self._again(job, new, ds, placed or encoded)
         _log_outcome(job.id, job.state, verdict, created, new)
         if verdict.kind == "malformed":
             return StoreOutcome(
@@ -162,6 +170,18 @@ class Intake:
         log.warning("store.conflict", differs=differs, **fields)
         reason = f"SOP Instance UID already received with another {differs}"
         return StoreOutcome(status.INSTANCE_CONFLICT, status.error_comment(reason), existing.id, existing.state)
+
+    def _recorded(self, key: str, encoded: bytes | Path) -> Job:
+        """The job of an instance whose file another association has just placed, once it is committed (it follows
+        the file within milliseconds); RejectedInstance (out of resources: the sender retries) when it is not."""
+        deadline = time.monotonic() + CONCURRENT_WAIT_S
+        while (job := self.jobs.find(key)) is None:
+            if time.monotonic() > deadline:
+                if isinstance(encoded, Path):
+                    encoded.unlink(missing_ok=True)
+                raise RejectedInstance(status.OUT_OF_RESOURCES, "the same instance is being stored; retry later")
+            time.sleep(0.02)
+        return job
 
     def _first_header(self, existing: Job) -> Dataset | None:
         """The header of the first instance, when its file is still kept and readable."""
@@ -193,10 +213,10 @@ class Intake:
         if verdict.kind == "skipped" and not self.keep_skipped:
             return None
         rel = spool.relative_path(_AREA[verdict.kind], key)
-        if isinstance(encoded, Path):
-            spool.move_durably(encoded, self.root / rel, fsync=self.fsync)
+        if isinstance(encoded, Path):  # exclusive: a concurrent receive of the same instance never replaces a file
+            spool.move_durably(encoded, self.root / rel, fsync=self.fsync, exclusive=True)
         else:
-            spool.write_durably(self.root / rel, encoded, fsync=self.fsync)
+            spool.write_durably(self.root / rel, encoded, fsync=self.fsync, exclusive=True)
         return str(rel)
 
     def adopt_orphans(self, min_age_s: float = 0.0) -> int:

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -19,6 +20,7 @@ from cxr_node.config import Settings
 from cxr_node.dicom import status
 from cxr_node.jobs import spool
 from cxr_node.jobs.states import JobState
+from cxr_node.receive.intake import Intake, Peer
 from tests.conftest import require_tool
 from tests.integration.helpers import echo, small_cr, store_all, write_config
 
@@ -209,3 +211,44 @@ def test_a_disk_error_while_receiving_is_refused_not_acknowledged(
     assert store_all(receiver.port, [chest_cr]) == [status.SUCCESS]
     [job] = receiver.store.jobs.query()
     assert dcmread(receiver.settings.storage.root / job.path).PixelData == dcmread(chest_cr).PixelData
+
+
+def test_the_same_instance_with_other_content_at_once_keeps_the_first(receiver: Receiver, chest_cr: Path) -> None:
+    """Two receives of one SOP Instance UID with different patients arrive together (two associations, two STOW
+    requests): one is stored and answered Success, the other refused as a conflict (0xC002); never both Success
+    with the second file over the first and the job describing the other (8 rounds, the two released at once)."""
+    intake, root = receiver.intake, receiver.settings.storage.root
+    receiving = root / spool.RECEIVING
+    receiving.mkdir(parents=True, exist_ok=True)
+    for round_ in range(8):
+        first = small_cr(chest_cr, f"race-{round_}", PatientID=f"A{round_}")
+        second = small_cr(chest_cr, f"race-{round_}", PatientID=f"B{round_}", StudyInstanceUID=f"2.25.{round_ + 7}")
+        paths = []
+        for name, ds in (("a", first), ("b", second)):
+            path = receiving / f"race-{round_}-{name}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        start, outcomes = threading.Barrier(2), {}
+        threads = [
+            threading.Thread(target=_receive_at, args=(intake, name, path, start, outcomes))
+            for name, path in zip("ab", paths, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(o.status for o in outcomes.values()) == [status.SUCCESS, status.INSTANCE_CONFLICT], round_
+        winner = next(name for name, o in outcomes.items() if o.status == status.SUCCESS)
+        job = receiver.store.jobs.find(spool.instance_key(str(first.SOPInstanceUID)))
+        assert job is not None and job.path is not None
+        kept = dcmread(root / job.path, stop_before_pixels=True)
+        assert kept.PatientID == (first if winner == "a" else second).PatientID, round_
+        assert job.study_instance_uid == str(kept.StudyInstanceUID)
+        assert not any(path.exists() for path in paths)
+
+
+def _receive_at(intake: Intake, name: str, path: Path, start: threading.Barrier, outcomes: dict[str, Any]) -> None:
+    """Hand the spooled file ``path`` to the intake as soon as the other thread is ready too."""
+    ds = dcmread(path, defer_size=64 * 1024)
+    start.wait()
+    outcomes[name] = intake.accept(ds, path, str(ds.file_meta.TransferSyntaxUID), Peer("PACS", name))
