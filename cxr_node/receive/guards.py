@@ -361,10 +361,14 @@ def dataset_offset(fp: BinaryIO) -> int:
         if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
             fp.seek(position)
             return position
-        length = struct.unpack("<H", head[6:8])[0]
-        if head[4:6] in LONG_VRS:
+        vr = head[4:6]
+        if vr not in KNOWN_VRS and not b"AA" <= vr <= b"ZZ":  # as pydicom reads it: an implicit VR element, whose
+            length = struct.unpack("<L", head[4:8])[0]  # 4 length bytes stand where the VR would (else the scan
+        elif vr in LONG_VRS:  # would start inside a value, at bytes pydicom never reads as elements)
             length = struct.unpack("<L", fp.read(4))[0]
             position += 4
+        else:
+            length = struct.unpack("<H", head[6:8])[0]
         position += 8 + length
         fp.seek(position)
 

@@ -17,6 +17,7 @@ import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -566,3 +567,21 @@ def test_a_failed_background_flush_refuses_the_instance(tmp_path: Path, monkeypa
     assert refused.value.status == status.OUT_OF_RESOURCES
     assert refused.value.reason == "cannot store: Input/output error"
     assert spool.settle(path) is None  # reported once
+
+
+def test_the_scan_starts_where_pydicom_starts_the_data_set(tmp_path: Path) -> None:
+    """A File Meta element written with an implicit VR header (its 'VR' bytes no letters: pydicom reads a 4-byte
+    length there) made the scan start inside that element's value, where a fake OB element hid the real data set
+    from it: a million items behind it were stored (a helper's STOW audit). The scan now starts where pydicom does."""
+    empty_item = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    body = sequence(0xFFFAFFFA, empty_item * 1_000_000)
+    value = 32
+    fake = struct.pack("<HH2sHL", 0x0009, 0x1000, b"OB", 0, value - 12 + len(body)) + bytes(value - 12)
+    path = write_raw(tmp_path / "crafted.dcm", struct.pack("<HHL", 0x0002, 0x0102, value) + fake + body)
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        pydicom_start = fp.tell()
+        assert dataset_offset(fp) == pydicom_start
+    with pytest.raises(RejectedInstance, match="over 50000 sequence items"):
+        scan_file(path, ExplicitVRLittleEndian)
