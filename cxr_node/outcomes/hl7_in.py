@@ -29,6 +29,7 @@ import structlog
 from cxr_node.config import Hl7InSettings, Settings
 from cxr_node.errors import ConfigError
 from cxr_node.jobs.interfaces import OutcomeStore
+from cxr_node.jobs.records import NewOutcome
 from cxr_node.outcomes import hl7_message
 from cxr_node.outcomes.hl7_message import ACCEPTED, ERROR, REJECTED, Refusal, ack, parse_oru, plan
 from cxr_node.outcomes.mapping import Mapping, load_mapping
@@ -65,6 +66,7 @@ class Framer:
         self.max_bytes = max_bytes
         self.buffer = bytearray()
         self.inside = False
+        self.broken = False
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the messages it completed.
@@ -72,10 +74,13 @@ class Framer:
         Raises
         ------
         NotMllp
-            On bytes other than white space between frames.
+            On bytes other than white space between frames, when no message came before them in ``data`` (else the
+            messages come back and :attr:`broken` says what follows them is not MLLP: they are answered first).
         TooLarge
             When a message grows over ``max_bytes``.
         """
+        if self.broken:
+            raise NotMllp
         self.buffer += data
         frames: list[bytes] = []
         while True:
@@ -84,6 +89,9 @@ class Framer:
                 if not self.buffer:
                     return frames
                 if self.buffer[:1] != START:
+                    self.broken = True
+                    if frames:
+                        return frames
                     raise NotMllp
                 del self.buffer[:1]
                 self.inside = True
@@ -206,13 +214,15 @@ class Hl7Handler(socketserver.BaseRequestHandler):
     def _serve(self, peer: str) -> None:
         settings = self.server.settings
         framer = Framer(settings.max_message_bytes)
-        began = 0.0
+        began = idle_since = time.monotonic()
         while True:
-            wait = settings.timeout_s
+            now = time.monotonic()
             if framer.started:
-                wait = min(wait, began + settings.message_timeout_s - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError
+                wait = min(settings.timeout_s, began + settings.message_timeout_s - now)
+            else:  # white space between frames is no activity: it cannot hold a connection open
+                wait = idle_since + settings.timeout_s - now
+            if wait <= 0:
+                raise TimeoutError
             self.request.settimeout(wait)
             data = self.request.recv(65536)
             if not data:
@@ -223,6 +233,10 @@ class Hl7Handler(socketserver.BaseRequestHandler):
                 began = time.monotonic()  # a new message began in these bytes: its own time starts
             for message in messages:
                 self._send(self.server_answer(message, peer))
+            if messages or framer.started:
+                idle_since = time.monotonic()
+            if framer.broken:  # what followed the messages just answered is not MLLP
+                raise NotMllp
 
     def server_answer(self, message: bytes, peer: str) -> bytes:
         """The ACK of one message, after its findings are committed."""
@@ -270,24 +284,34 @@ def answer(message: bytes, outcomes: OutcomeStore, mapping: Mapping, settings: H
         reason = next(iter(found.left_out), "no finding")
         log.warning("hl7.refused", peer=peer, code=ERROR, reason=reason, control_id=control_id, left_out=found.left_out)
         return ack(oru.header, ERROR, f"nothing recorded: {reason}", hl7_message.APPLICATION_ERROR)
-    created = _record(found.outcomes, outcomes, peer, control_id)
+    created, reused = _record(found.outcomes, outcomes, peer, control_id)
     labels = sorted({outcome.label for outcome in found.outcomes})
+    repeated = len(found.outcomes) - created - reused
+    if reused:  # the control ID (and set ID) of another message: its findings are not this one's
+        log.warning("hl7.refused", peer=peer, code=ERROR, reason="MSH-10 already used by another message",
+                    control_id=control_id, recorded=created, reused=reused)  # fmt: skip
+        text = f"MSH-10 already used by another message: {reused} finding(s) not recorded, recorded {created}"
+        return ack(oru.header, ERROR, text, hl7_message.APPLICATION_ERROR)
     log.info("hl7.accepted", peer=peer, control_id=control_id, recorded=created,
-             repeated=len(found.outcomes) - created, labels=labels, left_out=found.left_out)  # fmt: skip
+             repeated=repeated, labels=labels, left_out=found.left_out)  # fmt: skip
     left = sum(found.left_out.values())
-    text = f"recorded {created}, repeated {len(found.outcomes) - created}" + (f", left out {left}" if left else "")
+    text = f"recorded {created}, repeated {repeated}" + (f", left out {left}" if left else "")
     return ack(oru.header, ACCEPTED, text)
 
 
-def _record(news: tuple[Any, ...], outcomes: OutcomeStore, peer: str, control_id: str) -> int:
-    created = 0
+def _record(news: tuple[NewOutcome, ...], outcomes: OutcomeStore, peer: str, control_id: str) -> tuple[int, int]:
+    """Record each outcome; return how many were new and how many found another finding under their key (a
+    control ID the sender used for another message: what is stored stays)."""
+    created = reused = 0
     for new in news:
         try:
-            created += outcomes.record(new)[1]
+            stored, was_new = outcomes.record(new)
         except Exception as exc:  # the store is down or full: no answer, the sender resends
             log.error("hl7.store_failed", peer=peer, control_id=control_id, error=f"{type(exc).__name__}: {exc}"[:300])
             raise NoAnswer from exc
-    return created
+        created += was_new
+        reused += not was_new and (stored.accession_number, stored.label) != (new.accession_number, new.label)
+    return created, reused
 
 
 def start_hl7_in(settings: Settings, outcomes: OutcomeStore, reuse_port: bool = False) -> Hl7Server:

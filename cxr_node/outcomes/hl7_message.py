@@ -9,18 +9,25 @@ through the mapping, with every OBX left out counted by reason; :func:`ack` writ
 from __future__ import annotations
 
 import calendar
+import datetime
+import logging
 import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import hl7
+import hl7.containers
+import hl7.util
 
 from cxr_node.jobs.records import NewOutcome
 from cxr_node.outcomes.mapping import Coding, Finding, Mapping, Match
+
+for _module in (hl7.util, hl7.containers):  # python-hl7 logs a bad escape at ERROR with the whole field (report
+    logging.getLogger(_module.__file__ or _module.__name__).setLevel(logging.CRITICAL)  # text, a name)
 
 ACCEPTED: Final = "AA"
 """MSA-1: the message was processed (its findings are committed)."""
@@ -33,6 +40,9 @@ REJECTED: Final = "AR"
 REQUIRED_FIELD_MISSING: Final = "101"
 DATA_TYPE_ERROR: Final = "102"
 UNSUPPORTED_MESSAGE_TYPE: Final = "200"
+UNSUPPORTED_PROCESSING_ID: Final = "202"
+PRODUCTION: Final = "P"
+"""MSH-11 of the messages recorded (HL7 table 0103); T (training) and D (debugging) are refused."""
 APPLICATION_ERROR: Final = "207"
 
 FINAL_STATUSES: Final = frozenset({"F", "C", "A", ""})
@@ -127,12 +137,15 @@ def parse_oru(raw: bytes, accession_fields: Sequence[str]) -> Oru:
     """
     message = _parse(raw)
     header = _header(message)
-    kind = [_component(message, str(message.segment("MSH")[9]), i) for i in (0, 1)]
+    kind = [_component(message, _field(message.segment("MSH"), 9), i) for i in (0, 1)]
     if kind != ["ORU", "R01"]:
         found = "^".join(part for part in kind if part) or "nothing"
         raise Refusal(REJECTED, f"only ORU^R01 is accepted, found {found}", UNSUPPORTED_MESSAGE_TYPE, header)
     if not header.control_id:
         raise Refusal(REJECTED, "MSH-10 (message control ID) is empty", REQUIRED_FIELD_MISSING, header)
+    if header.processing_id.upper() != PRODUCTION:  # training and debugging messages are no one's final findings
+        raise Refusal(REJECTED, f"MSH-11 processing ID {header.processing_id[:3]} is not P (production)",
+                      UNSUPPORTED_PROCESSING_ID, header)  # fmt: skip
     if len(header.control_id) > MAX_CONTROL_ID:
         raise Refusal(REJECTED, "MSH-10 (message control ID) is too long", DATA_TYPE_ERROR, header)
     return Oru(header, _orders(message, accession_fields, header))
@@ -220,6 +233,8 @@ def _order(message: hl7.Message, group: dict[str, list[hl7.Segment]], accession_
             study = study or uid
             continue
         observations.append(_observation(message, obx, position))
+    if len({observation.set_id for observation in observations}) < len(observations):  # OBX-1 repeated: each OBX
+        observations = [replace(o, set_id=f"#{n}") for n, o in enumerate(observations, start=1)]  # by its place
     reported = _time(_component(message, _field(obr, 22), 0)) or _time(_component(message, _field(obr, 7), 0))
     status = _component(message, _field(obr, 25), 0).strip().upper()
     return Order(accession, study, status, reported or sent_at, tuple(observations))
@@ -292,6 +307,7 @@ def _time(value: str) -> float | None:
     year, month, day, hour, minute, second, zone = found.groups()
     parts = (int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
     try:
+        datetime.datetime(*parts)  # a day or an hour that does not exist (20260230, 2561) is no date at all
         if zone is None:
             return time.mktime((*parts, 0, 0, -1))
         offset = (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60) * (1 if zone[0] == "+" else -1)

@@ -327,3 +327,89 @@ def test_kill_9_while_sending_loses_nothing(make_settings: Callable[..., Setting
     finally:
         store.close()
     assert sorted(recorded) == sorted(f"K-{i}/1" for i in range(count))
+
+
+# --- from a hostile-peer audit of the listener ------------------------------------------------------------------
+
+
+def test_a_short_msh_is_refused_not_dropped(start_node: StartNode) -> None:
+    """An MSH of fewer than nine fields gets AR (it crashed the handler: no answer, so the sender resent it
+    for ever), and the connection serves the next message."""
+    node = hl7_node(start_node)
+    with connect(port_of(node)) as client:
+        code, _, text = msa(exchange(client, "MSH|^~\\&|RIS|HOSP|CXR|NODE|20261204120000\rOBR|1||ACC-S"))
+        assert code == "AR" and "ORU^R01" in text
+        assert msa(exchange(client, oru("MSG-S1", "ACC-S")))[0] == "AA"
+
+
+def test_messages_before_stray_bytes_are_answered_first(start_node: StartNode) -> None:
+    """Two whole messages then stray bytes in one write: both are recorded and answered AA, then the stray bytes
+    get AR (the AR alone came back, and the two messages were lost)."""
+    node = hl7_node(start_node)
+    with connect(port_of(node)) as client:
+        frames = b"".join(START + oru(f"MSG-G{n}", f"ACC-G{n}").encode() + END for n in (1, 2))
+        client.socket.sendall(frames + b"GARBAGE")
+        answers = [read_answer(client.socket) for _ in range(3)]
+    assert b"MSA|AA|MSG-G1" in answers[0] and b"MSA|AA|MSG-G2" in answers[1]
+    assert b"MSA|AR|" in answers[2]
+    assert all(node.store.outcomes.for_accession(f"ACC-G{n}") for n in (1, 2))
+
+
+def test_white_space_between_frames_does_not_hold_a_connection(start_node: StartNode) -> None:
+    """A peer sending a carriage return every half second, never a message, is closed at hl7_in.timeout_s (each
+    byte used to restart the timer: 16 such peers held every slot)."""
+    node = hl7_node(start_node, **{"hl7_in.timeout_s": 1.5})
+    sock = socket.create_connection(("127.0.0.1", port_of(node)), timeout=5)
+    try:
+        started, closed = time.monotonic(), None
+        while time.monotonic() - started < 6:
+            try:
+                sock.sendall(b"\r")
+                sock.settimeout(0.5)
+                if sock.recv(100) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = time.monotonic() - started
+                break
+        assert closed is not None and closed < 4.0
+    finally:
+        sock.close()
+
+
+def test_training_and_debugging_messages_are_not_ground_truth(start_node: StartNode) -> None:
+    """MSH-11 T (training) or D (debugging) is refused AR (HL7 table 0357 code 202), nothing recorded."""
+    node = hl7_node(start_node)
+    with connect(port_of(node)) as client:
+        for processing in ("T", "D"):
+            message = oru(f"MSG-{processing}", f"ACC-{processing}").replace("|P|2.5.1", f"|{processing}|2.5.1")
+            ack = exchange(client, message)
+            assert msa(ack)[0] == "AR" and str(ack.segment("ERR")[3]).startswith("202")
+            assert node.store.outcomes.for_accession(f"ACC-{processing}") == []
+
+
+def test_repeated_set_ids_and_reused_control_ids_lose_no_finding(start_node: StartNode) -> None:
+    """Three OBX all numbered 1 are three findings (two were taken for repeats); another message under a control
+    ID already used is AE, not AA with its findings dropped."""
+    node = hl7_node(start_node)
+    same_ids = oru("MSG-R1", "ACC-R1", "CWE|840539006^COVID-19^SCT", "ST|SARS-CoV-2 not detected")
+    same_ids = same_ids.replace("OBX|2|", "OBX|1|")
+    with connect(port_of(node)) as client:
+        assert msa(exchange(client, same_ids))[:2] == ("AA", "MSG-R1")
+        assert len(node.store.outcomes.for_accession("ACC-R1")) == 2
+        assert msa(exchange(client, oru("MSG-R2", "ACC-R2")))[0] == "AA"
+        code, _, text = msa(exchange(client, oru("MSG-R2", "ACC-R3", "ST|SARS-CoV-2 not detected")))
+    assert code == "AE" and "MSH-10 already used" in text
+    assert node.store.outcomes.for_accession("ACC-R3") == []
+
+
+def test_an_impossible_report_date_falls_back_to_the_order_date(start_node: StartNode) -> None:
+    """OBR-22 20260230 (no such day) is unreadable, not 2 March: the report time falls back to OBR-7."""
+    node = hl7_node(start_node)
+    message = oru("MSG-D1", "ACC-D1").replace("|20240301110000|", "|20260230110000|")
+    with connect(port_of(node)) as client:
+        assert msa(exchange(client, message))[0] == "AA"
+    [stored] = node.store.outcomes.for_accession("ACC-D1")
+    assert time.strftime("%Y%m%d%H", time.localtime(stored.reported_at)) == "2024030110"
