@@ -325,7 +325,16 @@ class StowHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._refuse(self._not_post(), linger=True)
 
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals: 405 with ``Allow: POST`` for a method it has no handler for (it answered 501
+        with an HTML page quoting the method); its other errors (a malformed request line) as it makes them."""
+        if code == http.HTTPStatus.NOT_IMPLEMENTED and self.command and self.command.isalpha():
+            self.close_connection = True
+            self._refuse(Refused(http.HTTPStatus.METHOD_NOT_ALLOWED, "only POST (STOW-RS)", {"Allow": "POST"}), False)
+            return
+        super().send_error(code, message, explain)
 
     def _not_post(self) -> Refused:
         try:
@@ -400,7 +409,10 @@ class StowHandler(BaseHTTPRequestHandler):
             if coding != "chunked":
                 raise Refused(http.HTTPStatus.NOT_IMPLEMENTED, "only the chunked transfer coding")
             return ChunkedBody(self.rfile, limit)
-        length = (self.headers.get("Content-Length") or "").strip()
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or ()}
+        if len(lengths) > 1:  # which one frames the body is ambiguous (RFC 9112 6.3): a request smuggling vector
+            raise Refused(http.HTTPStatus.BAD_REQUEST, "Content-Length given twice with different values")
+        length = next(iter(lengths), "")
         if not length:
             raise Refused(http.HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked transfer coding required")
         if not length.isdigit() or len(length) > 19:

@@ -560,3 +560,33 @@ def test_hostile_requests_never_take_the_server_down(node: Receiver, chest_cr: P
                 pass
     assert post(port, multipart([encoded(cr(chest_cr, "after-hostile"))]))[0] == 200
     assert leftovers(node.settings) == []
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is; return what the node answers before it closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if len(answer) > 1 << 20:
+                break
+        return answer
+
+
+def test_two_content_lengths_are_400_and_an_unknown_method_405(node: Receiver, chest_cr: Path) -> None:
+    """Two different Content-Length headers (which one frames the body is ambiguous: RFC 9112 6.3) are 400, nothing
+    stored (the first one was used); a method http.server has no handler for is 405 with Allow, not an HTML 501."""
+    body = multipart([encoded(cr(chest_cr, "two-lengths"))])
+    head = (
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\nContent-Length: {10 * len(body)}\r\n\r\n"
+    ).encode()
+    answer = _raw(node.settings.stow.port, head + body)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length given twice" in answer
+    assert sum(node.store.jobs.counts().values()) == 0
+    for method in (b"BREW", b"OPTIONS"):
+        request = method + f" /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        answer = _raw(node.settings.stow.port, request)
+        assert answer.startswith(b"HTTP/1.1 ") and b"Allow: POST" in answer, answer[:80]
+        assert b"<html" not in answer.lower()
