@@ -137,6 +137,8 @@ def parse_oru(raw: bytes, accession_fields: Sequence[str]) -> Oru:
     """
     message = _parse(raw)
     header = _header(message)
+    if sum(str(segment[0]) == "MSH" for segment in message) > 1:  # two messages in one frame: one ACK cannot answer
+        raise Refusal(REJECTED, "more than one MSH in one frame: send one message per frame", DATA_TYPE_ERROR, header)
     kind = [_component(message, _field(message.segment("MSH"), 9), i) for i in (0, 1)]
     if kind != ["ORU", "R01"]:
         found = "^".join(part for part in kind if part) or "nothing"
@@ -379,7 +381,7 @@ def ack(header: Header | None, code: str, text: str = "", error: str = "") -> by
     msh = "|".join(["MSH", "^~\\&", head.receiving_application or "CXR_NODE", head.receiving_facility,
                     head.sending_application, head.sending_facility, now, "", "ACK^R01^ACK",
                     f"CXR{uuid.uuid4().hex[:17]}", head.processing_id, head.version])  # fmt: skip
-    said = escape(text)[:MAX_ACK_TEXT]
+    said = escape(" ".join(text.split())[:MAX_ACK_TEXT])  # cut before escaping: never half an escape sequence
     segments = [msh, f"MSA|{code}|{escape(head.control_id)}|{said}"]
     if code != ACCEPTED:
         segments.append(f"ERR|||{error or APPLICATION_ERROR}^^HL70357|E||||{said}")

@@ -8,6 +8,7 @@ sender resends unacknowledged messages ends with each recorded exactly once).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -26,6 +27,7 @@ from structlog.testing import capture_logs
 from cxr_node.app import Receiver, open_store
 from cxr_node.config import Settings
 from cxr_node.errors import ConfigError
+from cxr_node.outcomes.hl7_message import Header, ack
 from tests.conftest import StartNode, free_port, require_tool
 from tests.integration.helpers import write_config
 from tests.integration.hl7_in_helpers import END, START, connect, exchange, msa, oru, read_answer
@@ -413,3 +415,17 @@ def test_an_impossible_report_date_falls_back_to_the_order_date(start_node: Star
         assert msa(exchange(client, message))[0] == "AA"
     [stored] = node.store.outcomes.for_accession("ACC-D1")
     assert time.strftime("%Y%m%d%H", time.localtime(stored.reported_at)) == "2024030110"
+
+
+def test_two_messages_in_one_frame_are_refused_and_an_ack_text_never_ends_mid_escape(start_node: StartNode) -> None:
+    """Two MSH in one frame (one ACK cannot answer both; the second's OBX went under the first's key) get AR;
+    an answer's text is cut before it is escaped, so it never ends inside an escape sequence."""
+    node = hl7_node(start_node)
+    two = oru("MSG-M1", "ACC-M1").rstrip("\r") + "\r" + oru("MSG-M2", "ACC-M2")
+    with connect(port_of(node)) as client:
+        code, control, text = msa(exchange(client, two))
+        assert (code, control) == ("AR", "MSG-M1") and "one message per frame" in text
+        assert node.store.outcomes.for_accession("ACC-M1") == node.store.outcomes.for_accession("ACC-M2") == []
+    for cut in range(60, 90):
+        said = ack(Header(control_id="C1"), "AE", "x" * cut + "|^&\\" * 20).decode().split("\r")[1].split("|", 3)[3]
+        assert re.fullmatch(r"(?:[^\\]|\\[FSTRE]\\)*", said), said  # whole escape sequences only
