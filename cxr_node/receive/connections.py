@@ -47,6 +47,8 @@ log = structlog.get_logger("cxr_node.receive")
 PDU_HEADER: Final = 6
 """PDU type (1), reserved (1), length (4, big endian): PS3.8 9.3.1."""
 P_DATA_TF: Final = 0x04
+PDU_TYPES: Final = frozenset(range(0x01, 0x08))
+"""The PDU types PS3.8 9.3 defines (A-ASSOCIATE-RQ 0x01 to A-ABORT 0x07)."""
 HARD_MAX_PDU: Final = 64 * 1024 * 1024
 """The largest P-DATA-TF accepted when ``node.max_pdu`` is 0 (unlimited): a 4 GB length never allocates."""
 MAX_CONTROL_PDU: Final = 1024 * 1024
@@ -152,7 +154,7 @@ class PduGate:
 
     def _start_pdu(self, pdu_type: int, length: int) -> None:
         self._header.clear()
-        if not 0x01 <= pdu_type <= 0x07:  # PS3.8 9.3: pynetdicom would read its body as further PDUs
+        if pdu_type not in PDU_TYPES:  # pynetdicom would read its body as further PDUs
             raise PduTooLong(f"unknown PDU type 0x{pdu_type:02X}")
         limit, key = (self.limits.max_pdata, "node.max_pdu") if pdu_type == P_DATA_TF else (self.limits.max_other, "")
         if length > limit:

@@ -47,8 +47,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
 
-P_DATA_TF: Final = 0x04
-PDU_TYPES: Final = frozenset(range(0x01, 0x08))
+from cxr_node.receive.connections import P_DATA_TF, PDU_TYPES
+
 ESTABLISHED: Final = "Sta6"
 WAIT_S: Final = 0.05
 """Longest sleep of either thread: bounds how late a timer (ARTIM, network timeout) or a kill is noticed."""
