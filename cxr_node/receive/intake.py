@@ -40,9 +40,9 @@ _STATE: Final = {"eligible": JobState.QUEUED, "malformed": JobState.QUARANTINED,
 IDENTIFYING_UIDS: Final = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 """Attributes an instance must carry as valid UIDs to be accepted: they name its files, job, study and outputs."""
 DEFER_SIZE: Final = 64 * 1024
+"""Elements larger than this (pixel data) are not read when a stored file's header is parsed."""
 CONCURRENT_WAIT_S: Final = 10.0
 """How long a receive waits for the job of the same instance another association has just placed."""
-"""Elements larger than this (pixel data) are not read when a stored file's header is parsed."""
 
 
 @dataclass(frozen=True)
